@@ -1,0 +1,90 @@
+"""Opening backing files: name validation, format probing, chain limits."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Protocol
+
+from .errors import BackingFileError, Qcow2Error
+from .format import MAGIC
+
+MAX_CHAIN_DEPTH = 64
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class Readable(Protocol):
+    size: int
+
+    def pread(self, n: int, offset: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class RawFile:
+    """A raw backing file (read-only)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise BackingFileError(f"Could not open backing file '{path}': {exc.strerror}") from exc
+        self.size = os.fstat(self.fd).st_size
+        self.filename = path
+        self.format = "raw"
+
+    def pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def resolve_backing_name(image_path: str, name: str) -> str:
+    """Validate a backing file name and resolve it against the image's folder."""
+    if not name:
+        raise BackingFileError("Backing file name is empty")
+    if "\0" in name:
+        raise BackingFileError("Backing file name contains a NUL byte")
+    if name.startswith("json:") or (_PROTOCOL.match(name) and not os.path.exists(name)):
+        raise BackingFileError(
+            f"Backing file name '{name}' is not a plain file path (protocols are not supported)"
+        )
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == MAGIC else "raw"
+    except OSError as exc:
+        raise BackingFileError(f"Could not open backing file '{path}': {exc.strerror}") from exc
+
+
+def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, ...]) -> Readable:
+    from .image import Image  # circular at import time only
+
+    path = resolve_backing_name(image_path, name)
+    if not os.path.exists(path):
+        raise BackingFileError(f"Could not open backing file '{path}': No such file or directory")
+    real = os.path.realpath(path)
+    if real in seen:
+        raise BackingFileError(f"Backing file loop detected: '{path}' is its own backing file")
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise BackingFileError(f"Backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+    fmt = fmt or probe_format(path)
+    if fmt == "raw":
+        return RawFile(path)
+    if fmt != "qcow2":
+        raise BackingFileError(f"Backing file format '{fmt}' is not supported")
+    try:
+        return Image._open(path, writable=False, backing=True, _seen=seen + (real,))
+    except BackingFileError:
+        raise
+    except Qcow2Error as exc:
+        raise BackingFileError(f"Could not open backing file '{path}': {exc}") from exc

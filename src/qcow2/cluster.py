@@ -1,0 +1,239 @@
+"""Guest-to-host cluster mapping: the L1 table and the L2 tables.
+
+Entries are plain Python ints (l2_entry, bitmap); bitmap is 0 for standard L2 tables and
+the subcluster allocation/zero bitmap with extended L2 entries. Changing an entry may
+allocate an L2 table or copy a shared one (COW), both from the refcount strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .cache import TableCache
+from .errors import CorruptImageError, NoSpaceError
+from .format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    decode_table,
+    encode_table,
+)
+from .geometry import Geometry, div_round_up
+from .refcount import MAX_HOST_OFFSET, RefcountStrategy
+from .storage import Storage
+
+# Cluster kinds as seen by readers
+UNALLOCATED, NORMAL, ZERO, COMPRESSED = 0, 1, 2, 3
+
+BITMAP_ALLOC_ALL = 0xFFFFFFFF
+BITMAP_ZERO_ALL = 0xFFFFFFFF << 32
+
+
+class ClusterMap:
+    def __init__(
+        self,
+        storage: Storage,
+        geometry: Geometry,
+        l1_table: np.ndarray,
+        l1_offset: int,
+        refcounts: RefcountStrategy | None,
+        cache_tables: int,
+        version: int,
+    ) -> None:
+        self.storage = storage
+        self.geo = geometry
+        self.l1 = l1_table
+        self.l1_offset = l1_offset
+        self.refcounts = refcounts
+        self.version = version
+        self._l1_dirty_lo = self._l1_dirty_hi = -1
+        self.l2cache = TableCache(cache_tables, self._load_l2, self._write_l2)
+        self._ext = geometry.extended_l2
+        self._file_limit: Callable[[], int] | None = None
+
+    # -- L2 table I/O ----------------------------------------------------------------
+    def _load_l2(self, offset: int) -> np.ndarray:
+        return decode_table(self.storage.pread(self.geo.cluster_size, offset))
+
+    def _write_l2(self, offset: int, table: np.ndarray) -> None:
+        self.storage.pwrite(encode_table(table), offset, "l2")
+
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            return 0
+        off = int(self.l1[l1_index]) & L1E_OFFSET_MASK
+        if off & (self.geo.cluster_size - 1):
+            raise CorruptImageError(
+                f"L2 table offset {off:#x} in L1 entry {l1_index} is not cluster aligned"
+            )
+        return off
+
+    def l2_table(self, l1_index: int) -> np.ndarray | None:
+        off = self.l2_offset(l1_index)
+        return self.l2cache.get(off) if off else None
+
+    # -- lookups ---------------------------------------------------------------------
+    def get(self, guest_cluster: int) -> tuple[int, int]:
+        """(l2_entry, bitmap) of a guest cluster; (0, 0) if no L2 table."""
+        geo = self.geo
+        l1i = guest_cluster >> geo.l2_bits
+        table = self.l2_table(l1i)
+        if table is None:
+            return 0, 0
+        i = guest_cluster & (geo.l2_entries - 1)
+        if self._ext:
+            return int(table[2 * i]), int(table[2 * i + 1])
+        return int(table[i]), 0
+
+    def classify(self, entry: int) -> int:
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return COMPRESSED
+        if not self._ext and entry & QCOW_OFLAG_ZERO:
+            return ZERO
+        if entry & L2E_OFFSET_MASK:
+            return NORMAL
+        return UNALLOCATED
+
+    def host_offset(self, entry: int) -> int:
+        """Validated host cluster offset of a standard entry."""
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.geo.cluster_size - 1):
+            raise CorruptImageError(f"Cluster offset {host:#x} is not cluster aligned")
+        return host
+
+    # -- updates ---------------------------------------------------------------------
+    def set(self, guest_cluster: int, entry: int, bitmap: int = 0) -> None:
+        geo = self.geo
+        table, l2off = self._writable_l2(guest_cluster >> geo.l2_bits)
+        i = guest_cluster & (geo.l2_entries - 1)
+        if self._ext:
+            table[2 * i] = entry
+            table[2 * i + 1] = bitmap
+        else:
+            table[i] = entry
+        self.l2cache.mark_dirty(l2off)
+
+    def _writable_l2(self, l1i: int) -> tuple[np.ndarray, int]:
+        """The L2 table for l1i, allocated or copied so that it may be modified."""
+        if l1i >= len(self.l1):
+            raise NoSpaceError("Guest offset beyond the L1 table")
+        l1e = int(self.l1[l1i])
+        old = self.l2_offset(l1i)
+        if old and l1e & QCOW_OFLAG_COPIED:
+            return self.l2cache.get(old), old
+        assert self.refcounts is not None
+        new = self.refcounts.allocate(1)
+        if old:
+            # Shared with a snapshot: copy it; the old one loses our reference.
+            table = self.l2cache.get(old).copy()
+            self.refcounts.release(old)
+        else:
+            table = np.zeros(self.geo.cluster_size // 8, dtype=np.uint64)
+        self.l2cache.put(new, table, dirty=True)
+        self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self.mark_l1_dirty(l1i)
+        return table, new
+
+    def mark_l1_dirty(self, lo: int, hi: int | None = None) -> None:
+        hi = lo + 1 if hi is None else hi
+        if self._l1_dirty_lo < 0:
+            self._l1_dirty_lo, self._l1_dirty_hi = lo, hi
+        else:
+            self._l1_dirty_lo = min(self._l1_dirty_lo, lo)
+            self._l1_dirty_hi = max(self._l1_dirty_hi, hi)
+
+    @property
+    def l1_dirty(self) -> bool:
+        return self._l1_dirty_lo >= 0
+
+    def write_l1(self) -> None:
+        """Write the dirty span of the L1 table (512-byte aligned)."""
+        if self._l1_dirty_lo < 0:
+            return
+        lo = (self._l1_dirty_lo // 64) * 64
+        hi = min(len(self.l1), div_round_up(self._l1_dirty_hi, 64) * 64)
+        self.storage.pwrite(encode_table(self.l1[lo:hi]), self.l1_offset + lo * 8, "l1")
+        self._l1_dirty_lo = self._l1_dirty_hi = -1
+
+    def flush_l2(self) -> None:
+        self.l2cache.flush()
+
+    def grow_l1(self, min_size: int, write_header: Callable[[int, int], None]) -> None:
+        """Move the L1 table to a larger home (crash-safe: new table durable before the
+        header points at it; the old one is released after)."""
+        if min_size <= len(self.l1):
+            return
+        assert self.refcounts is not None
+        if min_size * 8 > 32 * 1024 * 1024:
+            raise NoSpaceError("L1 table would exceed its maximum size")
+        new_size = min_size
+        clusters = div_round_up(new_size * 8, self.geo.cluster_size)
+        new_off = self.refcounts.allocate(clusters)
+        if new_off + clusters * self.geo.cluster_size > MAX_HOST_OFFSET:
+            raise NoSpaceError("Image file would exceed the maximum host offset")
+        table = np.zeros(new_size, dtype=np.uint64)
+        table[: len(self.l1)] = self.l1
+        self.flush_l2()
+        self.storage.pwrite(encode_table(table), new_off, "l1")
+        self.storage.sync()
+        old_off, old_clusters = self.l1_offset, div_round_up(len(self.l1) * 8, self.geo.cluster_size)
+        write_header(new_off, new_size)
+        self.l1, self.l1_offset = table, new_off
+        self._l1_dirty_lo = self._l1_dirty_hi = -1
+        if old_off and len(table) and old_clusters:
+            self.refcounts.release(old_off, old_clusters)
+
+
+def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, int, int]]:
+    """Runs (first guest cluster, count, kind, host offset) over [first, end) for a
+    standard L2 image, computed per L2 table with numpy. Hosts are contiguous in a
+    NORMAL run; COMPRESSED runs carry host 0."""
+    geo = cmap.geo
+    out: list[tuple[int, int, int, int]] = []
+    c = first
+    while c < end:
+        l1i = c >> geo.l2_bits
+        base = l1i << geo.l2_bits
+        stop = min(end, base + geo.l2_entries)
+        table = cmap.l2_table(l1i)
+        if table is None:
+            _append(out, c, stop - c, UNALLOCATED, 0)
+            c = stop
+            continue
+        ent = table[c - base : stop - base]
+        kinds = np.full(len(ent), UNALLOCATED, dtype=np.int8)
+        offs = ent & np.uint64(L2E_OFFSET_MASK)
+        comp = (ent & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+        zero = (ent & np.uint64(QCOW_OFLAG_ZERO)) != 0
+        kinds[offs != 0] = NORMAL
+        kinds[zero] = ZERO
+        kinds[comp] = COMPRESSED
+        hosts = np.where(kinds == NORMAL, offs, 0).astype(np.int64)
+        if ((hosts & (geo.cluster_size - 1)) != 0).any():
+            raise CorruptImageError("Cluster offset is not cluster aligned")
+        # a run breaks where the kind changes or a NORMAL host is not contiguous
+        brk = np.ones(len(ent), dtype=bool)
+        if len(ent) > 1:
+            same = kinds[1:] == kinds[:-1]
+            contig = (kinds[1:] != NORMAL) | (hosts[1:] == hosts[:-1] + geo.cluster_size)
+            brk[1:] = ~(same & contig)
+        starts = np.flatnonzero(brk)
+        lens = np.diff(np.append(starts, len(ent)))
+        for s, n in zip(starts.tolist(), lens.tolist()):
+            _append(out, c + s, n, int(kinds[s]), int(hosts[s]), geo.cluster_size)
+        c = stop
+    return out
+
+
+def _append(out: list[tuple[int, int, int, int]], c: int, n: int, kind: int, host: int,
+            cluster_size: int = 0) -> None:
+    if out:
+        pc, pn, pk, ph = out[-1]
+        if pk == kind and pc + pn == c and (kind != NORMAL or ph + pn * cluster_size == host):
+            out[-1] = (pc, pn + n, pk, ph)
+            return
+    out.append((c, n, kind, host))

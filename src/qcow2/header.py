@@ -1,0 +1,206 @@
+"""Reading, validating and writing cluster 0 (header, extensions, backing file name)."""
+
+from __future__ import annotations
+
+from .errors import FormatError, UnsupportedFeatureError
+from .format import (
+    COMPRESSION_NAMES,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    EXT_DATA_FILE,
+    EXT_FEATURE_TABLE,
+    FEATURE_NAMES,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTL2,
+    INCOMPAT_KNOWN,
+    MAX_BACKING_FILE_NAME,
+    MAX_CLUSTER_BITS,
+    MAX_L1_SIZE_BYTES,
+    MAX_REFCOUNT_ORDER,
+    MAX_REFTABLE_SIZE_BYTES,
+    MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS,
+    V2_HEADER_LENGTH,
+    Header,
+    HeaderExtension,
+    ImageLayout,
+    pack_feature_table,
+    unpack_extensions,
+    unpack_feature_table,
+)
+from .geometry import div_round_up
+from .storage import Storage
+
+MAX_HOST_OFFSET = 1 << 56
+
+
+def _feature_list(bits: int, ftype: int, table: dict[tuple[int, int], str]) -> str:
+    names = []
+    for bit in range(64):
+        if bits & (1 << bit):
+            names.append(table.get((ftype, bit)) or f"Unknown incompatible feature: {1 << bit:x}")
+    return ", ".join(names)
+
+
+def read_layout(storage: Storage) -> ImageLayout:
+    """Parse and validate cluster 0 of an image."""
+    file_size = storage.size()
+    head = storage.pread(min(max(file_size, 0), 4096), 0) if file_size else b""
+    if len(head) < 4 or head[:4] != b"QFI\xfb":
+        raise FormatError("Image is not in qcow2 format")
+    if file_size < V2_HEADER_LENGTH:
+        raise FormatError("Image is truncated: the qcow2 header is incomplete")
+    # version and cluster_bits come first so we can size the read of cluster 0
+    import struct
+
+    version, = struct.unpack_from(">I", head, 4)
+    if version not in (2, 3):
+        raise UnsupportedFeatureError(f"Unsupported qcow2 version {version}")
+    cluster_bits, = struct.unpack_from(">I", head, 20)
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(f"Unsupported cluster size: 2^{cluster_bits}")
+    cluster_size = 1 << cluster_bits
+    cluster0 = storage.pread(cluster_size, 0)[: max(min(file_size, cluster_size), 0)]
+    h = Header.unpack(cluster0)
+    if h.version == 3 and h.header_length > cluster_size:
+        raise FormatError("qcow2 header exceeds cluster size")
+    if h.refcount_order > MAX_REFCOUNT_ORDER:
+        raise FormatError("Reference count entry width too large; may not exceed 64 bits")
+
+    # extensions: from the end of the header to the backing name (or cluster end)
+    ext_end = cluster_size
+    if h.backing_file_offset:
+        if h.backing_file_offset > cluster_size or h.backing_file_size > MAX_BACKING_FILE_NAME \
+                or h.backing_file_offset + h.backing_file_size > cluster_size:
+            raise FormatError("Backing file name too long or not inside the first cluster")
+        ext_end = h.backing_file_offset
+    ext_start = h.header_length if h.version == 3 else V2_HEADER_LENGTH
+    exts: list[HeaderExtension] = []
+    if ext_start + 8 <= min(ext_end, len(cluster0)):
+        exts = unpack_extensions(cluster0, ext_start, min(ext_end, len(cluster0)))
+    feature_table: dict[tuple[int, int], str] = {}
+    backing_format = data_file = None
+    bitmaps = crypto = None
+    unknown: list[HeaderExtension] = []
+    for e in exts:
+        if e.type == EXT_BACKING_FORMAT:
+            backing_format = e.data.decode("utf-8", "replace")
+        elif e.type == EXT_FEATURE_TABLE:
+            feature_table = unpack_feature_table(e.data)
+        elif e.type == EXT_BITMAPS:
+            bitmaps = e.data
+        elif e.type == EXT_CRYPTO:
+            crypto = e.data
+        elif e.type == EXT_DATA_FILE:
+            data_file = e.data.decode("utf-8", "replace")
+        else:
+            unknown.append(e)
+
+    unknown_incompat = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown_incompat:
+        names = _feature_list(unknown_incompat, 0, feature_table)
+        raise UnsupportedFeatureError(f"Unsupported qcow2 feature(s): {names}")
+    if h.incompatible_features & INCOMPAT_DATA_FILE:
+        raise UnsupportedFeatureError("Unsupported qcow2 feature(s): external data file")
+    if h.crypt_method:
+        raise UnsupportedFeatureError(
+            f"Unsupported encryption method: {h.crypt_method} (encrypted images are not supported)"
+        )
+    has_ctype_bit = bool(h.incompatible_features & INCOMPAT_COMPRESSION)
+    if has_ctype_bit != (h.compression_type != 0):
+        raise FormatError(
+            "Compression type and its incompatible feature bit disagree"
+            if has_ctype_bit or h.compression_type else "Invalid compression type"
+        )
+    if h.compression_type not in COMPRESSION_NAMES:
+        raise UnsupportedFeatureError(f"Unknown compression type {h.compression_type}")
+    if h.incompatible_features & INCOMPAT_EXTL2 and cluster_bits < 14:
+        raise FormatError("Extended L2 entries need a cluster size of at least 16 KiB")
+
+    backing_file = None
+    if h.backing_file_offset:
+        raw = cluster0[h.backing_file_offset : h.backing_file_offset + h.backing_file_size]
+        backing_file = bytes(raw).decode("utf-8", "replace")
+
+    _validate_tables(h, file_size)
+    return ImageLayout(
+        header=h, backing_file=backing_file, backing_format=backing_format, data_file=data_file,
+        feature_table=feature_table, bitmaps_ext=bitmaps, crypto_ext=crypto,
+        unknown_extensions=tuple(unknown),
+    )
+
+
+def _validate_tables(h: Header, file_size: int) -> None:
+    cs = h.cluster_size
+    ext = bool(h.incompatible_features & INCOMPAT_EXTL2)
+    l2_bits = h.cluster_bits - (4 if ext else 3)
+    if h.size > (1 << 63) - 1:
+        raise FormatError("Image size is too large")
+    need_l1 = div_round_up(h.size, 1 << (h.cluster_bits + l2_bits))
+    if h.l1_size * 8 > MAX_L1_SIZE_BYTES:
+        raise FormatError("Active L1 table too large")
+    if h.l1_size < need_l1:
+        raise FormatError("L1 table is too small for the virtual size")
+    if h.l1_size:
+        _check_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+    if h.refcount_table_clusters == 0:
+        raise FormatError("Image does not contain a reference count table")
+    if h.refcount_table_clusters * cs > MAX_REFTABLE_SIZE_BYTES:
+        raise FormatError("Reference count table too large")
+    _check_table("Reference count table", h.refcount_table_offset,
+                 h.refcount_table_clusters * cs, cs, file_size)
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise FormatError("Too many snapshots")
+    if h.nb_snapshots:
+        _check_table("Snapshot table", h.snapshots_offset, h.nb_snapshots * 40, cs, file_size)
+
+
+def _check_table(what: str, offset: int, nbytes: int, cs: int, file_size: int) -> None:
+    if offset % cs:
+        raise FormatError(f"{what} offset invalid: {offset:#x} is not cluster aligned")
+    if offset == 0:
+        raise FormatError(f"{what} offset invalid: it overlaps the header")
+    if offset + nbytes > MAX_HOST_OFFSET or offset + nbytes > max(file_size, 0) + cs * 0:
+        if offset >= file_size:
+            raise FormatError(f"{what} offset invalid: {offset:#x} is past the end of the file")
+        if offset + nbytes > file_size:
+            raise FormatError(f"{what} is truncated: it runs past the end of the file")
+
+
+def pack_cluster0(layout: ImageLayout, cluster_size: int) -> bytes:
+    """Header, extensions and backing file name, as QEMU lays them out."""
+    h = layout.header
+    out = bytearray(h.pack())
+    if h.version == 3:
+        exts: list[HeaderExtension] = []
+        if layout.backing_format:
+            exts.append(HeaderExtension(EXT_BACKING_FORMAT, layout.backing_format.encode()))
+        if layout.data_file:
+            exts.append(HeaderExtension(EXT_DATA_FILE, layout.data_file.encode()))
+        if layout.crypto_ext is not None:
+            exts.append(HeaderExtension(EXT_CRYPTO, layout.crypto_ext))
+        exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(FEATURE_NAMES)))
+        if layout.bitmaps_ext is not None:
+            exts.append(HeaderExtension(EXT_BITMAPS, layout.bitmaps_ext))
+        exts.extend(layout.unknown_extensions)
+        for e in exts:
+            out += e.pack()
+        out += b"\0" * 8
+    elif layout.backing_format:
+        out += HeaderExtension(EXT_BACKING_FORMAT, layout.backing_format.encode()).pack()
+        out += b"\0" * 8
+    if layout.backing_file:
+        name = layout.backing_file.encode()
+        if len(name) > MAX_BACKING_FILE_NAME:
+            raise FormatError("Backing file name too long")
+        if len(out) + len(name) > cluster_size:
+            raise FormatError("Header extensions and backing file name do not fit in the first cluster")
+        offset = len(out)
+        out += name
+        h2 = h.with_(backing_file_offset=offset, backing_file_size=len(name))
+        out[: len(h2.pack())] = h2.pack()
+    if len(out) > cluster_size:
+        raise FormatError("Header extensions do not fit in the first cluster")
+    return bytes(out)

@@ -1,0 +1,752 @@
+"""The Image object: open, read, write, zero, discard, flush, map."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import backing as _backing
+from .cluster import (
+    BITMAP_ALLOC_ALL,
+    BITMAP_ZERO_ALL,
+    COMPRESSED,
+    NORMAL,
+    UNALLOCATED,
+    ZERO,
+    ClusterMap,
+)
+from .compress import decompress_cluster
+from .errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2Error,
+    ReadOnlyError,
+)
+from .format import (
+    COMPRESSION_NAMES,
+    COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    ImageLayout,
+    decode_table,
+)
+from .geometry import Geometry
+from .header import read_layout
+from .refcount import RefcountStrategy, StandardRefcounts
+from .storage import Backend, FileBackend, Stats, Storage
+
+DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables kept in memory
+DEFAULT_REFCOUNT_CACHE_SIZE = 1024 * 1024
+
+_ZEROS = memoryview(bytes(1 << 21))  # one maximal cluster of zeros, sliced without copying
+
+
+class Image:
+    """An open qcow2 image. Use `qcow2.open()` to get one."""
+
+    def __init__(self) -> None:  # use Image._open
+        self.closed = True
+
+    # ------------------------------------------------------------------ opening --
+    @classmethod
+    def _open(
+        cls,
+        path: str | os.PathLike[str],
+        writable: bool = False,
+        *,
+        backing: bool = True,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        refcount_cache_size: int = DEFAULT_REFCOUNT_CACHE_SIZE,
+        backend: Backend | None = None,
+        _seen: tuple[str, ...] = (),
+        _repair_dirty: bool = True,
+    ) -> Image:
+        self = cls()
+        self.path = os.fspath(path)
+        try:
+            be = backend if backend is not None else FileBackend(self.path, writable)
+        except OSError as exc:
+            raise Qcow2Error(f"Could not open '{self.path}': {exc.strerror}") from exc
+        self.storage = Storage(be, writable)
+        self.writable = writable
+        self.backing: Any = None
+        self.closed = False
+        try:
+            self._load(cache_size, refcount_cache_size)
+            if writable:
+                self._open_for_writing(_repair_dirty)
+            if backing and self.layout.backing_file:
+                real = os.path.realpath(self.path)
+                self.backing = _backing.open_backing(
+                    self.path, self.layout.backing_file, self.layout.backing_format,
+                    _seen or (real,),
+                )
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def _load(self, cache_size: int, refcount_cache_size: int) -> None:
+        layout = read_layout(self.storage)
+        self.layout = layout
+        h = layout.header
+        self.header = h
+        self.geo = Geometry(h.cluster_bits, h.refcount_order, bool(h.incompatible_features & INCOMPAT_EXTL2))
+        self._cache_tables = max(4, cache_size // h.cluster_size)
+        self._refcount_cache_tables = max(4, refcount_cache_size // h.cluster_size)
+        l1 = decode_table(self.storage.pread(h.l1_size * 8, h.l1_table_offset)) if h.l1_size else \
+            np.zeros(0, dtype=np.uint64)
+        self.refcounts: RefcountStrategy | None = None
+        self.clusters = ClusterMap(self.storage, self.geo, l1, h.l1_table_offset, None,
+                                   self._cache_tables, h.version)
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._header_dirty = False
+
+    def _make_refcounts(self) -> StandardRefcounts:
+        h = self.header
+        return StandardRefcounts(
+            self.storage, self.geo, h.refcount_table_offset, h.refcount_table_clusters,
+            self._reftable_moved, self._refcount_cache_tables,
+        )
+
+    def _open_for_writing(self, repair_dirty: bool) -> None:
+        h = self.header
+        if h.incompatible_features & INCOMPAT_CORRUPT:
+            raise CorruptImageError(
+                "qcow2: Image is corrupt; cannot be opened read/write "
+                "(run 'qcow2 check -r all' to repair it)"
+            )
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            if not repair_dirty:
+                raise CorruptImageError("Image is dirty (refcounts may be stale); repair it first")
+            self._repair_dirty()
+            h = self.header
+        self.refcounts = self._make_refcounts()
+        self.clusters.refcounts = self.refcounts
+        if h.autoclear_features:
+            # We maintain none of the auto-clear features (e.g. persistent bitmaps):
+            # clearing the bits tells other readers that their data may be stale.
+            self._update_header(autoclear_features=0)
+
+    def _repair_dirty(self) -> None:
+        from .check import check_image  # noqa: PLC0415 - only needed for dirty images
+
+        check_image(self, repair="all", from_dirty_open=True)
+
+    # ------------------------------------------------------------------ header --
+    def _update_header(self, **changes: Any) -> None:
+        """Rewrite the fixed header fields (extensions untouched) and sync."""
+        self.header = self.header.with_(**changes)
+        self.layout = ImageLayout(**{**self.layout.__dict__, "header": self.header})
+        packed = self.header.pack()
+        self.storage.pwrite(packed, 0, "header")
+        self.storage.sync()
+
+    def _reftable_moved(self, offset: int, clusters: int) -> None:
+        self._update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
+
+    def _l1_moved(self, offset: int, size: int) -> None:
+        self._update_header(l1_table_offset=offset, l1_size=size)
+
+    # ------------------------------------------------------------------ properties --
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geo.cluster_size
+
+    @property
+    def stats(self) -> Stats:
+        return self.storage.stats
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.layout.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.layout.backing_format
+
+    @property
+    def compression_type(self) -> str:
+        return COMPRESSION_NAMES[self.header.compression_type]
+
+    # ------------------------------------------------------------------ reading --
+    def _check_range(self, offset: int, length: int, size: int | None = None) -> None:
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        size = self.size if size is None else size
+        if offset < 0 or length < 0:
+            raise InvalidArgumentError("Offset and length must not be negative")
+        if offset + length > size:
+            raise InvalidArgumentError(
+                f"Request [{offset}, {offset + length}) is beyond the end of the image ({size} bytes)"
+            )
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Read n bytes at offset (like os.pread; reading past the end is an error)."""
+        self._check_range(offset, n)
+        geo = self.geo
+        cs = geo.cluster_size
+        in_off = offset & (cs - 1)
+        if in_off + n <= cs and not geo.extended_l2:
+            # fast path: one cluster
+            entry, _ = self.clusters.get(offset >> geo.cluster_bits)
+            if entry & QCOW_OFLAG_COPIED and not entry & (QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED):
+                host = self.clusters.host_offset(entry)
+                return self.storage.pread(n, host + in_off)
+        buf = bytearray(n)
+        self._read_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def readinto(self, buf: memoryview | bytearray, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, len(mv))
+        self._read_into(mv, offset)
+        return len(mv)
+
+    def _read_into(self, out: memoryview, offset: int, clusters: ClusterMap | None = None,
+                   backing: Any = "self") -> None:
+        """Fill out (zero-initialised) with guest data from offset."""
+        cmap = clusters or self.clusters
+        bk = self.backing if backing == "self" else backing
+        host_runs: list[tuple[int, int, int]] = []  # (out_pos, host, length)
+        backing_runs: list[tuple[int, int, int]] = []  # (out_pos, guest, length)
+        for out_pos, guest, length, kind, host in self._segments(cmap, offset, len(out)):
+            if kind == NORMAL:
+                if host_runs:
+                    p, h, ln = host_runs[-1]
+                    if p + ln == out_pos and h + ln == host:
+                        host_runs[-1] = (p, h, ln + length)
+                        continue
+                host_runs.append((out_pos, host, length))
+            elif kind == UNALLOCATED:
+                if bk is not None:
+                    if backing_runs and backing_runs[-1][0] + backing_runs[-1][2] == out_pos:
+                        p, g, ln = backing_runs[-1]
+                        backing_runs[-1] = (p, g, ln + length)
+                    else:
+                        backing_runs.append((out_pos, guest, length))
+                else:
+                    out[out_pos : out_pos + length] = _ZEROS[:length]
+            elif kind == COMPRESSED:
+                data = self._read_compressed(host)
+                in_off = guest & (self.geo.cluster_size - 1)
+                out[out_pos : out_pos + length] = data[in_off : in_off + length]
+            else:  # ZERO
+                out[out_pos : out_pos + length] = _ZEROS[:length]
+        for out_pos, host, length in host_runs:
+            self.storage.preadv([out[out_pos : out_pos + length]], host)
+        for out_pos, guest, length in backing_runs:
+            self._read_backing(bk, out[out_pos : out_pos + length], guest)
+
+    @staticmethod
+    def _read_backing(bk: Any, out: memoryview, guest: int) -> None:
+        avail = max(0, min(len(out), bk.size - guest))
+        if avail:
+            out[:avail] = bk.pread(avail, guest)
+        if avail < len(out):
+            out[avail:] = bytes(len(out) - avail)
+
+    def _segments(self, cmap: ClusterMap, offset: int, length: int
+                  ) -> Iterator[tuple[int, int, int, int, int]]:
+        """Yield (out_pos, guest_offset, length, kind, host) pieces of a guest range.
+        For NORMAL, host is the byte offset of the data; for COMPRESSED, the L2 entry."""
+        geo = self.geo
+        cs = geo.cluster_size
+        ext = geo.extended_l2
+        scs = geo.subcluster_size
+        pos = 0
+        while pos < length:
+            guest = offset + pos
+            in_off = guest & (cs - 1)
+            n = min(cs - in_off, length - pos)
+            entry, bitmap = cmap.get(guest >> geo.cluster_bits)
+            kind = cmap.classify(entry)
+            if kind == COMPRESSED:
+                yield pos, guest, n, COMPRESSED, entry
+            elif not ext:
+                if kind == NORMAL:
+                    host = cmap.host_offset(entry)
+                    self._check_host(host)
+                    yield pos, guest, n, NORMAL, host + in_off
+                else:
+                    yield pos, guest, n, kind, 0
+            else:
+                if bitmap & (bitmap >> 32) & BITMAP_ALLOC_ALL:
+                    raise CorruptImageError(
+                        f"Subcluster of guest offset {guest:#x} is both allocated and zero"
+                    )
+                host = entry & L2E_OFFSET_MASK
+                if bitmap & BITMAP_ALLOC_ALL:
+                    host = cmap.host_offset(entry)
+                    if not host:
+                        raise CorruptImageError(f"Allocated subcluster without host offset at {guest:#x}")
+                    self._check_host(host)
+                sub = in_off
+                end = in_off + n
+                while sub < end:
+                    sc = sub // scs
+                    # extend over subclusters with the same state
+                    state = _sc_state(bitmap, sc)
+                    stop = (sc + 1) * scs
+                    while stop < end and _sc_state(bitmap, stop // scs) == state:
+                        stop += scs
+                    stop = min(stop, end)
+                    k = NORMAL if state == 1 else ZERO if state == 2 else UNALLOCATED
+                    yield pos + sub - in_off, guest - in_off + sub, stop - sub, k, (host + sub if k == NORMAL else 0)
+                    sub = stop
+            pos += n
+
+    def _check_host(self, host: int) -> None:
+        if host >= 1 << 56:
+            raise CorruptImageError(f"Cluster offset {host:#x} is beyond the host offset limit")
+
+    def _read_compressed(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        host, length = self.geo.compressed_range(entry)
+        if host + length > self.storage.size() + 512:
+            raise CorruptImageError(f"Compressed cluster at {host:#x} runs past the end of the file")
+        raw = self.storage.pread(min(length, 2 * self.geo.cluster_size + 512), host)
+        data = decompress_cluster(raw, self.header.compression_type, self.geo.cluster_size)
+        self._compressed_cache = (entry, data)
+        return data
+
+    def _read_guest_cluster_into(self, out: memoryview, guest_cluster_start: int, lo: int, hi: int) -> None:
+        """Fill out[lo:hi] with current guest data of the cluster (used by COW)."""
+        self._read_into(out[lo:hi], guest_cluster_start + lo)
+
+    # ------------------------------------------------------------------ writing --
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        if not self.writable:
+            raise ReadOnlyError("Image is opened read-only")
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write data at offset (like os.pwrite); returns the number of bytes written."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        self._check_range(offset, n)
+        if n == 0:
+            return 0
+        geo = self.geo
+        cs = geo.cluster_size
+        cbits = geo.cluster_bits
+        cmap = self.clusters
+        in_off = offset & (cs - 1)
+        if in_off + n <= cs:
+            entry, bitmap = cmap.get(offset >> cbits)
+            if (entry & QCOW_OFLAG_COPIED and not entry & (QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED)
+                    and not geo.extended_l2):
+                host = cmap.host_offset(entry)
+                self._check_host(host)
+                self.storage.pwrite(mv, host + in_off, "data")
+                return n
+        writes: list[tuple[int, memoryview]] = []
+        updates: list[tuple[int, int, int, int]] = []  # guest cluster, entry, bitmap, release
+        pos = 0
+        while pos < n:
+            guest = offset + pos
+            in_off = guest & (cs - 1)
+            length = min(cs - in_off, n - pos)
+            self._plan_cluster_write(guest >> cbits, in_off, mv[pos : pos + length], writes, updates)
+            pos += length
+        self._issue_writes(writes)
+        self._apply_updates(updates)
+        return n
+
+    def _issue_writes(self, writes: list[tuple[int, memoryview]]) -> None:
+        i = 0
+        while i < len(writes):
+            host, buf = writes[i]
+            bufs = [buf]
+            end = host + len(buf)
+            j = i + 1
+            while j < len(writes) and writes[j][0] == end and len(bufs) < 1024:
+                bufs.append(writes[j][1])
+                end += len(writes[j][1])
+                j += 1
+            if len(bufs) == 1:
+                self.storage.pwrite(buf, host, "data")
+            else:
+                self.storage.pwritev(bufs, host, "data")
+            i = j
+
+    def _apply_updates(self, updates: list[tuple[int, int, int, int]]) -> None:
+        cmap = self.clusters
+        rc = self.refcounts
+        assert rc is not None
+        for gc, entry, bitmap, release in updates:
+            cmap.set(gc, entry, bitmap)
+            if release:
+                self._release_entry(release)
+
+    def _release_entry(self, old_entry: int) -> None:
+        """Queue the release of the host clusters an overwritten L2 entry pointed at."""
+        rc = self.refcounts
+        assert rc is not None
+        if old_entry & QCOW_OFLAG_COMPRESSED:
+            host, length = self.geo.compressed_range(old_entry)
+            first = host >> self.geo.cluster_bits
+            last = (host + length - 1) >> self.geo.cluster_bits
+            rc.release(first << self.geo.cluster_bits, last - first + 1)
+            return
+        host = old_entry & L2E_OFFSET_MASK
+        if host:
+            rc.release(host)
+
+    def _plan_cluster_write(self, gc: int, in_off: int, data: memoryview,
+                            writes: list[tuple[int, memoryview]],
+                            updates: list[tuple[int, int, int, int]]) -> None:
+        geo = self.geo
+        cs = geo.cluster_size
+        cmap = self.clusters
+        entry, bitmap = cmap.get(gc)
+        kind = cmap.classify(entry)
+        guest_base = gc << geo.cluster_bits
+        length = len(data)
+        rc = self.refcounts
+        assert rc is not None
+        if not geo.extended_l2:
+            if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
+                host = cmap.host_offset(entry)
+                writes.append((host + in_off, data))
+                return
+            if kind == ZERO and entry & QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK:
+                # preallocated zero cluster that we own: fill it in place
+                host = cmap.host_offset(entry)
+                release = 0
+            else:
+                host = rc.allocate(1)
+                release = entry if (entry & (L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED)) else 0
+            if length == cs:
+                writes.append((host, data))
+            else:
+                buf = bytearray(cs)
+                mvb = memoryview(buf)
+                if kind in (NORMAL, COMPRESSED, UNALLOCATED):
+                    # copy the old contents around the new data (COW)
+                    if in_off:
+                        self._read_into(mvb[:in_off], guest_base)
+                    tail = in_off + length
+                    if tail < cs:
+                        self._read_guest_tail(mvb, guest_base, tail)
+                mvb[in_off : in_off + length] = data
+                writes.append((host, mvb))
+            updates.append((gc, host | QCOW_OFLAG_COPIED, 0, release))
+            return
+
+        # extended L2: per-subcluster allocation
+        scs = geo.subcluster_size
+        first_sc = in_off // scs
+        last_sc = (in_off + length - 1) // scs
+        touched = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
+        alloc = bitmap & BITMAP_ALLOC_ALL
+        if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
+            host = cmap.host_offset(entry)
+            new_alloc = alloc | touched
+            lo, hi = first_sc * scs, (last_sc + 1) * scs
+            if (touched & ~alloc) and (in_off != lo or in_off + length != hi):
+                # partially written subclusters that were not allocated need filling
+                buf = bytearray(hi - lo)
+                mvb = memoryview(buf)
+                self._read_into(mvb, guest_base + lo)
+                mvb[in_off - lo : in_off - lo + length] = data
+                writes.append((host + lo, mvb))
+            else:
+                writes.append((host + in_off, data))
+            if new_alloc != alloc:
+                updates.append((gc, entry, new_alloc | ((bitmap >> 32) & ~new_alloc) << 32, 0))
+            return
+        # new cluster: write the touched subclusters plus every old allocated one
+        host = rc.allocate(1)
+        if kind == COMPRESSED:
+            keep = BITMAP_ALLOC_ALL
+        else:
+            keep = alloc if kind == NORMAL else 0
+        new_alloc = keep | touched
+        lo_sc = (new_alloc & -new_alloc).bit_length() - 1
+        hi_sc = new_alloc.bit_length()
+        lo, hi = lo_sc * scs, hi_sc * scs
+        buf = bytearray(hi - lo)
+        mvb = memoryview(buf)
+        self._read_into(mvb, guest_base + lo)
+        mvb[in_off - lo : in_off - lo + length] = data
+        writes.append((host + lo, mvb))
+        zero_bits = ((bitmap >> 32) & ~new_alloc) if kind != COMPRESSED else 0
+        release = entry if kind in (NORMAL, COMPRESSED) else 0
+        updates.append((gc, host | QCOW_OFLAG_COPIED, new_alloc | (zero_bits << 32), release))
+
+    def _read_guest_tail(self, mvb: memoryview, guest_base: int, tail: int) -> None:
+        end = min(self.geo.cluster_size, self.size - guest_base)
+        if tail < end:
+            self._read_into(mvb[tail:end], guest_base + tail)
+
+    # ------------------------------------------------------------------ zero / discard --
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros, without writing data where the
+        format allows it (zero flag on v3, subcluster zero bits with extended L2)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        self._zero_or_discard(offset, length, discard=False)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole clusters in the range (partial clusters are left alone, as
+        discard is advisory). Discarded clusters read as zeros on v3 images, and
+        from the backing file (or zeros) on v2 images."""
+        self._check_writable()
+        self._check_range(offset, length)
+        self._zero_or_discard(offset, length, discard=True)
+
+    def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
+        geo = self.geo
+        cs = geo.cluster_size
+        unit = geo.subcluster_size if geo.extended_l2 else cs
+        end = offset + length
+        # the image end counts as aligned, so a tail cluster can be handled whole
+        a_start = -(-offset // unit) * unit
+        a_end = end if end == self.size else (end // unit) * unit
+        if a_end <= a_start:
+            if not discard:
+                self.pwrite(bytes(length), offset)
+            return
+        if not discard:
+            if offset < a_start:
+                self.pwrite(bytes(a_start - offset), offset)
+            if a_end < end:
+                self.pwrite(bytes(end - a_end), a_end)
+        v3 = self.header.version >= 3
+        pos = a_start
+        while pos < a_end:
+            gc = pos >> geo.cluster_bits
+            c_start = gc << geo.cluster_bits
+            n = min(c_start + cs, a_end) - pos
+            self._zero_cluster(gc, pos - c_start, n, discard, v3)
+            pos += n
+
+    def _zero_cluster(self, gc: int, in_off: int, n: int, discard: bool, v3: bool) -> None:
+        geo = self.geo
+        cmap = self.clusters
+        entry, bitmap = cmap.get(gc)
+        kind = cmap.classify(entry)
+        whole = in_off == 0 and (n == geo.cluster_size or (gc << geo.cluster_bits) + n >= self.size)
+        if geo.extended_l2:
+            scs = geo.subcluster_size
+            first, last = in_off // scs, (in_off + n - 1) // scs
+            bits = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+            if whole or kind == COMPRESSED:
+                if kind == COMPRESSED and not whole:
+                    # cannot zero part of a compressed cluster without decompressing it
+                    self.pwrite(bytes(n), (gc << geo.cluster_bits) + in_off) if not discard else None
+                    return
+                release = entry if kind in (NORMAL, COMPRESSED) else 0
+                keep = 0 if discard or kind == COMPRESSED or not entry & QCOW_OFLAG_COPIED else entry
+                if keep:
+                    release = 0
+                cmap.set(gc, keep, BITMAP_ZERO_ALL)
+                if release:
+                    self._release_entry(release)
+                return
+            alloc = (bitmap & BITMAP_ALLOC_ALL) & ~bits
+            zero = ((bitmap >> 32) | bits) & BITMAP_ALLOC_ALL
+            cmap.set(gc, entry, alloc | (zero << 32))
+            return
+        if not whole:
+            if not discard:
+                self.pwrite(bytes(n), (gc << geo.cluster_bits) + in_off)
+            return
+        if not v3:
+            # v2 has no zero flag
+            if discard:
+                if kind != UNALLOCATED:
+                    cmap.set(gc, 0)
+                    self._release_entry(entry)
+                return
+            if kind == UNALLOCATED and self.backing is None:
+                return
+            self.pwrite(bytes(n), gc << geo.cluster_bits)
+            return
+        if discard:
+            if kind == ZERO and not entry & L2E_OFFSET_MASK:
+                return
+            if kind == UNALLOCATED and self.backing is None:
+                return
+            cmap.set(gc, QCOW_OFLAG_ZERO)
+            self._release_entry(entry)
+            return
+        if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
+            # keep the preallocation, mark it zero (as QEMU does without unmap)
+            cmap.set(gc, entry | QCOW_OFLAG_ZERO)
+            return
+        if kind == ZERO and (entry & QCOW_OFLAG_COPIED or not entry & L2E_OFFSET_MASK):
+            return
+        cmap.set(gc, QCOW_OFLAG_ZERO)
+        self._release_entry(entry)
+
+    # ------------------------------------------------------------------ durability --
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        if not self.writable:
+            return
+        rc = self.refcounts
+        assert rc is not None
+        cmap = self.clusters
+        cmap.flush_l2()
+        rc.write_back()
+        if cmap.l1_dirty or self._header_dirty:
+            self.storage.sync()  # new L2 tables durable before the L1 points at them
+            cmap.write_l1()
+        self.storage.sync()
+        rc.apply_releases()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self.writable and self.refcounts is not None:
+                self.flush()
+                self.refcounts.close()
+                self.clusters.flush_l2()
+                self.storage.sync()
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        self.closed = True
+        if getattr(self, "backing", None) is not None:
+            try:
+                self.backing.close()
+            finally:
+                self.backing = None
+        if hasattr(self, "storage"):
+            self.storage.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self.writable:
+            # still try to leave a consistent image behind
+            try:
+                self.close()
+            except Qcow2Error:
+                self._abandon()
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("r+" if self.writable else "r")
+        return f"<qcow2.Image {self.path!r} size={getattr(self, 'header', None) and self.size} {state}>"
+
+    # ------------------------------------------------------------------ map --
+    def map(self) -> list[dict[str, Any]]:
+        """Extents as `qemu-img map --output=json` reports them."""
+        from .mapping import image_map
+
+        return image_map(self)
+
+    def block_status(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield (guest offset, length, kind, host offset) in cluster or subcluster pieces
+        for this layer only."""
+        for out_pos, guest, n, kind, host in self._segments(self.clusters, offset, length):
+            if kind == COMPRESSED:
+                yield guest, n, COMPRESSED, 0
+            else:
+                yield guest, n, kind, host
+        del out_pos
+
+    # ------------------------------------------------------------------ file view --
+    def file(self) -> ImageFile:
+        """A file-like (io.RawIOBase) view of the virtual disk."""
+        return ImageFile(self)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+
+
+def _sc_state(bitmap: int, sc: int) -> int:
+    """1 allocated, 2 zero, 0 unallocated."""
+    if bitmap >> sc & 1:
+        return 1
+    if bitmap >> (32 + sc) & 1:
+        return 2
+    return 0
+
+
+class ImageFile(io.RawIOBase):
+    """File-like view of an image (or of a read-only snapshot view)."""
+
+    def __init__(self, source: Any) -> None:
+        super().__init__()
+        self._src = source
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return bool(getattr(self._src, "writable", False))
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._src.size + offset
+        else:
+            raise InvalidArgumentError(f"Invalid whence {whence}")
+        if pos < 0:
+            raise InvalidArgumentError("Negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        n = max(0, min(len(mv), self._src.size - self._pos))
+        if n:
+            data = self._src.pread(n, self._pos)
+            mv[:n] = data
+            self._pos += n
+        return n
+
+    def write(self, b: Any) -> int:
+        if not self.writable():
+            raise ReadOnlyError("Image is opened read-only")
+        mv = memoryview(b).cast("B")
+        if self._pos + len(mv) > self._src.size:
+            raise InvalidArgumentError("Write beyond the end of the image")
+        self._src.pwrite(mv, self._pos)
+        self._pos += len(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        if self.writable() and not self.closed:
+            self._src.flush()
+
+    def truncate(self, size: int | None = None) -> int:
+        raise io.UnsupportedOperation("qcow2 images cannot be truncated through the file view")
