@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import backing as _backing
+from .check import CheckMixin
 from .cluster import (
     BITMAP_ALLOC_ALL,
     BITMAP_ZERO_ALL,
@@ -27,8 +28,8 @@ from .errors import (
     ReadOnlyError,
 )
 from .format import (
-    COMPRESSION_NAMES,
     COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
@@ -42,6 +43,7 @@ from .format import (
 from .geometry import Geometry
 from .header import read_layout
 from .refcount import RefcountStrategy, StandardRefcounts
+from .snapshot import SnapshotMixin
 from .storage import Backend, FileBackend, Stats, Storage
 
 DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables kept in memory
@@ -50,7 +52,7 @@ DEFAULT_REFCOUNT_CACHE_SIZE = 1024 * 1024
 _ZEROS = memoryview(bytes(1 << 21))  # one maximal cluster of zeros, sliced without copying
 
 
-class Image:
+class Image(SnapshotMixin, CheckMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     def __init__(self) -> None:  # use Image._open
@@ -665,12 +667,11 @@ class Image:
     def block_status(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield (guest offset, length, kind, host offset) in cluster or subcluster pieces
         for this layer only."""
-        for out_pos, guest, n, kind, host in self._segments(self.clusters, offset, length):
+        for _pos, guest, n, kind, host in self._segments(self.clusters, offset, length):
             if kind == COMPRESSED:
                 yield guest, n, COMPRESSED, 0
             else:
                 yield guest, n, kind, host
-        del out_pos
 
     # ------------------------------------------------------------------ file view --
     def file(self) -> ImageFile:
