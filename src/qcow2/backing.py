@@ -29,7 +29,8 @@ class RawFile:
             self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise BackingFileError(f"Could not open backing file '{path}': {exc.strerror}") from exc
-        self.size = os.fstat(self.fd).st_size
+        # QEMU sees a raw file in whole sectors: a partial last sector reads as zeroes
+        self.size = -(-os.fstat(self.fd).st_size // 512) * 512
         self.filename = path
         self.format = "raw"
 

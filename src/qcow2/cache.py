@@ -60,10 +60,13 @@ class TableCache:
         self._tables.pop(offset, None)
         self._dirty.discard(offset)
 
-    def flush(self) -> int:
-        """Write back every dirty table, in offset order; returns how many."""
+    def flush(self, only: Callable[[int], bool] | None = None) -> int:
+        """Write back every dirty table (those `only` accepts), in offset order; returns
+        how many. A table leaves the dirty set only once its write succeeded."""
         n = 0
         for offset in sorted(self._dirty):
+            if only is not None and not only(offset):
+                continue
             self._write(offset, self._tables[offset])
             self._dirty.discard(offset)
             n += 1
@@ -81,6 +84,9 @@ class TableCache:
     @property
     def dirty_count(self) -> int:
         return len(self._dirty)
+
+    def dirty_offsets(self) -> list[int]:
+        return list(self._dirty)
 
     def __iter__(self) -> Iterator[int]:
         return iter(list(self._tables))

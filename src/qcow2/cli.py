@@ -7,19 +7,35 @@ as `func` returns the exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import Qcow2Error
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 1, as qemu-img does."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (try '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcow2", description="qcow2 image utility (qemu-img compatible)")
+    parser = _Parser(prog="qcow2", description="qcow2 image utility (qemu-img compatible)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from . import commands
 
     commands.register(sub)
+    from . import check
+
+    check.register(sub)
+    from . import snapshot
+
+    snapshot.register(sub)
     return parser
 
 
@@ -34,6 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Qcow2Error as exc:
         print(f"qcow2: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`qcow2 map x | head`): stop quietly like a C tool killed by
+        # SIGPIPE, and keep Python from failing again when it flushes stdout at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except OSError as exc:
         print(f"qcow2: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -54,12 +54,32 @@ class ClusterMap:
         self.l2cache = TableCache(cache_tables, self._load_l2, self._write_l2)
         self._ext = geometry.extended_l2
         self._file_limit: Callable[[], int] | None = None
+        # write_guard(offset, length, what) raises instead of writing onto other metadata
+        self.write_guard: Callable[[int, int, str], None] | None = None
+        # L2 tables allocated since the L1 table was last written: no durable metadata
+        # points at them yet, so they may be written in any order. Every other table is
+        # reachable from the on-disk L1 and is written only once the data its new
+        # entries point at is durable (see _write_l2).
+        self._fresh: set[int] = set()
+        # Geometry properties recompute on every access; the lookup hot path uses these.
+        self._l2_bits = geometry.l2_bits
+        self._l2_mask = geometry.l2_entries - 1
+        self._cmask = geometry.cluster_size - 1
+        # steps[k] = k * cluster_size: expected host deltas of a contiguous run
+        self._steps = np.arange(geometry.l2_entries, dtype=np.uint64) * np.uint64(geometry.cluster_size)
 
     # -- L2 table I/O ----------------------------------------------------------------
     def _load_l2(self, offset: int) -> np.ndarray:
         return decode_table(self.storage.pread(self.geo.cluster_size, offset))
 
     def _write_l2(self, offset: int, table: np.ndarray) -> None:
+        if self.write_guard is not None:
+            self.write_guard(offset, self.geo.cluster_size, "an L2 table")
+        if offset not in self._fresh and self.storage.unsynced_data_writes:
+            # A reachable table may point at clusters whose data (a COW copy, a new
+            # write) is not durable yet: sync first, or a power cut could leave the
+            # entry pointing at garbage.
+            self.storage.sync()
         self.storage.pwrite(encode_table(table), offset, "l2")
 
     def l2_offset(self, l1_index: int) -> int:
@@ -79,15 +99,54 @@ class ClusterMap:
     # -- lookups ---------------------------------------------------------------------
     def get(self, guest_cluster: int) -> tuple[int, int]:
         """(l2_entry, bitmap) of a guest cluster; (0, 0) if no L2 table."""
-        geo = self.geo
-        l1i = guest_cluster >> geo.l2_bits
-        table = self.l2_table(l1i)
-        if table is None:
+        # hot path of every small read/write: l2_offset/l2_table inlined
+        l1i = guest_cluster >> self._l2_bits
+        l1 = self.l1
+        if l1i >= len(l1):
             return 0, 0
-        i = guest_cluster & (geo.l2_entries - 1)
+        off = l1.item(l1i) & L1E_OFFSET_MASK  # .item(): a Python int, faster than int(l1[i])
+        if not off:
+            return 0, 0
+        if off & self._cmask:
+            self.l2_offset(l1i)  # raises the corruption error
+        table = self.l2cache.get(off)
+        i = guest_cluster & self._l2_mask
         if self._ext:
-            return int(table[2 * i]), int(table[2 * i + 1])
-        return int(table[i]), 0
+            return table.item(2 * i), table.item(2 * i + 1)
+        return table.item(i), 0
+
+    def contiguous_host(self, guest_cluster: int, count: int, owned: bool) -> int:
+        """Host offset of guest_cluster if it and the count - 1 clusters after it are
+        data clusters (standard L2 entries) stored back to back on the host, else -1.
+        With owned, each must also carry the COPIED flag (writable in place).
+        Lets a multi-cluster request become one system call without a per-cluster loop."""
+        if self._ext:
+            return -1
+        l1i = guest_cluster >> self._l2_bits
+        if (guest_cluster + count - 1) >> self._l2_bits != l1i:
+            return -1
+        l1 = self.l1
+        if l1i >= len(l1):
+            return -1
+        off = l1.item(l1i) & L1E_OFFSET_MASK
+        if not off or off & self._cmask:
+            return -1
+        table = self.l2cache.get(off)
+        i = guest_cluster & self._l2_mask
+        e0 = table.item(i)
+        host = e0 & L2E_OFFSET_MASK
+        if not host or host & self._cmask or e0 & (QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED):
+            return -1
+        if owned and not e0 & QCOW_OFLAG_COPIED:
+            return -1
+        if count > 1:
+            flags = QCOW_OFLAG_COPIED if owned else 0
+            keep = np.uint64(L2E_OFFSET_MASK | QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED | flags)
+            run = table[i : i + count] & keep
+            run -= self._steps[:count]
+            if not (run == np.uint64(host | flags)).all():
+                return -1
+        return host
 
     def classify(self, entry: int) -> int:
         if entry & QCOW_OFLAG_COMPRESSED:
@@ -133,6 +192,7 @@ class ClusterMap:
             self.refcounts.release(old)
         else:
             table = np.zeros(self.geo.cluster_size // 8, dtype=np.uint64)
+        self._fresh.add(new)
         self.l2cache.put(new, table, dirty=True)
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
         self.mark_l1_dirty(l1i)
@@ -158,9 +218,17 @@ class ClusterMap:
         hi = min(len(self.l1), div_round_up(self._l1_dirty_hi, 64) * 64)
         self.storage.pwrite(encode_table(self.l1[lo:hi]), self.l1_offset + lo * 8, "l1")
         self._l1_dirty_lo = self._l1_dirty_hi = -1
+        self._fresh.clear()  # (maybe) reachable from now on
 
-    def flush_l2(self) -> None:
-        self.l2cache.flush()
+    def flush_l2(self, fresh_only: bool = False) -> None:
+        """Write back dirty L2 tables (with fresh_only, only those no durable L1 entry
+        points at yet, which need no ordering)."""
+        self.l2cache.flush(self._fresh.__contains__ if fresh_only else None)
+
+    @property
+    def reachable_dirty(self) -> bool:
+        """Whether a dirty L2 table is reachable from the on-disk L1 table."""
+        return any(off not in self._fresh for off in self.l2cache.dirty_offsets())
 
     def grow_l1(self, min_size: int, write_header: Callable[[int, int], None]) -> None:
         """Move the L1 table to a larger home (crash-safe: new table durable before the
@@ -184,6 +252,7 @@ class ClusterMap:
         write_header(new_off, new_size)
         self.l1, self.l1_offset = table, new_off
         self._l1_dirty_lo = self._l1_dirty_hi = -1
+        self._fresh.clear()
         if old_off and len(table) and old_clusters:
             self.refcounts.release(old_off, old_clusters)
 
@@ -191,7 +260,8 @@ class ClusterMap:
 def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, int, int]]:
     """Runs (first guest cluster, count, kind, host offset) over [first, end) for a
     standard L2 image, computed per L2 table with numpy. Hosts are contiguous in a
-    NORMAL run; COMPRESSED runs carry host 0."""
+    NORMAL run and in a ZERO run that keeps its clusters (other ZERO runs and
+    COMPRESSED runs carry host 0)."""
     geo = cmap.geo
     out: list[tuple[int, int, int, int]] = []
     c = first
@@ -215,11 +285,14 @@ def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, i
         hosts = np.where(kinds == NORMAL, offs, 0).astype(np.int64)
         if ((hosts & (geo.cluster_size - 1)) != 0).any():
             raise CorruptImageError("Cluster offset is not cluster aligned")
-        # a run breaks where the kind changes or a NORMAL host is not contiguous
+        # a zero cluster that keeps its allocation reports its host offset too (as QEMU)
+        hosts = np.where(kinds == ZERO, offs, hosts).astype(np.int64)
+        # a run breaks where the kind changes or a host offset is not contiguous
         brk = np.ones(len(ent), dtype=bool)
         if len(ent) > 1:
             same = kinds[1:] == kinds[:-1]
-            contig = (kinds[1:] != NORMAL) | (hosts[1:] == hosts[:-1] + geo.cluster_size)
+            contig = ((hosts[1:] == 0) & (hosts[:-1] == 0)) | \
+                (hosts[1:] == hosts[:-1] + geo.cluster_size)
             brk[1:] = ~(same & contig)
         starts = np.flatnonzero(brk)
         lens = np.diff(np.append(starts, len(ent)))
@@ -233,7 +306,7 @@ def _append(out: list[tuple[int, int, int, int]], c: int, n: int, kind: int, hos
             cluster_size: int = 0) -> None:
     if out:
         pc, pn, pk, ph = out[-1]
-        if pk == kind and pc + pn == c and (kind != NORMAL or ph + pn * cluster_size == host):
+        if pk == kind and pc + pn == c and ((ph == 0 and host == 0) or ph + pn * cluster_size == host):
             out[-1] = (pc, pn + n, pk, ph)
             return
     out.append((c, n, kind, host))

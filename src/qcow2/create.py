@@ -62,9 +62,9 @@ def _validate(size: int, cluster_size: int, refcount_bits: int, version: int,
         raise InvalidArgumentError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if backing_format and not backing_file:
         raise InvalidArgumentError("Backing file format specified without a backing file")
-    if backing_file and preallocation != "off":
-        raise InvalidArgumentError("Backing file and preallocation can only be used at the same time if extended_l2 is on") \
-            if not extended_l2 else None
+    if backing_file and preallocation != "off" and not extended_l2:
+        raise InvalidArgumentError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on")
 
 
 def create(
@@ -109,7 +109,9 @@ def create(
     l1_size = geo.l1_size_for(size)
     if l1_size * 8 > 32 * 1024 * 1024:
         raise InvalidArgumentError("Image size too large for this cluster size (L1 table limit)")
-    l1_clusters = max(1, div_round_up(l1_size * 8, cluster_size))
+    # an empty disk has no L1 table at all (offset 0, as QEMU writes it): a counted but
+    # unused L1 cluster would show up as a leak once the file grows
+    l1_clusters = div_round_up(l1_size * 8, cluster_size)
     prealloc = preallocation != "off"
     data_clusters = div_round_up(size, cluster_size) if prealloc else 0
     l2_tables = l1_size if prealloc else 0
@@ -133,7 +135,7 @@ def create(
         incompat |= INCOMPAT_EXTL2
     header = Header(
         version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
-        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_off,
+        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_off if l1_size else 0,
         refcount_table_offset=rtable_off, refcount_table_clusters=rtable, nb_snapshots=0,
         snapshots_offset=0, incompatible_features=incompat,
         compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
@@ -193,12 +195,9 @@ def _write_prealloc_l2(storage: Storage, geo: Geometry, l2_off: int, l2_tables: 
         entries[:n] = (data_off + (c0 + np.arange(n, dtype=np.uint64)) * cs) | np.uint64(QCOW_OFLAG_COPIED)
         if geo.extended_l2:
             ext = np.zeros(2 * len(entries), dtype=np.uint64)
+            # As QEMU does: the clusters are allocated but every subcluster stays
+            # "unallocated" (bitmap 0), so reads fall through to the backing file or zeroes.
             ext[0::2] = entries
-            ext[1::2][:n] = np.uint64(0xFFFFFFFF)
-            if n and size % cs:
-                # only the subclusters inside the disk are allocated
-                tail = -(-(size % cs) // geo.subcluster_size)
-                ext[1::2][n - 1] = np.uint64((1 << tail) - 1)
             entries = ext
         storage.pwrite(encode_table(entries), l2_off + t0 * cs, "l2")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 
 from .errors import FormatError
 
@@ -237,6 +238,17 @@ class SnapshotEntry:
     unknown_extra: bytes = b""
     extra_data_size: int = SNAPSHOT_EXTRA_V3_SIZE
 
+    @property
+    def date(self) -> datetime:
+        """Creation time (timezone-aware, UTC)."""
+        return datetime.fromtimestamp(self.date_sec, tz=timezone.utc) + timedelta(
+            microseconds=self.date_nsec // 1000)
+
+    @property
+    def vm_clock(self) -> timedelta:
+        """Guest clock at the time of the snapshot."""
+        return timedelta(microseconds=self.vm_clock_nsec // 1000)
+
     def pack(self) -> bytes:
         extra = bytearray(self.extra_data_size)
         known = struct.pack(
@@ -246,10 +258,11 @@ class SnapshotEntry:
         )
         extra[: min(len(known), len(extra))] = known[: len(extra)]
         if self.extra_data_size > SNAPSHOT_EXTRA_V3_SIZE:
-            extra[SNAPSHOT_EXTRA_V3_SIZE:] = self.unknown_extra.ljust(
-                self.extra_data_size - SNAPSHOT_EXTRA_V3_SIZE, b"\0"
-            )
-        id_b, name_b = self.id.encode(), self.name.encode()
+            room = self.extra_data_size - SNAPSHOT_EXTRA_V3_SIZE
+            extra[SNAPSHOT_EXTRA_V3_SIZE:] = self.unknown_extra[:room].ljust(room, b"\0")
+        # surrogateescape: names that are not UTF-8 are written back byte for byte
+        id_b = self.id.encode("utf-8", "surrogateescape")
+        name_b = self.name.encode("utf-8", "surrogateescape")
         vm32 = self.vm_state_size if self.vm_state_size < (1 << 32) else 0
         out = _SNAP_HDR.pack(
             self.l1_table_offset, self.l1_size, len(id_b), len(name_b), self.date_sec,
@@ -281,9 +294,9 @@ class SnapshotEntry:
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
         if extra_size >= 24:
             icount = struct.unpack_from(">Q", extra, 16)[0]
-        sid = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
+        sid = bytes(buf[pos : pos + id_len]).decode("utf-8", "surrogateescape")
         pos += id_len
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "surrogateescape")
         pos += name_len
         pos += (-pos) % 8
         return cls(

@@ -50,10 +50,14 @@ DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables kept in memory
 DEFAULT_REFCOUNT_CACHE_SIZE = 1024 * 1024
 
 _ZEROS = memoryview(bytes(1 << 21))  # one maximal cluster of zeros, sliced without copying
+# Largest request served by one system call: Linux transfers at most ~2 GiB per call.
+_FAST_MAX = 1 << 30
 
 
 class Image(SnapshotMixin, CheckMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
+
+    _corrupt = False  # set once a write onto metadata was refused (see _guard)
 
     def __init__(self) -> None:  # use Image._open
         self.closed = True
@@ -71,6 +75,7 @@ class Image(SnapshotMixin, CheckMixin):
         backend: Backend | None = None,
         _seen: tuple[str, ...] = (),
         _repair_dirty: bool = True,
+        _check_open: bool = False,
     ) -> Image:
         self = cls()
         self.path = os.fspath(path)
@@ -84,7 +89,7 @@ class Image(SnapshotMixin, CheckMixin):
         self.closed = False
         try:
             self._load(cache_size, refcount_cache_size)
-            if writable:
+            if writable and not _check_open:  # check -r opens corrupt/dirty images to fix them
                 self._open_for_writing(_repair_dirty)
             if backing and self.layout.backing_file:
                 real = os.path.realpath(self.path)
@@ -110,15 +115,54 @@ class Image(SnapshotMixin, CheckMixin):
         self.refcounts: RefcountStrategy | None = None
         self.clusters = ClusterMap(self.storage, self.geo, l1, h.l1_table_offset, None,
                                    self._cache_tables, h.version)
+        self.clusters.write_guard = self._guard
         self._compressed_cache: tuple[int, bytes] | None = None
         self._header_dirty = False
 
     def _make_refcounts(self) -> StandardRefcounts:
         h = self.header
-        return StandardRefcounts(
+        rc = StandardRefcounts(
             self.storage, self.geo, h.refcount_table_offset, h.refcount_table_clusters,
             self._reftable_moved, self._refcount_cache_tables,
         )
+        rc.write_guard = self._guard
+        return rc
+
+    def _guard(self, host: int, length: int, what: str) -> None:
+        """Refuse to write `what` onto the header, the active L1 table, the refcount table
+        or a refcount block. Only a corrupt or hostile image gets here (an L2 entry
+        pointing at metadata, refcounts calling a metadata cluster free); as QEMU does,
+        the image is then marked corrupt and nothing more is written."""
+        cs = self.geo.cluster_size
+        end = host + length
+        hit = ""
+        if host < cs:
+            hit = "the image header"
+        elif self.clusters.l1_offset < end and host < self.clusters.l1_offset + 8 * len(self.clusters.l1):
+            hit = "the active L1 table"
+        else:
+            rc = self.refcounts
+            if rc is not None:
+                rt = rc.reftable_offset
+                if rt < end and host < rt + rc.reftable_clusters * cs:
+                    hit = "the refcount table"
+                elif what != "a refcount block":
+                    blocks = rc.refblock_clusters
+                    c0, c1 = host >> self.geo.cluster_bits, (end - 1) >> self.geo.cluster_bits
+                    if (any(c in blocks for c in range(c0, c1 + 1)) if c1 - c0 < len(blocks)
+                            else any(c0 <= b <= c1 for b in blocks)):
+                        hit = "a refcount block"
+        if hit:
+            self._mark_corrupt(f"Preventing invalid write of {what} on metadata "
+                               f"(overlaps with {hit}) at offset {host:#x}")
+
+    def _mark_corrupt(self, reason: str) -> None:
+        self._corrupt = True
+        try:
+            self._update_header(incompatible_features=self.header.incompatible_features | INCOMPAT_CORRUPT)
+        except Qcow2Error:
+            pass
+        raise CorruptImageError(f"Marking image as corrupt: {reason}; run 'qcow2 check -r all'")
 
     def _open_for_writing(self, repair_dirty: bool) -> None:
         h = self.header
@@ -147,10 +191,11 @@ class Image(SnapshotMixin, CheckMixin):
     # ------------------------------------------------------------------ header --
     def _update_header(self, **changes: Any) -> None:
         """Rewrite the fixed header fields (extensions untouched) and sync."""
-        self.header = self.header.with_(**changes)
-        self.layout = ImageLayout(**{**self.layout.__dict__, "header": self.header})
-        packed = self.header.pack()
-        self.storage.pwrite(packed, 0, "header")
+        header = self.header.with_(**changes)
+        self.storage.pwrite(header.pack(), 0, "header")
+        # only once the file holds it: after a failed write the old header is still true
+        self.header = header
+        self.layout = ImageLayout(**{**self.layout.__dict__, "header": header})
         self.storage.sync()
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
@@ -199,15 +244,15 @@ class Image(SnapshotMixin, CheckMixin):
     def pread(self, n: int, offset: int) -> bytes:
         """Read n bytes at offset (like os.pread; reading past the end is an error)."""
         self._check_range(offset, n)
-        geo = self.geo
-        cs = geo.cluster_size
-        in_off = offset & (cs - 1)
-        if in_off + n <= cs and not geo.extended_l2:
-            # fast path: one cluster
-            entry, _ = self.clusters.get(offset >> geo.cluster_bits)
-            if entry & QCOW_OFLAG_COPIED and not entry & (QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED):
-                host = self.clusters.host_offset(entry)
-                return self.storage.pread(n, host + in_off)
+        if 0 < n <= _FAST_MAX:
+            # Fast path: data clusters stored back to back on the host (the common case
+            # for sequentially written images) are one pread straight into the result,
+            # with no zero-filled buffer and no copy.
+            cbits = self.geo.cluster_bits
+            first = offset >> cbits
+            host = self.clusters.contiguous_host(first, ((offset + n - 1) >> cbits) - first + 1, False)
+            if host >= 0:
+                return self.storage.pread(n, host + offset - (first << cbits))
         buf = bytearray(n)
         self._read_into(memoryview(buf), offset)
         return bytes(buf)
@@ -337,6 +382,8 @@ class Image(SnapshotMixin, CheckMixin):
             raise Qcow2Error("I/O operation on a closed image")
         if not self.writable:
             raise ReadOnlyError("Image is opened read-only")
+        if self._corrupt:
+            raise CorruptImageError("Image was marked corrupt: no further writes")
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write data at offset (like os.pwrite); returns the number of bytes written."""
@@ -350,14 +397,15 @@ class Image(SnapshotMixin, CheckMixin):
         cs = geo.cluster_size
         cbits = geo.cluster_bits
         cmap = self.clusters
-        in_off = offset & (cs - 1)
-        if in_off + n <= cs:
-            entry, bitmap = cmap.get(offset >> cbits)
-            if (entry & QCOW_OFLAG_COPIED and not entry & (QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED)
-                    and not geo.extended_l2):
-                host = cmap.host_offset(entry)
-                self._check_host(host)
-                self.storage.pwrite(mv, host + in_off, "data")
+        if n <= _FAST_MAX:
+            # Fast path: overwriting clusters we own that are back to back on the host
+            # is one pwrite, with no metadata change.
+            first = offset >> cbits
+            host = cmap.contiguous_host(first, ((offset + n - 1) >> cbits) - first + 1, True)
+            if host >= 0:
+                host += offset - (first << cbits)
+                self._guard(host, n, "data")
+                self.storage.pwrite(mv, host, "data")
                 return n
         writes: list[tuple[int, memoryview]] = []
         updates: list[tuple[int, int, int, int]] = []  # guest cluster, entry, bitmap, release
@@ -383,6 +431,7 @@ class Image(SnapshotMixin, CheckMixin):
                 bufs.append(writes[j][1])
                 end += len(writes[j][1])
                 j += 1
+            self._guard(host, end - host, "data")
             if len(bufs) == 1:
                 self.storage.pwrite(buf, host, "data")
             else:
@@ -509,16 +558,21 @@ class Image(SnapshotMixin, CheckMixin):
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate whole clusters in the range (partial clusters are left alone, as
-        discard is advisory). Discarded clusters read as zeros on v3 images, and
-        from the backing file (or zeros) on v2 images."""
+        discard is advisory). Discarded clusters read as zeros. On a v2 image with a
+        backing file discard does nothing, as in QEMU: v2 has no zero flag, so the
+        clusters would fall through to stale backing data."""
         self._check_writable()
         self._check_range(offset, length)
+        if self.header.version < 3 and self.layout.backing_file:
+            return
         self._zero_or_discard(offset, length, discard=True)
 
     def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
         geo = self.geo
         cs = geo.cluster_size
-        unit = geo.subcluster_size if geo.extended_l2 else cs
+        # QEMU discards whole clusters only, also with subclusters (partial ones are
+        # ignored); zeroing works on subclusters where extended L2 allows it
+        unit = geo.subcluster_size if geo.extended_l2 and not discard else cs
         end = offset + length
         # the image end counts as aligned, so a tail cluster can be handled whole
         a_start = -(-offset // unit) * unit
@@ -610,23 +664,34 @@ class Image(SnapshotMixin, CheckMixin):
         rc = self.refcounts
         assert rc is not None
         cmap = self.clusters
-        cmap.flush_l2()
+        st = self.storage
+        # Ordering: (1) L2 tables no on-disk L1 entry points at yet and refcount blocks
+        # (their increments were durable before use; decrements follow durable reference
+        # drops) go out in any order with the data; (2) one sync makes the data and the
+        # new tables durable; (3) then the reachable L2 tables and the L1 table that point
+        # at them; (4) a sync; (5) only then are the dropped references released.
+        cmap.flush_l2(fresh_only=True)
         rc.write_back()
-        if cmap.l1_dirty or self._header_dirty:
-            self.storage.sync()  # new L2 tables durable before the L1 points at them
-            cmap.write_l1()
-        self.storage.sync()
+        if ((cmap.l1_dirty or self._header_dirty) and st.unsynced_writes) or \
+                (st.unsynced_data_writes and cmap.reachable_dirty):
+            st.sync()
+        cmap.flush_l2()
+        cmap.write_l1()
+        if st.unsynced_writes:  # nothing written since the last sync: already durable
+            st.sync()
         rc.apply_releases()
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            if self.writable and self.refcounts is not None:
+            # after a corruption was detected nothing more is written (as QEMU does)
+            if self.writable and self.refcounts is not None and not self._corrupt:
                 self.flush()
                 self.refcounts.close()
                 self.clusters.flush_l2()
-                self.storage.sync()
+                if self.storage.unsynced_writes:
+                    self.storage.sync()
         finally:
             self._abandon()
 
@@ -663,6 +728,12 @@ class Image(SnapshotMixin, CheckMixin):
         from .mapping import image_map
 
         return image_map(self)
+
+    def info(self) -> dict[str, Any]:
+        """Image information with the fields and values of `qemu-img info --output=json`."""
+        from .info import image_info
+
+        return image_info(self)
 
     def block_status(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield (guest offset, length, kind, host offset) in cluster or subcluster pieces

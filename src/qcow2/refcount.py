@@ -15,7 +15,8 @@ implements standard qcow2 refcounting with crash-safe batching:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -68,6 +69,25 @@ class RefcountStrategy(abc.ABC):
         """Add delta to the refcount of each cluster in the array (repeats add up).
         All-or-nothing: raises RefcountOverflowError before changing anything."""
 
+    def update_dense(self, counts: np.ndarray, sign: int, start: int = 0) -> None:
+        """Add sign * counts[i] to the refcount of cluster start + i, all-or-nothing.
+        The dense form of update() for whole-image passes (snapshots)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        nz = np.flatnonzero(counts)
+        self.update(np.repeat(nz + start, counts[nz]), sign)
+
+    def allocate_deferred(self, n: int = 1) -> int:
+        """Like allocate(n) (n contiguous clusters), but the refcount increase may stay
+        in memory: the caller must commit() before any durable metadata points at the
+        clusters. Saves a sync in operations that commit anyway (snapshots)."""
+        return self.allocate(n)
+
+    @contextmanager
+    def bulk(self, clusters: int) -> Iterator[None]:
+        """Context for a whole-image pass touching up to `clusters` host clusters: an
+        implementation may keep all their metadata cached meanwhile."""
+        yield
+
     @abc.abstractmethod
     def commit(self) -> None:
         """Write every in-memory refcount change and make it durable."""
@@ -100,6 +120,11 @@ class StandardRefcounts(RefcountStrategy):
         self._on_moved = on_reftable_moved
         nbytes = reftable_clusters * geometry.cluster_size
         self.reftable = decode_table(storage.pread(nbytes, reftable_offset))
+        # Clusters holding refcount blocks (for the overlap guard) and the guard itself:
+        # write_guard(offset, length, what) raises instead of writing onto other metadata.
+        blk = self.reftable & np.uint64(REFT_OFFSET_MASK)
+        self.refblock_clusters: set[int] = set((blk[blk != 0] >> np.uint64(geometry.cluster_bits)).tolist())
+        self.write_guard: Callable[[int, int, str], None] | None = None
         self._reftable_dirty = False
         self._blocks = TableCache(cache_tables, self._load_block, self._write_block)
         self._free_hint = 0  # no free cluster below this index
@@ -116,6 +141,8 @@ class StandardRefcounts(RefcountStrategy):
         return decode_refblock(data, self.geo.refcount_order)
 
     def _write_block(self, offset: int, values: np.ndarray) -> None:
+        if self.write_guard is not None:
+            self.write_guard(offset, self.geo.cluster_size, "a refcount block")
         self.storage.pwrite(encode_refblock(values, self.geo.refcount_order), offset, "refcount")
 
     def _block(self, index: int) -> np.ndarray | None:
@@ -140,42 +167,78 @@ class StandardRefcounts(RefcountStrategy):
         if not len(clusters):
             return out
         bits = self.geo.refblock_bits
+        mask = (1 << bits) - 1
+        lo, hi = int(clusters.min()), int(clusters.max())
+        if lo >= 0 and hi - lo <= 4 * len(clusters) + 65536:
+            # dense (whole-image passes): one gather from the concatenated blocks
+            return self.get_range(lo, hi - lo + 1)[clusters - lo]
         bidx = clusters >> bits
-        for b in np.unique(bidx):
-            block = self._block(int(b))
+        # Group by refcount block without a per-block scan of the whole input (that was
+        # O(blocks x clusters)): a stable sort of the block index, then one slice per block.
+        order = np.argsort(bidx, kind="stable")
+        sb = bidx[order]
+        starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]])
+        ends = np.r_[starts[1:], len(sb)]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            block = self._block(int(sb[s]))
             if block is None:
                 continue
-            sel = bidx == b
-            out[sel] = block[clusters[sel] & ((1 << bits) - 1)]
+            sel = order[s:e]
+            out[sel] = block[clusters[sel] & mask]
         return out
 
     def covered_clusters(self) -> int:
         return len(self.reftable) << self.geo.refblock_bits
+
+    def get_range(self, start: int, n: int) -> np.ndarray:
+        """Refcounts of clusters start .. start + n - 1 (uint64 array)."""
+        out = np.zeros(n, dtype=np.uint64)
+        bits = self.geo.refblock_bits
+        pos = start
+        while pos < start + n:
+            b = pos >> bits
+            stop = min((b + 1) << bits, start + n)
+            block = self._block(b)
+            if block is not None:
+                base = b << bits
+                out[pos - start : stop - start] = block[pos - base : stop - base]
+            pos = stop
+        return out
 
     # -- updates ---------------------------------------------------------------------
     def update(self, clusters: np.ndarray, delta: int) -> None:
         clusters = np.asarray(clusters, dtype=np.int64)
         if not len(clusters) or delta == 0:
             return
-        uniq, counts = np.unique(clusters, return_counts=True)
+        lo, hi = int(clusters.min()), int(clusters.max())
+        if lo >= 0 and hi - lo <= 4 * len(clusters) + 65536 and len(clusters) > 4096:
+            # dense: per-block slices instead of sorting (whole-image passes)
+            counts = np.bincount(clusters - lo) if lo else np.bincount(clusters)
+            self.update_dense(counts * abs(delta), 1 if delta > 0 else -1, lo)
+            return
+        uniq, counts = _count_unique(clusters)
         deltas = counts.astype(np.int64) * delta
         bits = self.geo.refblock_bits
         mask = (1 << bits) - 1
-        bidx = uniq >> bits
+        bidx = uniq >> bits  # sorted, as uniq is
+        starts = np.flatnonzero(np.r_[True, bidx[1:] != bidx[:-1]])
+        ends = np.r_[starts[1:], len(uniq)]
+        blocks = bidx[starts].tolist()
         # Make sure every block exists (a new refblock is itself allocated) before checking.
-        for b in np.unique(bidx):
-            if self._block(int(b)) is None:
+        for b in blocks:
+            if self._block(b) is None:
                 if delta < 0:
                     raise CorruptImageError("Refcount decrement of a cluster with refcount 0")
-                self._create_block(int(b))
-        plan: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+                self._create_block(b)
+        # Check everything before changing anything (all-or-nothing). Only the new values
+        # are kept: a block array may be evicted from the cache between the two passes.
+        plan: list[tuple[int, np.ndarray, np.ndarray]] = []
         limit = self.geo.refcount_max
-        for b in np.unique(bidx):
-            sel = bidx == b
-            block = self._block(int(b))
+        for b, s, e in zip(blocks, starts.tolist(), ends.tolist()):
+            block = self._block(b)
             assert block is not None
-            idx = uniq[sel] & mask
-            new = block[idx].astype(np.int64) + deltas[sel]
+            idx = uniq[s:e] & mask
+            new = block[idx].astype(np.int64) + deltas[s:e]
             if (new < 0).any():
                 raise CorruptImageError("Refcount would drop below zero")
             if (new > limit).any():
@@ -183,14 +246,72 @@ class StandardRefcounts(RefcountStrategy):
                     f"Refcount overflow: a cluster would exceed {limit} references "
                     f"(refcount_bits={self.geo.refcount_bits})"
                 )
-            plan.append((block, idx, new.astype(np.uint64)))
-        for (block, idx, new), b in zip(plan, np.unique(bidx)):
+            plan.append((b, idx, new.astype(np.uint64)))
+        for b, idx, new in plan:
+            # fetch again and mark dirty at once, so that the change cannot be lost to an
+            # eviction of a clean table
+            block = self._block(b)
+            assert block is not None
             block[idx] = new
-            self._blocks.mark_dirty(self._block_offset(int(b)))
+            self._blocks.mark_dirty(self._block_offset(b))
         if delta < 0:
             freed = uniq[np.concatenate([p[2] for p in plan]) == 0] if plan else uniq[:0]
             if len(freed):
                 self._free_hint = min(self._free_hint, int(freed.min()))
+
+    def update_dense(self, counts: np.ndarray, sign: int, start: int = 0) -> None:
+        counts = np.asarray(counts)
+        n = len(counts)
+        if not n or sign == 0:
+            return
+        if counts.dtype.kind not in "iu":
+            counts = counts.astype(np.int64)
+        if counts.dtype.kind == "i" and int(counts.min()) < 0:
+            raise ValueError("update_dense needs non-negative counts")
+        bits = self.geo.refblock_bits
+        # blocks with any change, as (block, first cluster, end cluster)
+        touched: list[tuple[int, int, int]] = []
+        for b in range(start >> bits, ((start + n - 1) >> bits) + 1):
+            lo, hi = max(b << bits, start), min((b + 1) << bits, start + n)
+            if counts[lo - start : hi - start].any():
+                touched.append((b, lo, hi))
+        for b, _lo, _hi in touched:
+            if self._block(b) is None:
+                if sign < 0:
+                    raise CorruptImageError("Refcount decrement of a cluster with refcount 0")
+                self._create_block(b)
+        # check everything first (all-or-nothing); keep only the new values, as block
+        # arrays may be evicted from the cache between the passes
+        limit = np.uint64(self.geo.refcount_max)
+        plan: list[tuple[int, int, np.ndarray]] = []
+        for b, lo, hi in touched:
+            block = self._block(b)
+            assert block is not None
+            base = b << bits
+            cur = block[lo - base : hi - base]
+            seg = counts[lo - start : hi - start]
+            if seg.dtype != np.uint64:
+                seg = seg.astype(np.uint64)
+            if sign > 0:
+                if (seg > limit - cur).any():
+                    raise RefcountOverflowError(
+                        f"Refcount overflow: a cluster would exceed {int(limit)} references "
+                        f"(refcount_bits={self.geo.refcount_bits})"
+                    )
+                plan.append((b, lo - base, cur + seg))
+            else:
+                if (seg > cur).any():
+                    raise CorruptImageError("Refcount would drop below zero")
+                new = cur - seg
+                plan.append((b, lo - base, new))
+                freed = np.flatnonzero((new == 0) & (seg != 0))
+                if len(freed):
+                    self._free_hint = min(self._free_hint, lo + int(freed[0]))
+        for b, first, new in plan:
+            block = self._block(b)
+            assert block is not None
+            block[first : first + len(new)] = new
+            self._blocks.mark_dirty(self._block_offset(b))
 
     def _set_one(self, cluster: int, value: int) -> None:
         b = cluster >> self.geo.refblock_bits
@@ -217,6 +338,7 @@ class StandardRefcounts(RefcountStrategy):
         off = first * self.geo.cluster_size
         self._blocks.put(off, values, dirty=True)
         self.reftable[b] = off
+        self.refblock_clusters.add(off >> self.geo.cluster_bits)
         self._reftable_dirty = True
         return values
 
@@ -226,6 +348,12 @@ class StandardRefcounts(RefcountStrategy):
         per_cluster = geo.cluster_size // 8
         want = max(min_entries, len(self.reftable) * 3 // 2, per_cluster)
         clusters = div_round_up(want, per_cluster)
+        # A table too long to fit between self-describing refblocks goes to the tail
+        # (_tail_run), whose new refblocks need entries in this same table.
+        if clusters >= geo.refblock_entries:
+            tail = self._top_block() + div_round_up(clusters, geo.refblock_entries - 1) + 1
+            want = max(want, tail + div_round_up(tail, per_cluster * (geo.refblock_entries - 1)))
+            clusters = div_round_up(want, per_cluster)
         if clusters * geo.cluster_size > MAX_REFTABLE_SIZE_BYTES:
             raise NoSpaceError("Refcount table would exceed its maximum size")
         new_table = np.zeros(clusters * per_cluster, dtype=np.uint64)
@@ -260,6 +388,10 @@ class StandardRefcounts(RefcountStrategy):
                 raise NoSpaceError("No free cluster below the maximum host offset")
             block = self._block(b)
             base = b << bits
+            if block is None and n >= entries and c == base and b >= self._top_block():
+                # Nothing is described from here on, and a run this long cannot fit
+                # between self-describing refblocks: place it after its own refblocks.
+                return self._tail_run(b, n)
             if block is None:
                 # block's first cluster will hold the block itself
                 used = np.zeros(entries, dtype=bool)
@@ -290,6 +422,36 @@ class StandardRefcounts(RefcountStrategy):
                 i += span
             c = base + entries
 
+    def _top_block(self) -> int:
+        """1 + the index of the last refcount block in the table (none is described above)."""
+        nz = np.flatnonzero(self.reftable & np.uint64(REFT_OFFSET_MASK))
+        return int(nz[-1]) + 1 if len(nz) else 0
+
+    def _tail_run(self, b: int, n: int) -> int:
+        """A run of n free clusters from refblock index b on, where nothing is described:
+        k new refblocks first (at clusters S .. S+k-1, each described by an earlier one
+        or itself), then the run. Returns the run's first cluster."""
+        geo = self.geo
+        bits = geo.refblock_bits
+        k = div_round_up(n, geo.refblock_entries - 1)  # k * entries >= k + n
+        if b + k > len(self.reftable):
+            self._grow_reftable(b + k)
+            return self._find_free_run(n)  # the table may have moved into the tail
+        start = b << bits
+        for j in range(k):
+            cluster = start + j
+            off = cluster << geo.cluster_bits
+            self._blocks.put(off, np.zeros(geo.refblock_entries, dtype=np.uint64), dirty=True)
+            self.reftable[b + j] = off
+            self.refblock_clusters.add(cluster)
+            self._reftable_dirty = True
+            owner = cluster >> bits  # b + (j >> bits): itself or created before it
+            block = self._block(owner)
+            assert block is not None
+            block[cluster & (geo.refblock_entries - 1)] = 1
+            self._blocks.mark_dirty(self._block_offset(owner))
+        return start + k
+
     # -- allocation ------------------------------------------------------------------
     def allocate(self, n: int = 1) -> int:
         pool = self._pool
@@ -304,6 +466,29 @@ class StandardRefcounts(RefcountStrategy):
         self._reserve(self._pool_batch, extra=self._pool_batch)
         self._pool_batch = min(self._pool_batch * 2, POOL_MAX)
         return self.allocate(1)
+
+    def allocate_deferred(self, n: int = 1) -> int:
+        start = self._find_free_run(n)
+        for b in range(start >> self.geo.refblock_bits, ((start + n - 1) >> self.geo.refblock_bits) + 1):
+            if self._block(b) is None:
+                self._create_block(b)
+        start = self._find_free_run(n)  # new blocks may sit inside the first run found
+        self.update(np.arange(start, start + n, dtype=np.int64), 1)
+        return start << self.geo.cluster_bits
+
+    @contextmanager
+    def bulk(self, clusters: int) -> Iterator[None]:
+        # Whole-image passes visit every refcount block two or three times (check, apply,
+        # free-space search): keep them all cached instead of re-reading them each time.
+        cache = self._blocks
+        old = cache.capacity
+        # at most ~256 MiB of cached blocks (a block is held as uint64 values)
+        cap = max(16, (256 << 20) // (self.geo.refblock_entries * 8))
+        cache.capacity = max(old, min(cap, (clusters >> self.geo.refblock_bits) + 8))
+        try:
+            yield
+        finally:
+            cache.capacity = old  # the next insertion trims (and writes back) the excess
 
     def _reserve(self, n: int, extra: int) -> int:
         """Set refcount 1 on a free run of n clusters and commit. With extra, the run
@@ -375,3 +560,14 @@ class StandardRefcounts(RefcountStrategy):
 
     def drop_caches(self) -> None:
         self._blocks.drop_all()
+
+
+def _count_unique(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and their multiplicities; a bincount (linear time) when the
+    values are dense, as in whole-image passes, else a sort."""
+    lo, hi = int(clusters.min()), int(clusters.max())
+    if lo >= 0 and hi - lo <= 4 * len(clusters) + 65536:
+        counts = np.bincount(clusters - lo)
+        nz = np.flatnonzero(counts)
+        return nz.astype(np.int64) + lo, counts[nz]
+    return np.unique(clusters, return_counts=True)

@@ -1,8 +1,1018 @@
-"""Internal snapshots (owned by the snapshot work; see issue 3)."""
+"""Internal snapshots, laid out and reference-counted exactly as QEMU does it.
+
+A snapshot is an entry of the snapshot table plus a copy of the active L1 table. Its L2
+tables and data clusters are shared with the active image: QEMU counts one reference per
+L1 table that reaches a cluster (an L2 table shared by two L1 tables counts its data
+clusters twice), and `qemu-img check` verifies exactly that, so creating a snapshot adds
+one to every cluster the active L1 reaches and deleting one subtracts what its L1 reaches.
+
+The whole-tree passes are vectorized: the L2 tables of a tree are read in large
+contiguous runs, decoded with numpy (flag bits are tested on the big-endian bytes
+directly), and their references become one dense count per host cluster that the
+refcount layer applies block by block (`update_dense`).
+
+VM state is stored where QEMU stores it: at guest offsets past the end of the disk in the
+snapshot's own L1 table, starting at the first L1 entry beyond the disk
+(`qcow2_vm_state_offset`). We build those clusters directly into the snapshot's L1 copy,
+so they never pass through the active L1 table.
+
+Crash safety: every on-disk change before the header switch (refcount increases, the new
+L1 copy and snapshot table in freshly allocated clusters, COPIED flags cleared) only leaks
+clusters or makes COPIED flags conservative if interrupted; the header write that switches
+`nb_snapshots`/`snapshots_offset` (or the active L1) is the commit point; reference drops
+are applied only after that header is durable.
+"""
 
 from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import (
+    CorruptImageError,
+    FormatError,
+    InvalidArgumentError,
+    Qcow2Error,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
+from .format import (
+    L1E_OFFSET_MASK,
+    MAX_L1_SIZE_BYTES,
+    MAX_SNAPSHOT_TABLE_BYTES,
+    MAX_SNAPSHOTS,
+    QCOW_OFLAG_COPIED,
+    SNAPSHOT_EXTRA_V3_SIZE,
+    SnapshotEntry,
+    decode_table,
+    encode_table,
+)
+from .geometry import div_round_up
+
+if TYPE_CHECKING:
+    from .cluster import ClusterMap
+    from .format import Header
+    from .geometry import Geometry
+    from .image import ImageFile
+    from .refcount import RefcountStrategy
+    from .storage import Storage
+
+__all__ = ["SnapshotMixin", "SnapshotView", "read_snapshot_table", "pack_snapshot_table",
+           "format_snapshot_list", "register"]
+
+ICOUNT_NONE = 0xFFFFFFFFFFFFFFFF  # QEMU's "no instruction count" (-1)
+MAX_NAME_BYTES = 0xFFFF  # id and name lengths are 16-bit fields
+_MAX_L1_ENTRIES = MAX_L1_SIZE_BYTES // 8
+_CHUNK_BYTES = 8 << 20  # L2 tables decoded per step: arrays stay in cache-friendly sizes
+_IO_MAX = 256 << 20  # largest single data write (Linux caps one call below 2 GiB)
+# Byte 0 of a big-endian table entry holds bits 56-63: the COPIED and COMPRESSED flags.
+_B0_COPIED = 0x80
+_B0_COMPRESSED = 0x40
+_COPIED_MASK_CLEAR = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
+
+
+# ===================================================================== snapshot table ==
+def _normalize(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
+    """Fill the fields an old entry lacks the way QEMU does on reading (disk size = the
+    current size, no icount) and size the extra data as QEMU writes it back."""
+    extra = SNAPSHOT_EXTRA_V3_SIZE + len(e.unknown_extra)
+    if e.disk_size is not None and e.icount != ICOUNT_NONE and e.icount is not None \
+            and e.extra_data_size == extra:
+        return e  # the common case, without the cost of replace()
+    icount = None if e.icount == ICOUNT_NONE else e.icount
+    return replace(e, disk_size=disk_size if e.disk_size is None else e.disk_size,
+                   icount=icount, extra_data_size=extra)
+
+
+def read_snapshot_table(storage: Storage, header: Header) -> tuple[list[SnapshotEntry], int]:
+    """Parse the snapshot table: (entries, size of the table in bytes). Entries are
+    normalized (disk_size filled in, icount None when absent or -1)."""
+    n = header.nb_snapshots
+    if not n:
+        return [], 0
+    if n > MAX_SNAPSHOTS:
+        raise FormatError(f"Too many snapshots ({n}; the limit is {MAX_SNAPSHOTS})")
+    off = header.snapshots_offset
+    if off % header.cluster_size or off == 0:
+        raise FormatError("Snapshot table offset invalid")
+    avail = max(0, storage.size() - off)
+    limit = min(MAX_SNAPSHOT_TABLE_BYTES, avail)
+    # Entries are at least 40 bytes; read a guess and read more (bounded by the 64 MiB
+    # limit and the file) when the entries turn out longer, resuming where parsing stopped.
+    want = min(limit, max(65536, n * 80))
+    buf = storage.pread(want, off)
+    out: list[SnapshotEntry] = []
+    pos = 0
+    while len(out) < n:
+        try:
+            e, nxt = SnapshotEntry.unpack_from(buf, pos)
+        except FormatError as exc:
+            if "truncated" not in str(exc):
+                raise
+            if want >= limit:
+                if avail < MAX_SNAPSHOT_TABLE_BYTES:
+                    raise FormatError(
+                        "Snapshot table is truncated: it runs past the end of the file") from None
+                raise FormatError(
+                    "Snapshot table exceeds the size limit of "
+                    f"{MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB") from None
+            want = min(limit, want * 4)
+            buf = storage.pread(want, off)
+            continue
+        out.append(e)
+        pos = nxt
+    # QEMU counts the table up to the last byte of the last entry (no padding)
+    size = pos - ((-_entry_len(out[-1])) % 8)
+    return [_normalize(e, header.size) for e in out], size
+
+
+def _entry_len(e: SnapshotEntry) -> int:
+    return 40 + e.extra_data_size + len(e.id.encode("utf-8", "surrogateescape")) + len(
+        e.name.encode("utf-8", "surrogateescape"))
+
+
+def pack_snapshot_table(entries: Sequence[SnapshotEntry]) -> bytes:
+    """The table as QEMU writes it: entries 8-byte aligned, no padding after the last."""
+    out = b"".join(e.pack() for e in entries)
+    if entries:
+        out = out[: len(out) - ((-_entry_len(entries[-1])) % 8)]
+    if len(out) > MAX_SNAPSHOT_TABLE_BYTES:
+        raise SnapshotError(
+            f"Snapshot table would exceed the size limit of {MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB")
+    return out
+
+
+def _strtoul(s: str) -> int:
+    """C strtoul(s, NULL, 10) as QEMU uses it to read ids (wraps, saturates)."""
+    i, n = 0, len(s)
+    while i < n and s[i] in " \t\n\v\f\r":
+        i += 1
+    neg = False
+    if i < n and s[i] in "+-":
+        neg = s[i] == "-"
+        i += 1
+    j = i
+    while j < n and "0" <= s[j] <= "9":
+        j += 1
+    if j == i:
+        return 0
+    v = int(s[i:j])
+    if v > ICOUNT_NONE:
+        return ICOUNT_NONE
+    return (-v) % (1 << 64) if neg else v
+
+
+def next_snapshot_id(entries: Sequence[SnapshotEntry]) -> str:
+    """QEMU's choice of id: the largest numeric id plus one."""
+    top = max((_strtoul(e.id) for e in entries), default=0)
+    return str((top + 1) % (1 << 64))
+
+
+def find_snapshot(entries: Sequence[SnapshotEntry], name_or_id: str) -> int:
+    """Index of the snapshot with this id, else of the first with this name; -1."""
+    for i, e in enumerate(entries):
+        if e.id == name_or_id:
+            return i
+    for i, e in enumerate(entries):
+        if e.name == name_or_id:
+            return i
+    return -1
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's human size: three significant digits, IEC units ("1.5 GiB")."""
+    import math
+
+    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    i = max(0, min(int((exp - 1) / 10), 6))
+    unit = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")[i]
+    return f"{value / (1 << (i * 10)):0.3g} {unit}B"
+
+
+def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
+    """`qemu-img snapshot -l` text (empty when there is no snapshot)."""
+    if not entries:
+        return ""
+    lines = ["Snapshot list:",
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for e in entries:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.date_sec))
+        secs = e.vm_clock_nsec // 1_000_000_000
+        ms = (e.vm_clock_nsec // 1_000_000) % 1000
+        clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        icount = "" if e.icount is None else str(e.icount if e.icount < (1 << 63) else e.icount - (1 << 64))
+        lines.append(f"{e.id:<9} {e.name:<16} {size_to_str(e.vm_state_size):>8}{date:>20}"
+                     f"{clock:>13}{icount:>11}")
+    return "\n".join(lines) + "\n"
+
+
+# ===================================================================== tree scans ==
+@dataclass
+class _Refs:
+    """The references one L1 tree holds, per host cluster."""
+
+    counts: np.ndarray | None  # dense int64 counts by cluster index, or None (sparse)
+    sparse: np.ndarray | None  # cluster indexes with repeats (sparse form)
+    l2_offsets: np.ndarray  # distinct L2 table offsets (int64, sorted)
+    copied_tables: np.ndarray  # L2 tables holding an entry with the COPIED flag
+
+    def add(self, clusters: np.ndarray) -> None:
+        """Count one more reference to each cluster (repeats add up)."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if not len(clusters):
+            return
+        if self.counts is not None:
+            need = int(clusters.max()) + 1
+            if need > len(self.counts):
+                grown = np.zeros(need, dtype=self.counts.dtype)
+                grown[: len(self.counts)] = self.counts
+                self.counts = grown
+            np.add.at(self.counts, clusters, self.counts.dtype.type(1))
+        else:
+            assert self.sparse is not None
+            self.sparse = np.concatenate([self.sparse, clusters])
+
+    def apply(self, rc: RefcountStrategy, sign: int) -> None:
+        if self.counts is not None:
+            rc.update_dense(self.counts, sign)
+        elif self.sparse is not None and len(self.sparse):
+            rc.update(self.sparse, sign)
+
+
+class SnapshotView:
+    """Read-only view of one snapshot: pread/readinto/map/file like an Image, without
+    applying the snapshot. Reads fall through to the backing file as QEMU's do."""
+
+    def __init__(self, img: Any, entry: SnapshotEntry) -> None:
+        from .cluster import ClusterMap
+
+        self._img = img
+        self.entry = entry
+        self.size = int(entry.disk_size or 0)
+        self.geo = img.geo
+        self.storage = img.storage
+        self.backing = img.backing
+        self.refcounts = img.refcounts  # mapping looks at refcounts (preallocation test)
+        self.writable = False
+        self.path = img.path
+        l1 = img._snapshot_l1(entry)
+        self.clusters: ClusterMap = ClusterMap(img.storage, img.geo, l1, entry.l1_table_offset,
+                                               None, img._cache_tables, img.header.version)
+        self._gen = img._snapshot_gen
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def _check(self, offset: int, length: int) -> None:
+        img = self._img
+        if img.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        if self._gen != img._snapshot_gen:
+            # the table changed: make sure this snapshot (and so its clusters) still exists
+            if not any(e.id == self.entry.id and e.l1_table_offset == self.entry.l1_table_offset
+                       for e in img._snapshot_entries()):
+                raise SnapshotNotFoundError(f"Snapshot '{self.entry.name}' was deleted")
+            self._gen = img._snapshot_gen
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgumentError(
+                f"Request [{offset}, {offset + length}) is beyond the end of the snapshot "
+                f"({self.size} bytes)")
+
+    def pread(self, n: int, offset: int) -> bytes:
+        self._check(offset, n)
+        buf = bytearray(n)
+        self._img._read_into(memoryview(buf), offset, clusters=self.clusters)
+        return bytes(buf)
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        self._check(offset, len(mv))
+        self._img._read_into(mv, offset, clusters=self.clusters)
+        return len(mv)
+
+    def block_status(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        from .cluster import COMPRESSED
+
+        self._check(offset, length)
+        for _pos, guest, n, kind, host in self._img._segments(self.clusters, offset, length):
+            yield (guest, n, kind, 0 if kind == COMPRESSED else host)
+
+    def map(self) -> list[dict[str, Any]]:
+        """Extents as `qemu-img map --output=json` reports them for this snapshot."""
+        from .mapping import image_map
+
+        self._check(0, 0)
+        return image_map(self)
+
+    def _make_refcounts(self) -> Any:
+        return self._img._make_refcounts()
+
+    def file(self) -> ImageFile:
+        from .image import ImageFile
+
+        return ImageFile(self)
+
+    def flush(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<qcow2.SnapshotView id={self.entry.id!r} name={self.entry.name!r} size={self.size}>"
 
 
 class SnapshotMixin:
     """Snapshot methods of Image: snapshots, create_snapshot, apply_snapshot,
     delete_snapshot, read_vm_state, snapshot(name_or_id)."""
+
+    if TYPE_CHECKING:
+        path: str
+        storage: Storage
+        header: Header
+        geo: Geometry
+        clusters: ClusterMap
+        refcounts: RefcountStrategy | None
+        closed: bool
+        writable: bool
+        backing: Any
+        _cache_tables: int
+        _compressed_cache: Any
+
+        def flush(self) -> None: ...
+        def _check_writable(self) -> None: ...
+        def _update_header(self, **changes: Any) -> None: ...
+        def _read_into(self, out: memoryview, offset: int, clusters: ClusterMap | None = None,
+                       backing: Any = "self") -> None: ...
+
+    _snap_cache: tuple[int, int, list[SnapshotEntry], int] | None = None
+    _snapshot_gen = 0
+
+    # ------------------------------------------------------------------ table --
+    def _snapshot_entries(self) -> list[SnapshotEntry]:
+        """The parsed table, cached for the current header (nb_snapshots, offset)."""
+        h = self.header
+        c = self._snap_cache
+        if c is None or c[0] != h.snapshots_offset or c[1] != h.nb_snapshots:
+            entries, size = read_snapshot_table(self.storage, h)
+            c = (h.snapshots_offset, h.nb_snapshots, entries, size)
+            self._snap_cache = c
+        return c[2]
+
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        """The snapshot records, in table order (id, name, date, date_sec, date_nsec,
+        vm_clock, vm_clock_nsec, vm_state_size, disk_size, icount)."""
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        return list(self._snapshot_entries())
+
+    def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        """The snapshot with this id, else the first one with this name."""
+        entries = self._snapshot_entries()
+        i = find_snapshot(entries, str(name_or_id))
+        if i < 0:
+            raise SnapshotNotFoundError(f"Snapshot '{name_or_id}' not found")
+        return entries[i]
+
+    def _vm_state_index(self, disk_size: int) -> int:
+        """First L1 index past the disk: where the VM state starts (qcow2_vm_state_offset)."""
+        return div_round_up(disk_size, self.geo.l1_coverage)
+
+    def _snapshot_l1(self, e: SnapshotEntry) -> np.ndarray:
+        """The snapshot's L1 table, validated as QEMU validates it."""
+        if e.l1_size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        cs = self.geo.cluster_size
+        if e.l1_size > _MAX_L1_ENTRIES:
+            raise CorruptImageError(f"Snapshot '{e.name}': L1 table too large")
+        if e.l1_table_offset % cs or e.l1_table_offset == 0:
+            raise CorruptImageError(f"Snapshot '{e.name}': L1 table offset invalid")
+        if e.l1_table_offset + e.l1_size * 8 > self.storage.size():
+            raise CorruptImageError(f"Snapshot '{e.name}': L1 table runs past the end of the file")
+        return decode_table(self.storage.pread(e.l1_size * 8, e.l1_table_offset))
+
+    # ------------------------------------------------------------------ public API --
+    def snapshot(self, name_or_id: str) -> SnapshotView:
+        """A read-only view of a snapshot (pread, size, map, file), without applying it."""
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        return SnapshotView(self, self.find_snapshot(name_or_id))
+
+    def read_vm_state(self, name_or_id: str) -> bytes:
+        """The VM state saved with a snapshot (b"" for a disk-only snapshot)."""
+        if self.closed:
+            raise Qcow2Error("I/O operation on a closed image")
+        e = self.find_snapshot(name_or_id)
+        if not e.vm_state_size:
+            return b""
+        from .cluster import ClusterMap
+
+        cmap = ClusterMap(self.storage, self.geo, self._snapshot_l1(e), e.l1_table_offset, None,
+                          self._cache_tables, self.header.version)
+        start = self._vm_state_index(int(e.disk_size or 0)) * self.geo.l1_coverage
+        buf = bytearray(e.vm_state_size)
+        mv = memoryview(buf)
+        for pos in range(0, len(buf), _IO_MAX):
+            self._read_into(mv[pos : pos + _IO_MAX], start + pos, clusters=cmap, backing=None)
+        return bytes(buf)
+
+    def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
+                        icount: int | None = 0, date_sec: int | None = None,
+                        date_nsec: int | None = None) -> SnapshotEntry:
+        """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
+
+        vm_state (bytes-like, any size) is stored past the end of the disk in the
+        snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
+        defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
+        """
+        self._check_writable()
+        if not isinstance(name, str):
+            raise InvalidArgumentError("Snapshot name must be a string")
+        if "\0" in name:
+            raise InvalidArgumentError("Snapshot name must not contain NUL characters")
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise InvalidArgumentError(f"Snapshot name is longer than {MAX_NAME_BYTES} bytes")
+        if icount is not None and not 0 <= icount < ICOUNT_NONE:
+            raise InvalidArgumentError("icount out of range")
+        if not 0 <= vm_clock_nsec < (1 << 64):
+            raise InvalidArgumentError("vm_clock_nsec out of range")
+        vm = memoryview(vm_state).cast("B") if vm_state is not None else memoryview(b"")
+        entries = self._snapshot_entries()
+        if len(entries) >= MAX_SNAPSHOTS:
+            raise SnapshotError(f"Too many snapshots: the limit is {MAX_SNAPSHOTS}")
+        sid = next_snapshot_id(entries)
+        if any(e.id == sid for e in entries):
+            raise SnapshotError(f"Snapshot id {sid} already exists")
+        now = time.time_ns()
+        ds = now // 1_000_000_000 if date_sec is None else date_sec
+        dn = now % 1_000_000_000 if date_nsec is None else date_nsec
+        if not 0 <= ds < (1 << 32) or not 0 <= dn < 1_000_000_000:
+            raise InvalidArgumentError("Snapshot date out of range")
+
+        geo = self.geo
+        cs = geo.cluster_size
+        disk = self.header.size
+        vm_index = self._vm_state_index(disk)
+        n_vm_data = div_round_up(len(vm), cs)
+        n_vm_l2 = div_round_up(n_vm_data, geo.l2_entries)
+        sn_l1_size = vm_index + n_vm_l2
+        if sn_l1_size > _MAX_L1_ENTRIES:
+            raise SnapshotError("VM state too large: the snapshot's L1 table would exceed its limit")
+        new = SnapshotEntry(
+            l1_table_offset=0, l1_size=sn_l1_size, id=sid, name=name, date_sec=ds,
+            date_nsec=dn, vm_clock_nsec=vm_clock_nsec, vm_state_size=len(vm), disk_size=disk,
+            icount=icount,
+        )
+        # size check before touching anything (the real offset does not change the size)
+        pack_snapshot_table([*entries, new])
+
+        self.flush()
+        with self._bulk():
+            return self._create(entries, new, vm, vm_index, sn_l1_size)
+
+    def _create(self, entries: list[SnapshotEntry], new: SnapshotEntry, vm: memoryview,
+                vm_index: int, sn_l1_size: int) -> SnapshotEntry:
+        rc = self._rc()
+        cs = self.geo.cluster_size
+        cmap = self.clusters
+        cmap.l2cache.drop_all()  # clean after the flush; we rewrite tables behind it
+        active = cmap.l1[:vm_index].copy()
+        refs = self._scan(active, want_copied=True)
+        refs.apply(rc, +1)  # raises RefcountOverflowError before changing anything
+        allocated: list[tuple[int, int]] = []
+        try:
+            sn_l1 = np.zeros(sn_l1_size, dtype=np.uint64)
+            sn_l1[:vm_index] = active & _COPIED_MASK_CLEAR
+            if len(vm):
+                sn_l1[vm_index:] = self._write_vm_state(vm, allocated)
+            l1_off = 0
+            if sn_l1_size:
+                n = div_round_up(sn_l1_size * 8, cs)
+                l1_off = rc.allocate_deferred(n)
+                allocated.append((l1_off, n))
+                self.storage.pwrite(encode_table(sn_l1), l1_off, "l1")
+            new = replace(new, l1_table_offset=l1_off)
+            table = pack_snapshot_table([*entries, new])
+            t_clusters = div_round_up(len(table), cs)
+            t_off = rc.allocate_deferred(t_clusters)
+            allocated.append((t_off, t_clusters))
+            self.storage.pwrite(table, t_off, "snapshot_table")
+            # The active tree is shared now: clear COPIED so that writes copy first.
+            self._clear_copied(refs.copied_tables)
+            if vm_index:
+                cmap.l1[:vm_index] &= _COPIED_MASK_CLEAR
+                cmap.mark_l1_dirty(0, vm_index)
+                cmap.write_l1()
+            rc.commit()  # increments and allocations durable, with everything above
+        except BaseException:
+            self._undo(refs, allocated)
+            raise
+        old_off, old_size = self.header.snapshots_offset, self._table_size()
+        self._update_header(nb_snapshots=len(entries) + 1, snapshots_offset=t_off)  # commit point
+        self._snap_cache = (t_off, len(entries) + 1, [*entries, new], len(table))
+        self._free_bytes(old_off, old_size)
+        self._compressed_cache = None
+        return new
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Make the active state equal to the snapshot (as `qemu-img snapshot -a`),
+        including its disk size. The discarded active state's clusters are released."""
+        self._check_writable()
+        e = self.find_snapshot(str(name_or_id))
+        disk = int(e.disk_size if e.disk_size is not None else self.header.size)
+        vm_index = self._vm_state_index(disk)
+        sn_l1 = self._snapshot_l1(e)
+        self.flush()
+        with self._bulk():
+            self._apply(disk, vm_index, sn_l1)
+
+    def _apply(self, disk: int, vm_index: int, sn_l1: np.ndarray) -> None:
+        rc = self._rc()
+        cs = self.geo.cluster_size
+        cmap = self.clusters
+        cmap.l2cache.drop_all()
+        # The active image gets the snapshot's disk part; its VM state stays with it.
+        new_l1 = np.zeros(vm_index, dtype=np.uint64)
+        m = min(vm_index, len(sn_l1))
+        new_l1[:m] = sn_l1[:m] & _COPIED_MASK_CLEAR
+        refs = self._scan(new_l1, want_copied=True)
+        refs.apply(rc, +1)
+        allocated: list[tuple[int, int]] = []
+        try:
+            l1_off = 0
+            if vm_index:
+                n = div_round_up(vm_index * 8, cs)
+                l1_off = rc.allocate_deferred(n)
+                allocated.append((l1_off, n))
+                self.storage.pwrite(encode_table(new_l1), l1_off, "l1")
+            # everything reachable is shared with the snapshot now: no COPIED anywhere
+            self._clear_copied(refs.copied_tables)
+            rc.commit()
+        except BaseException:
+            self._undo(refs, allocated)
+            raise
+        old_l1 = cmap.l1
+        old_off = cmap.l1_offset
+        old_l1_clusters = div_round_up(len(old_l1) * 8, cs) if old_off else 0
+        # commit point: one header sector switches size, L1 offset and L1 size together
+        self._update_header(size=disk, l1_table_offset=l1_off, l1_size=vm_index)
+        cmap.l1 = new_l1
+        cmap.l1_offset = l1_off
+        cmap._l1_dirty_lo = cmap._l1_dirty_hi = -1
+        cmap.l2cache.drop_all()
+        self._compressed_cache = None
+        self._snapshot_gen += 1
+        # drop the old active tree's references, now that nothing on disk points at it
+        old = self._scan(old_l1, want_copied=False)
+        if old_l1_clusters:
+            old.add(np.arange(old_off // cs, old_off // cs + old_l1_clusters, dtype=np.int64))
+        old.apply(rc, -1)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete a snapshot (as `qemu-img snapshot -d`): remove its entry, then release
+        what its L1 table reached, then fix the COPIED flags of the active tree."""
+        self._check_writable()
+        entries = self._snapshot_entries()
+        i = find_snapshot(entries, str(name_or_id))
+        if i < 0:
+            raise SnapshotNotFoundError(f"Snapshot '{name_or_id}' not found")
+        sn_l1 = self._snapshot_l1(entries[i])
+        self.flush()
+        with self._bulk():
+            self._delete(entries, i, sn_l1)
+
+    def _delete(self, entries: list[SnapshotEntry], i: int, sn_l1: np.ndarray) -> None:
+        rc = self._rc()
+        e = entries[i]
+        cs = self.geo.cluster_size
+        self.clusters.l2cache.drop_all()
+        refs = self._scan(sn_l1, want_copied=False)
+        if e.l1_size:
+            refs.add(np.arange(e.l1_table_offset // cs,
+                               e.l1_table_offset // cs + div_round_up(e.l1_size * 8, cs),
+                               dtype=np.int64))
+        rest = entries[:i] + entries[i + 1 :]
+        t_off = 0
+        table = b""
+        if rest:
+            table = pack_snapshot_table(rest)
+            n = div_round_up(len(table), cs)
+            t_off = rc.allocate_deferred(n)
+            try:
+                self.storage.pwrite(table, t_off, "snapshot_table")
+                rc.commit()  # the table and its refcounts durable before the header
+            except BaseException:
+                self._undo(None, [(t_off, n)])
+                raise
+        old_off, old_size = self.header.snapshots_offset, self._table_size()
+        self._update_header(nb_snapshots=len(rest), snapshots_offset=t_off)  # commit point
+        self._snap_cache = (t_off, len(rest), rest, len(table))
+        self._snapshot_gen += 1
+        self._compressed_cache = None
+        if old_size:
+            first = old_off // cs
+            refs.add(np.arange(first, first + div_round_up(old_size, cs), dtype=np.int64))
+        refs.apply(rc, -1)
+        rc.commit()
+        self._fix_copied_active()
+
+    # ------------------------------------------------------------------ internals --
+    def _rc(self) -> RefcountStrategy:
+        rc = self.refcounts
+        assert rc is not None
+        return rc
+
+    def _bulk(self) -> Any:
+        """Keep the refcount metadata of the whole file cached during a tree pass."""
+        return self._rc().bulk(div_round_up(self.storage.size(), self.geo.cluster_size))
+
+    def _table_size(self) -> int:
+        self._snapshot_entries()
+        assert self._snap_cache is not None
+        return self._snap_cache[3]
+
+    def _free_bytes(self, offset: int, nbytes: int) -> None:
+        """Release the clusters of a byte range whose last reference is durably gone."""
+        if not offset or not nbytes:
+            return
+        cs = self.geo.cluster_size
+        first = offset // cs
+        self._rc().update(np.arange(first, first + div_round_up(nbytes, cs), dtype=np.int64), -1)
+
+    def _undo(self, refs: _Refs | None, allocated: list[tuple[int, int]]) -> None:
+        """Best-effort rollback before the commit point: nothing on disk refers to the
+        increments or allocations yet, so taking them back only avoids leaks."""
+        rc = self._rc()
+        try:
+            if refs is not None:
+                refs.apply(rc, -1)
+            for off, n in allocated:
+                first = off // self.geo.cluster_size
+                rc.update(np.arange(first, first + n, dtype=np.int64), -1)
+        except Qcow2Error:
+            pass
+        self.clusters.l2cache.drop_all()
+
+    def _write_vm_state(self, vm: memoryview, allocated: list[tuple[int, int]]) -> np.ndarray:
+        """Write VM state into fresh clusters with their own L2 tables; returns the L1
+        entries that map them (for the snapshot's L1 past the disk)."""
+        geo = self.geo
+        cs = geo.cluster_size
+        rc = self._rc()
+        n_data = div_round_up(len(vm), cs)
+        n_l2 = div_round_up(n_data, geo.l2_entries)
+        hosts = np.empty(n_data, dtype=np.uint64)
+        done = 0
+        # contiguous runs of at most 1 GiB keep each free-space search bounded
+        run_max = max(1, (1 << 30) // cs)
+        while done < n_data:
+            n = min(run_max, n_data - done)
+            off = rc.allocate_deferred(n)
+            allocated.append((off, n))
+            hosts[done : done + n] = off + np.arange(n, dtype=np.uint64) * np.uint64(cs)
+            start = done * cs
+            end = min(len(vm), (done + n) * cs)
+            pos = start
+            while pos < end:
+                k = min(_IO_MAX, end - pos)
+                if pos + k == len(vm) and k % cs:
+                    # pad the last cluster: it may be a reused cluster with old contents
+                    whole = k - k % cs
+                    if whole:
+                        self.storage.pwrite(vm[pos : pos + whole], off + pos - start, "data")
+                    tail = bytearray(cs)
+                    tail[: k - whole] = vm[pos + whole : pos + k]
+                    self.storage.pwrite(tail, off + pos - start + whole, "data")
+                else:
+                    self.storage.pwrite(vm[pos : pos + k], off + pos - start, "data")
+                pos += k
+            done += n
+        l2_off = rc.allocate_deferred(n_l2)
+        allocated.append((l2_off, n_l2))
+        words = cs // 8
+        tables = np.zeros(n_l2 * words, dtype=np.uint64)
+        flagged = hosts | np.uint64(QCOW_OFLAG_COPIED)  # only this snapshot refers to them
+        if geo.extended_l2:
+            tables[0 : 2 * n_data : 2] = flagged
+            tables[1 : 2 * n_data : 2] = np.uint64(0xFFFFFFFF)  # all subclusters allocated
+        else:
+            tables[:n_data] = flagged
+        self.storage.pwrite(encode_table(tables), l2_off, "l2")
+        return np.uint64(l2_off) + np.arange(n_l2, dtype=np.uint64) * np.uint64(cs)
+
+    def _table_chunks(self, offsets: np.ndarray) -> Iterator[tuple[np.ndarray, memoryview]]:
+        """Read L2 tables (sorted distinct offsets) in chunks, one read per run of
+        back-to-back tables. The buffer is reused: a consumer is done with a chunk (and
+        has written it back if it changed it) before asking for the next one."""
+        cs = self.geo.cluster_size
+        per = max(1, _CHUNK_BYTES // cs)
+        whole = memoryview(bytearray(min(len(offsets), per) * cs))
+        for c0 in range(0, len(offsets), per):
+            offs = offsets[c0 : c0 + per]
+            mv = whole[: len(offs) * cs]
+            for s, e in _runs(offs, cs):
+                self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
+            yield offs, mv
+
+    def _write_tables(self, offs: np.ndarray, mv: memoryview, changed: np.ndarray) -> None:
+        cs = self.geo.cluster_size
+        sel = np.flatnonzero(changed)
+        if not len(sel):
+            return
+        # runs of changed tables that are back to back both in the buffer and on disk
+        brk = np.ones(len(sel), dtype=bool)
+        brk[1:] = (np.diff(sel) != 1) | (np.diff(offs[sel]) != cs)
+        starts = np.flatnonzero(brk)
+        ends = np.r_[starts[1:], len(sel)]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            i0, i1 = int(sel[s]), int(sel[e - 1]) + 1
+            self.storage.pwrite(mv[i0 * cs : i1 * cs], int(offs[i0]), "l2")
+
+    def _entry_bytes(self, buf: memoryview, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(byte-0 view (k, entries) uint8, big-endian entry view (k, entries)) of a chunk."""
+        words = self.geo.cluster_size // 8
+        step = 2 if self.geo.extended_l2 else 1
+        u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, words, 8)
+        be = np.frombuffer(buf, dtype=">u8").reshape(k, words)
+        return u8[:, ::step, 0], be[:, ::step]
+
+    def _chunk_clusters(self, buf: memoryview, k: int, out: np.ndarray,
+                        file_clusters: int) -> np.ndarray | None:
+        """Fill out (k, entries) with the host cluster index of every standard entry
+        (0 where unallocated or compressed); return the compressed entries (native
+        values, shape (n,)) with their table row, or None."""
+        geo = self.geo
+        cs = geo.cluster_size
+        b0, be = self._entry_bytes(buf, k)
+        np.bitwise_and(be, np.uint64(L1E_OFFSET_MASK), out=out)
+        flags = b0 & _B0_COMPRESSED
+        comp = None
+        if flags.any():
+            cmask = flags != 0
+            rows = np.nonzero(cmask)[0]
+            comp = np.stack([be[cmask].astype(np.uint64), rows.astype(np.uint64)])
+            out[cmask] = 0
+        if cs > 512 and (out & np.uint64(cs - 1)).any():
+            bad = int(out[(out & np.uint64(cs - 1)) != 0][0])
+            raise CorruptImageError(f"Cluster offset {bad:#x} in an L2 table is not cluster aligned")
+        np.right_shift(out, np.uint64(geo.cluster_bits), out=out)
+        if len(out) and int(out.max()) >= file_clusters:
+            raise CorruptImageError("An L2 entry points past the end of the image file")
+        return comp
+
+    def _scan(self, l1: np.ndarray, want_copied: bool) -> _Refs:
+        """Every reference the tree under this L1 table holds (L2 tables, data clusters,
+        compressed clusters by byte range), and which L2 tables carry COPIED flags."""
+        geo = self.geo
+        cs = geo.cluster_size
+        cbits = geo.cluster_bits
+        file_clusters = div_round_up(self.storage.size(), cs)
+        l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+        l2 = l2[l2 != 0]
+        if len(l2):
+            if (l2 & (cs - 1)).any():
+                raise CorruptImageError("L2 table offset in an L1 table is not cluster aligned")
+            if int(l2.max()) >> cbits >= file_clusters:
+                raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
+        offsets, mult = np.unique(l2, return_counts=True)
+        entries = geo.l2_entries
+        total = len(offsets) * entries
+        # Dense counts (one per host cluster of the file, uint64 like the refcount blocks
+        # so that applying them needs no conversion) unless the file is far larger than
+        # what the tree can reference (a sparse file): then a list.
+        dense = file_clusters <= max(1 << 23, 4 * (total + len(l2)))
+        counts = np.zeros(file_clusters if dense else 0, dtype=np.uint64)
+        parts: list[np.ndarray] = []
+        extra: list[np.ndarray] = [l2 >> cbits]  # one reference per L1 entry
+        copied: list[np.ndarray] = []
+        per = max(1, _CHUNK_BYTES // cs)
+        idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
+        t = 0
+        for offs, buf in self._table_chunks(offsets):
+            k = len(offs)
+            out = idx[:k]
+            comp = self._chunk_clusters(buf, k, out, file_clusters)
+            if dense:
+                # (a scalar of the array's type keeps ufunc.at on its fast path)
+                np.add.at(counts, out.reshape(-1).view(np.int64), np.uint64(1))  # 0: no cluster
+            else:
+                parts.append(out[out != 0].view(np.int64).copy())
+            if want_copied:
+                b0, _ = self._entry_bytes(buf, k)
+                has = (b0 >= _B0_COPIED).any(axis=1)
+                if has.any():
+                    copied.append(offs[has])
+            if comp is not None:
+                host, length = _compressed_ranges(geo, comp[0])
+                first = host >> np.uint64(cbits)
+                n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
+                cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
+                if len(cl) and int(cl.max()) >= file_clusters:
+                    raise CorruptImageError("A compressed cluster lies past the end of the image file")
+                reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
+                extra.append(np.repeat(cl, reps))
+            for r in np.flatnonzero(mult[t : t + k] > 1).tolist():
+                # an L2 table that several L1 entries share (rare): count it again
+                row = out[r][out[r] != 0].astype(np.int64)
+                extra.append(np.tile(row, int(mult[t + r]) - 1))
+            t += k
+        copied_tables = np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
+        if dense:
+            if len(counts):
+                counts[0] = 0  # index 0 stood for "no cluster" (cluster 0 is the header)
+            r = _Refs(counts, None, offsets, copied_tables)
+        else:
+            r = _Refs(None, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64),
+                      offsets, copied_tables)
+        r.add(np.concatenate(extra))
+        return r
+
+    def _clear_copied(self, tables: np.ndarray) -> None:
+        """Clear COPIED in every entry of these L2 tables and write them back."""
+        if not len(tables):
+            return
+        offs_all = _sorted_unique(tables)
+        for offs, buf in self._table_chunks(offs_all):
+            b0, _ = self._entry_bytes(buf, len(offs))
+            changed = (b0 >= _B0_COPIED).any(axis=1)
+            np.bitwise_and(b0, 0x7F, out=b0)
+            self._write_tables(offs, buf, changed)
+
+    def _fix_copied_active(self) -> None:
+        """Recompute COPIED in the active tree from the refcounts (refcount == 1), as
+        QEMU does after deleting a snapshot."""
+        geo = self.geo
+        cs = geo.cluster_size
+        cbits = geo.cluster_bits
+        rc = self._rc()
+        cmap = self.clusters
+        cmap.l2cache.drop_all()
+        l1 = cmap.l1
+        l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+        has = np.flatnonzero(l2)
+        if len(has):
+            ref = rc.get_many(l2[has] >> cbits)
+            want = np.where(ref == 1, l1[has] | np.uint64(QCOW_OFLAG_COPIED),
+                            l1[has] & _COPIED_MASK_CLEAR)
+            diff = np.flatnonzero(want != l1[has])
+            if len(diff):
+                l1[has[diff]] = want[diff]
+                cmap.mark_l1_dirty(int(has[diff[0]]), int(has[diff[-1]]) + 1)
+        file_clusters = div_round_up(self.storage.size(), cs)
+        offsets = _sorted_unique(l2[has])
+        entries = geo.l2_entries
+        for offs, buf in self._table_chunks(offsets):
+            k = len(offs)
+            out = np.empty((k, entries), dtype=np.uint64)
+            self._chunk_clusters(buf, k, out, file_clusters)
+            b0, _ = self._entry_bytes(buf, k)
+            alloc = out != 0
+            flat = out[alloc].view(np.int64)
+            one = np.zeros(out.shape, dtype=bool)
+            if len(flat):
+                one[alloc] = rc.get_many(flat) == 1
+            cur = b0 >= _B0_COPIED
+            fix = (one != cur) & (alloc | cur)  # compressed/unallocated entries: clear only
+            if fix.any():
+                b0[fix] = np.where(one[fix], b0[fix] | _B0_COPIED, b0[fix] & 0x7F)
+                self._write_tables(offs, buf, fix.any(axis=1))
+        if cmap.l1_dirty:
+            cmap.write_l1()
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique without its one-time import of numpy.ma (tens of ms on first use)."""
+    s = np.sort(np.asarray(a, dtype=np.int64))
+    if len(s) < 2:
+        return s
+    return s[np.r_[True, s[1:] != s[:-1]]]
+
+
+def _runs(offs: np.ndarray, cs: int) -> list[tuple[int, int]]:
+    """(start, end) index ranges of back-to-back offsets."""
+    if not len(offs):
+        return []
+    brk = np.flatnonzero(np.diff(offs) != cs) + 1
+    starts = np.r_[0, brk]
+    ends = np.r_[brk, len(offs)]
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def _compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(host offset, byte length) of compressed L2 entries, vectorized
+    (Geometry.compressed_range for many entries)."""
+    e = entries.astype(np.uint64)
+    host = e & np.uint64(geo.coffset_mask)
+    nb = ((e >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
+    end = (host & ~np.uint64(511)) + nb * np.uint64(512)
+    return host, end - host
+
+
+def _expand_ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(first[i], first[i] + counts[i])."""
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    return np.repeat(first, counts) + (np.arange(total, dtype=np.int64) - np.repeat(starts, counts))
+
+
+# ===================================================================== command line ==
+class _Op(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        ops = list(getattr(namespace, "ops", None) or [])
+        ops.append((self.const, values))
+        namespace.ops = ops
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "snapshot", help="list, create, apply or delete internal snapshots",
+        description="qcow2 snapshot [-l | -a NAME | -c NAME | -d NAME] [-q] FILE",
+    )
+    p.add_argument("-l", dest="ops", action=_Op, nargs=0, const="l", help="list snapshots")
+    p.add_argument("-c", dest="ops", action=_Op, const="c", metavar="NAME", help="create a snapshot")
+    p.add_argument("-a", dest="ops", action=_Op, const="a", metavar="NAME",
+                   help="apply a snapshot (revert the disk to it)")
+    p.add_argument("-d", dest="ops", action=_Op, const="d", metavar="NAME", help="delete a snapshot")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                   help="accepted for compatibility")
+    p.add_argument("-f", dest="fmt", default=None, help="image format (qcow2 only)")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_snapshot, ops=None)
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    from . import open as qopen
+
+    ops = args.ops or [("l", None)]
+    if len(ops) > 1:
+        print("qcow2: Cannot mix '-l', '-a', '-c', '-d'", file=sys.stderr)
+        print("Try 'qcow2 --help' for more information", file=sys.stderr)
+        return 1
+    if args.fmt not in (None, "qcow2"):
+        print(f"qcow2: Unsupported image format '{args.fmt}' (only qcow2)", file=sys.stderr)
+        return 1
+    op, name = ops[0]
+    path = args.filename
+    try:
+        img = qopen(path, "r" if op == "l" else "r+")
+    except OSError as exc:
+        print(f"qcow2: Could not open '{path}': {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Qcow2Error as exc:
+        print(f"qcow2: Could not open '{path}': {exc}", file=sys.stderr)
+        return 1
+    try:
+        with img:
+            if op == "l":
+                sys.stdout.write(format_snapshot_list(img.snapshots))
+                return 0
+            if op == "c":
+                # qemu-img keeps at most 255 bytes of the name (QEMUSnapshotInfo.name)
+                raw = name.encode("utf-8", "surrogateescape")[:255]
+                try:
+                    img.create_snapshot(raw.decode("utf-8", "surrogateescape"))
+                except Qcow2Error as exc:
+                    print(f"qcow2: Could not create snapshot '{name}': {exc}", file=sys.stderr)
+                    return 1
+                return 0
+            if op == "a":
+                try:
+                    img.apply_snapshot(name)
+                except SnapshotNotFoundError:
+                    print(f"qcow2: Could not apply snapshot '{name}': Failed to load snapshot: "
+                          "No such file or directory", file=sys.stderr)
+                    return 1
+                except Qcow2Error as exc:
+                    print(f"qcow2: Could not apply snapshot '{name}': {exc}", file=sys.stderr)
+                    return 1
+                return 0
+            # qemu-img 7.2 looks a snapshot up by name only for -d
+            entries = img.snapshots
+            match = [e for e in entries if e.name == name]
+            if not match:
+                print(f"qcow2: Could not delete snapshot '{name}': snapshot not found",
+                      file=sys.stderr)
+                return 1
+            try:
+                img.delete_snapshot(match[0].id)
+            except Qcow2Error as exc:
+                print(f"qcow2: Could not delete snapshot '{name}': {exc}", file=sys.stderr)
+                return 1
+            return 0
+    except Qcow2Error as exc:
+        print(f"qcow2: {exc}", file=sys.stderr)
+        return 1
+

@@ -1,0 +1,78 @@
+"""Run every benchmarks/bench_*.py and write benchmarks/out/results.{json,md}.
+
+Each module defines `run(scale: float) -> list[common.Result]`. Usage:
+
+    python benchmarks/run_all.py [NAME ...]     # e.g. `io snapshot`; default: all
+
+QCOW2_BENCH_SCALE (default 1) makes the runs bigger; QCOW2_BENCH_REPEAT (default 3) sets
+how many interleaved runs per side are taken (best kept). Exit status: 0 when every
+benchmark ran (goals are reported, not enforced), 1 when one crashed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BENCH_DIR, Result, markdown_table, save, scale  # noqa: E402
+
+
+def discover(names: list[str]) -> list[Path]:
+    found = sorted(BENCH_DIR.glob("bench_*.py"))
+    if names:
+        wanted = {n.removeprefix("bench_").removesuffix(".py") for n in names}
+        unknown = wanted - {p.stem.removeprefix("bench_") for p in found}
+        if unknown:
+            raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+        found = [p for p in found if p.stem.removeprefix("bench_") in wanted]
+    return found
+
+
+def load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv: list[str]) -> int:
+    s = scale()
+    results: list[Result] = []
+    timings: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for path in discover(argv):
+        name = path.stem.removeprefix("bench_")
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            mod = load(path)
+            res = list(mod.run(s))
+        except Exception:
+            errors[name] = traceback.format_exc()
+            print(errors[name], file=sys.stderr)
+            continue
+        finally:
+            timings[name] = time.perf_counter() - t0
+        results += res
+        print(markdown_table(res), flush=True)
+        print(f"({timings[name]:.1f} s)", flush=True)
+    out = save(results, extra={"seconds": timings, "errors": errors})
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    failed = [r for r in results if r.passed is False]
+    if failed:
+        print(f"{len(failed)} result(s) below their goal: " + "; ".join(r.name for r in failed))
+    if errors:
+        print(f"benchmark(s) crashed: {', '.join(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
