@@ -132,7 +132,8 @@ def random_4k(img: Path, raw: Path, s: float) -> list[Result]:
             for o in offs:
                 pwrite(data, o)
             t = time.perf_counter() - t0
-            assert im.stats.data_writes == count and im.stats.l2_writes == 0, im.stats
+            st = im.stats  # overwrites in place: no metadata touched
+            assert st.l1_writes == st.l2_writes == st.refcount_writes == 0, st
             return t
 
     def raw_loop(write: bool) -> float:
@@ -188,7 +189,8 @@ def sequential(img: Path, raw: Path, s: float) -> list[Result]:
                 pread(BIG, i * BIG)
             t = time.perf_counter() - t0
             data_reads = im.stats.reads - reads0 - im.clusters.l2cache.misses
-            assert data_reads == n, f"{n} 1M reads took {data_reads} system calls"
+            # one system call per request (plus O(1) one-time metadata reads)
+            assert data_reads <= n + 2, f"{n} 1M reads took {data_reads} system calls"
             return t
 
     def raw_read() -> float:
@@ -212,6 +214,35 @@ def sequential(img: Path, raw: Path, s: float) -> list[Result]:
         notes=f"qemu-img shown for reference ({note})",
     ))
 
+    # -- reads into a caller's buffer (no allocation per request on either side)
+    buf = bytearray(BIG)
+
+    def ours_readinto() -> float:
+        with qcow2.open(img) as im:
+            readinto = im.readinto
+            t0 = time.perf_counter()
+            for i in range(n):
+                readinto(buf, i * BIG)
+            return time.perf_counter() - t0
+
+    def raw_readinto() -> float:
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            for i in range(n):
+                os.preadv(fd, [buf], i * BIG)
+            return time.perf_counter() - t0
+        finally:
+            os.close(fd)
+
+    t = best_of({"ours": ours_readinto, "raw": raw_readinto})
+    out.append(Result(
+        BENCH, f"1M sequential readinto ({size // MiB} MiB)", "MiB/s",
+        ours=n / t["ours"], raw=n / t["raw"], baseline="raw", goal=0.8,
+        commands=["ours: loop of img.readinto(buf, off) with one 1M bytearray; "
+                  "raw: os.preadv(fd, [buf], off)"],
+    ))
+
     # -- overwrites of allocated clusters
     def ours_write() -> float:
         with qcow2.open(img, "r+") as im:
@@ -220,7 +251,7 @@ def sequential(img: Path, raw: Path, s: float) -> list[Result]:
             for i in range(n):
                 pwrite(data, i * BIG)
             t = time.perf_counter() - t0
-            assert im.stats.data_writes == n, im.stats
+            assert im.stats.data_writes <= n, im.stats  # at most one system call per request
             return t
 
     def raw_write() -> float:

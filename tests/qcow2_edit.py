@@ -165,6 +165,17 @@ class RawImage:
         pos = self.snapshot_entry_offsets()[i]
         self.write(pos + 36, struct.pack(">I", value))
 
+    def rewrite_snapshot_extra(self, i: int, extra: bytes) -> None:
+        """Rebuild entry i in place with other extra data (the last entry only, as the
+        ones after it would move)."""
+        pos = self.snapshot_entry_offsets()[i]
+        head = bytearray(self.read(pos, 40))
+        id_len, name_len = struct.unpack(">HH", head[12:16])
+        old_extra = struct.unpack(">I", head[36:40])[0]
+        names = self.read(pos + 40 + old_extra, id_len + name_len)
+        head[36:40] = struct.pack(">I", len(extra))
+        self.write(pos, bytes(head) + extra + names)
+
     # -- file ------------------------------------------------------------------------
     def append_cluster(self, fill: bytes = b"\0") -> int:
         """Grow the file by one cluster; returns its index."""

@@ -259,6 +259,8 @@ def test_create_option_help(capsys: pytest.CaptureFixture[str], tmp: Path) -> No
     assert lines[0] == "Supported qcow2 options:"
     # every option we list is listed by qemu-img the same way
     assert len(lines) == 11 and set(lines) <= qlines
+    rc, out2, _ = cli(capsys, "create", "-o", "cluster_size=4k,?")
+    assert rc == 0 and out2 == out
 
 
 # ------------------------------------------------------------------ info --
@@ -440,6 +442,8 @@ def test_map_zero_and_subclusters(tmp: Path, capsys: pytest.CaptureFixture[str])
     ["create", "-f", "qcow2", "-o", "data_file=x.raw", "{new}", "1M"],
     ["create", "-f", "qcow2", "-o", "encryption=on", "{new}", "1M"],
     ["info"],
+    ["create"],
+    ["create", "-f", "qcow2"],
     ["map", "{img}", "{img}"],
     ["frobnicate", "{img}"],
     [],

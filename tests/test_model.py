@@ -45,6 +45,7 @@ class ImageMachine(RuleBasedStateMachine):
     GEO: dict[str, Any] = {}
     SIZE = 0
     BACKING_SIZE = 0  # > 0: a QEMU-made qcow2 backing file of this size (smaller than SIZE)
+    OPEN_KW: dict[str, Any] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,7 +73,7 @@ class ImageMachine(RuleBasedStateMachine):
             kw = dict(backing_file="base.qcow2", backing_format="qcow2")
         our_create(self.path, self.SIZE, self.GEO, **kw)
         self.initial = bytes(self.model)
-        self.img = qcow2.open(self.path, "r+")
+        self.img = qcow2.open(self.path, "r+", **self.OPEN_KW)
 
     # -- strategies: offsets near cluster/subcluster/L2 boundaries, or anywhere ---------
     @staticmethod
@@ -134,7 +135,7 @@ class ImageMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         assert self.img is not None
         self.img.close()
-        self.img = qcow2.open(self.path, "r+")
+        self.img = qcow2.open(self.path, "r+", **self.OPEN_KW)
         self.ops.append(("reopen",))
 
     @rule(data=st.data())
@@ -169,16 +170,20 @@ class ImageMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _machine(name: str, geo: dict[str, Any], size: int, backing_size: int = 0) -> Any:
-    cls = type(name, (ImageMachine,), {"GEO": geo, "SIZE": size, "BACKING_SIZE": backing_size})
+def _machine(name: str, geo: dict[str, Any], size: int, backing_size: int = 0,
+             **open_kw: Any) -> Any:
+    cls = type(name, (ImageMachine,), {"GEO": geo, "SIZE": size, "BACKING_SIZE": backing_size,
+                                       "OPEN_KW": open_kw})
     tc = cls.TestCase
     tc.settings = SETTINGS
     return tc
 
 
 # 512-byte clusters: one L2 table covers 32 KiB, so ~100 KiB spans four tables and many
-# refcount blocks (64-bit refcounts: 64 clusters per block)
-TestSmallClusters = _machine("SmallClusters", dict(cluster_size=512, refcount_bits=64), 100 * 1024 + 512)
+# refcount blocks (64-bit refcounts: 64 clusters per block); caches of 4 tables force
+# write-back on eviction all the time
+TestSmallClusters = _machine("SmallClusters", dict(cluster_size=512, refcount_bits=64), 100 * 1024 + 512,
+                             cache_size=2048, refcount_cache_size=2048)
 TestV2 = _machine("V2", dict(cluster_size=4096, compat="0.10"), 300 * 1024 + 1536)
 TestExtendedL2 = _machine("ExtendedL2", dict(cluster_size=16384, extended_l2=True), 20 * 16384 + 2048)
 TestBacking = _machine("Backing", dict(cluster_size=4096, refcount_bits=4), 200 * 1024 + 512, 120 * 1024)

@@ -27,6 +27,7 @@ class TableCache:
         self._dirty: set[int] = set()
         self.hits = 0
         self.misses = 0
+        self.peak = 0
 
     def get(self, offset: int) -> np.ndarray:
         tables = self._tables
@@ -91,6 +92,9 @@ class TableCache:
     def __iter__(self) -> Iterator[int]:
         return iter(list(self._tables))
 
+    def __len__(self) -> int:
+        return len(self._tables)
+
     def _insert(self, offset: int, table: np.ndarray) -> None:
         tables = self._tables
         tables[offset] = table
@@ -101,3 +105,5 @@ class TableCache:
                 self._write(victim, vtable)
                 self._dirty.discard(victim)
             del tables[victim]
+        if len(tables) > self.peak:
+            self.peak = len(tables)  # most tables ever held after an insertion

@@ -7,14 +7,24 @@ Categories, counts, messages, JSON fields and exit codes follow `qemu-img check`
 report from either tool means the same thing.
 
 Everything is vectorized: tables are read in bulk (physically contiguous tables with one
-read), every reference becomes a cluster index in a numpy array, and references are
-counted with np.bincount. Memory is bounded by the size of the image file: the in-memory
-refcount arrays cover the clusters of the file (references far past its end are kept
-sparse), and L2 tables are processed in batches.
+read) and processed as numpy arrays, references become cluster indexes counted with
+np.add.at (or one slice for a run of clusters), and stored refcounts are decoded a whole
+block range at a time. Memory is bounded by the size of the image file: like QEMU, a
+reference to a region ending a cluster or more past the end of the file is a corruption
+and is not counted, so the computed refcounts cover the file's clusters plus one; L2
+tables are processed in batches.
 
-Repair never overwrites a cluster that is referenced: a rebuilt refcount structure goes
-to clusters that nothing references, and the header switches to it only after it is
-durable, so a crash during repair leaves the old structure in place.
+Repairs follow qemu-img check -r: refcounts that are too high (leaks) or too low but not
+zero are set in place; anything worse (a referenced cluster with refcount 0, a broken
+refcount table or block) rebuilds the refcount structure from the computed counts; wrong
+COPIED flags are fixed; preallocated zero clusters at misaligned offsets become plain
+zero clusters. Repair never overwrites a referenced cluster: a rebuilt structure goes
+to clusters nothing references, and the header switches to it only after it is durable,
+so a crash during repair leaves the old structure in place. Clusters that damaged
+snapshot table entries may still use are never freed.
+
+The dirty bit: Image opens a dirty image read-write by calling check_image(repair="all")
+first (as QEMU does) and clearing the bit; read-only opens use the image as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,6 +210,25 @@ class _Snapshot:
     l1_table_offset: int
     l1_size: int
     extra_data_size: int
+    # the rest of the entry, kept to rewrite the table
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size32: int = 0
+    extra: bytes = b""
+
+    def pack(self, disk_size: int) -> bytes:
+        """The entry as a repaired table holds it: at least the 24 bytes of extra data
+        version 3 defines (QEMU's rewrite does the same)."""
+        extra = self.extra
+        if len(extra) < 24:
+            vm_large = struct.unpack(">Q", extra[:8])[0] if len(extra) >= 8 else self.vm_state_size32
+            disk = struct.unpack(">Q", extra[8:16])[0] if len(extra) >= 16 else disk_size
+            extra = struct.pack(">QQQ", vm_large, disk, 0xFFFFFFFFFFFFFFFF)
+        ib, nb = self.id.encode(), self.name.encode()
+        return struct.pack(">QIHHIIQII", self.l1_table_offset, self.l1_size, len(ib), len(nb),
+                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
+                           self.vm_state_size32, len(extra)) + extra + ib + nb
 
 
 # ---------------------------------------------------------------------------- I/O --
@@ -360,6 +390,8 @@ class _Checker:
                     self._fix_in_place()
             self._check_copied()
             res.image_end_offset = (self.highest + 1) * self.cs
+            if self.fix_errors and getattr(self, "snap_fixes", 0):
+                self._rewrite_snapshot_table(snapshots, snap_size)
         except _Abort as exc:
             res.failure = str(exc)
             return
@@ -387,8 +419,6 @@ class _Checker:
             res.msg("ERROR Snapshot table offset invalid")
             raise _Abort("Invalid argument")
         buf = bytearray()
-        import struct
-
         hdr = struct.Struct(">QIHHIIQII")
         pos = 0
         out: list[_Snapshot] = []
@@ -401,15 +431,22 @@ class _Checker:
                 want = max(k - len(buf), 65536, len(buf))
                 buf += self.storage.pread(want, h.snapshots_offset + len(buf))
 
+        self.snap_fixes = 0
         for i in range(n):
             pos = (pos + 7) & ~7
             need(pos + hdr.size)
-            l1_off, l1_size, id_len, name_len, _ds, _dn, _clk, _vm, extra = hdr.unpack_from(buf, pos)
+            l1_off, l1_size, id_len, name_len, ds, dn, clk, vm, extra = hdr.unpack_from(buf, pos)
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
-                res.check_errors += 1
-                res.msg(f"ERROR failed to read the snapshot table: Too much extra metadata in "
-                        f"snapshot table entry {i}")
-                raise _Abort("File too large")
+                if not self.fix_errors:
+                    res.check_errors += 1
+                    res.msg(f"ERROR failed to read the snapshot table: Too much extra metadata "
+                            f"in snapshot table entry {i}")
+                    res.msg("You can force-remove this extra metadata with qcow2 check -r all")
+                    raise _Abort("File too large")
+                res.msg(f"Discarding too much extra metadata in snapshot table entry {i} "
+                        f"({extra} > {MAX_SNAPSHOT_EXTRA_DATA})")
+                res.corruptions += 1
+                self.snap_fixes += 1
             end = pos + hdr.size + extra + id_len + name_len
             if end > MAX_SNAPSHOT_TABLE_BYTES:
                 res.check_errors += 1
@@ -419,13 +456,16 @@ class _Checker:
             p = pos + hdr.size + extra
             sid = bytes(buf[p : p + id_len]).decode("utf-8", "replace")
             name = bytes(buf[p + id_len : end]).decode("utf-8", "replace")
-            out.append(_Snapshot(sid, name, l1_off, l1_size, extra))
+            xb = bytes(buf[pos + hdr.size : pos + hdr.size + min(extra, MAX_SNAPSHOT_EXTRA_DATA)])
+            out.append(_Snapshot(sid, name, l1_off, l1_size, extra, ds, dn, clk, vm, xb))
             pos = end
         if h.version >= 3:
+            word = "Repairing" if self.fix_errors else "ERROR"
             for i, sn in enumerate(out):
                 if sn.extra_data_size < 16:
                     res.corruptions += 1
-                    res.msg(f"ERROR snapshot table entry {i} is incomplete")
+                    res.msg(f"{word} snapshot table entry {i} is incomplete")
+                    self.snap_fixes += 1
         return out, pos
 
     # -- reference counting --------------------------------------------------------------
@@ -439,65 +479,106 @@ class _Checker:
         # L1 tables: the active one, then every snapshot's
         refs.add_region(h.l1_table_offset, h.l1_size * 8)
         act = self._scan_l1(h.l1_table_offset, h.l1_size)
-        # snapshots sharing one L1 table (same place and size) are read once, weighted
-        same: dict[tuple[int, int], int] = {}
+        tables: list[tuple[int, int]] = []
         self.bad_snapshots = 0
         for sn in snapshots:
-            if sn.l1_table_offset % self.cs or sn.l1_size > MAX_L1_SIZE_BYTES // 8:
+            if sn.l1_table_offset % self.cs or sn.l1_size > MAX_L1_SIZE_BYTES // 8 or \
+                    sn.l1_table_offset + 8 * sn.l1_size > self.file_size:
                 self.bad_snapshots += 1
             if sn.l1_table_offset % self.cs:
                 res.corruptions += 1
-                res.msg(f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                res.msg(f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={_cx(sn.l1_table_offset)}: "
                         "L1 table is not cluster aligned; snapshot table entry corrupted")
                 continue
             if sn.l1_size > MAX_L1_SIZE_BYTES // 8:
                 res.corruptions += 1
-                res.msg(f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                res.msg(f"ERROR snapshot {sn.id} ({sn.name}) l1_size={_cx(sn.l1_size)}: "
                         "L1 table is too large; snapshot table entry corrupted")
                 continue
             if sn.l1_size:
                 refs.add_region(sn.l1_table_offset, sn.l1_size * 8)
-                key = (sn.l1_table_offset, sn.l1_size)
-                same[key] = same.get(key, 0) + 1
-        offs = [act]
-        weights = [np.ones(len(act), dtype=np.int64)]
-        for (off, size), w in same.items():
-            o = self._scan_l1(off, size, w)
-            offs.append(o)
-            weights.append(np.full(len(o), w, dtype=np.int64))
-        self._scan_l2_tables(np.concatenate(offs), np.concatenate(weights), act)
+                tables.append((sn.l1_table_offset, sn.l1_size))
+        snap_offs, snap_w = self._scan_snapshot_l1s(tables)
+        self._scan_l2_tables(np.concatenate([act, snap_offs]),
+                             np.concatenate([np.ones(len(act), dtype=np.int64), snap_w]), act)
 
         refs.add_region(h.snapshots_offset, snap_size)
         refs.add_region(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        crypto = self.img.layout.crypto_ext
+        if h.crypt_method == 2 and crypto is not None and len(crypto) >= 16:
+            # the LUKS header and key slots (checkable without the key)
+            off, length = struct.unpack_from(">QQ", crypto)
+            refs.add_region(off, length)
         self._count_bitmaps()
         self._check_refblocks()
 
-    def _scan_l1(self, offset: int, size: int, weight: int = 1) -> np.ndarray:
-        """Check one L1 table; count its L2 tables. Returns their offsets (exact, so a
-        misaligned one is read where it points, as QEMU does)."""
-        res = self.res
+    def _scan_l1(self, offset: int, size: int) -> np.ndarray:
+        """Check the active L1 table; count its L2 tables. Returns their offsets (exact,
+        so a misaligned one is read where it points, as QEMU does)."""
         if not size:
             return np.zeros(0, dtype=np.int64)
         l1 = _read_u64(self.storage, offset, size, self.file_size)
-        ent = l1[l1 != 0]
+        return self._scan_l1_entries(l1[l1 != 0], None)[0]
+
+    def _scan_l1_entries(self, ent: np.ndarray, w: np.ndarray | None
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check nonzero L1 entries (each standing for w[i] L1 tables); count the L2
+        tables. Returns (L2 table offsets, their weights)."""
+        res = self.res
         if not len(ent):
-            return np.zeros(0, dtype=np.int64)
-        w = None if weight == 1 else np.full(len(ent), weight, dtype=np.int64)
+            return np.zeros(0, dtype=np.int64), w
         bad = (ent & _U64(L1E_RESERVED_MASK)) != 0
         if bad.any():
             res.msg_many(lambda e: f"ERROR found L1 entry with reserved bits set: {e:x}",
                          [ent[bad]], None if w is None else w[bad])
-            res.corruptions += int(bad.sum()) * weight
+            res.corruptions += int(bad.sum()) if w is None else int(w[bad].sum())
         offs = (ent & _U64(L1E_OFFSET_MASK)).astype(np.int64)
-        offs = offs[offs != 0]  # no table: reads as unallocated
-        w = None if weight == 1 else np.full(len(offs), weight, dtype=np.int64)
+        keep = offs != 0  # no table: reads as unallocated
+        offs = offs[keep]
+        w = None if w is None else w[keep]
         self.refs.add_clusters(offs, w)
         unal = (offs & (self.cs - 1)) != 0
         if unal.any():
             res.msg_many(lambda o: f"ERROR l2_offset={o:x}: Table is not cluster aligned; "
                          "L1 entry corrupted", [offs[unal]], None if w is None else w[unal])
-            res.corruptions += int(unal.sum()) * weight
-        return offs
+            res.corruptions += int(unal.sum()) if w is None else int(w[unal].sum())
+        return offs, w
+
+    def _scan_snapshot_l1s(self, tables: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Check the snapshots' L1 tables, reading each 8-byte entry of the file once
+        however many tables cover it: an entry counts for every table covering it
+        (a coverage count from a difference array). The work is bounded by the file
+        size, not by the number of snapshots times their L1 sizes (hostile tables may
+        overlap arbitrarily)."""
+        fs = self.file_size
+        iv = np.array([(off // 8, min(off + 8 * size, fs) // 8) for off, size in tables
+                       if off < fs], dtype=np.int64).reshape(-1, 2)
+        iv = iv[iv[:, 1] > iv[:, 0]]
+        offs_out: list[np.ndarray] = []
+        w_out: list[np.ndarray] = []
+        if not len(iv):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        iv = iv[np.argsort(iv[:, 0], kind="stable")]
+        # merged, disjoint spans of entries that some table covers
+        reach = np.maximum.accumulate(iv[:, 1])
+        new = np.concatenate(([True], iv[1:, 0] >= reach[:-1]))
+        starts = iv[new, 0]
+        ends = np.append(reach[np.flatnonzero(new)[1:] - 1], reach[-1])
+        chunk = BATCH_BYTES // 8
+        for m0, m1 in zip(starts.tolist(), ends.tolist()):
+            for c0 in range(m0, m1, chunk):
+                c1 = min(m1, c0 + chunk)
+                ent = _read_u64(self.storage, c0 * 8, c1 - c0, fs)
+                sel = (iv[:, 0] < c1) & (iv[:, 1] > c0)
+                diff = np.zeros(c1 - c0 + 1, dtype=np.int64)
+                np.add.at(diff, np.clip(iv[sel, 0], c0, c1) - c0, 1)
+                np.add.at(diff, np.clip(iv[sel, 1], c0, c1) - c0, -1)
+                cover = np.cumsum(diff[:-1])
+                nz = (ent != 0) & (cover > 0)
+                o, w = self._scan_l1_entries(ent[nz], cover[nz])
+                offs_out.append(o)
+                w_out.append(w if w is not None else np.ones(len(o), dtype=np.int64))
+        return np.concatenate(offs_out), np.concatenate(w_out)
 
     def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
         """A reusable uint64 work array (fresh big arrays cost page faults each time)."""
@@ -722,8 +803,6 @@ class _Checker:
         ext = self.img.layout.bitmaps_ext
         if ext is None or not self.h.autoclear_features & AUTOCLEAR_BITMAPS or len(ext) < 24:
             return
-        import struct
-
         res, refs, cs = self.res, self.refs, self.cs
         nb_bitmaps, _r, dir_size, dir_off = struct.unpack_from(">IIQQ", ext)
         if not nb_bitmaps:
@@ -759,7 +838,7 @@ class _Checker:
         rt = _read_u64(self.storage, self.h.refcount_table_offset,
                        self.h.refcount_table_clusters * self.cs // 8, self.file_size)
         self.reftable = rt
-        offs = (rt & _U64(REFT_OFFSET_MASK)).astype(np.int64)
+        offs = _reft_offsets(rt)
         offs = offs[(offs != 0) & ((offs & (self.cs - 1)) == 0)]
         self._block_set = set((offs >> self.cb).tolist())
 
@@ -772,7 +851,7 @@ class _Checker:
             return
         nb = refs.nb
         ent = rt[nz]
-        offs = (ent & _U64(REFT_OFFSET_MASK)).astype(np.int64)
+        offs = _reft_offsets(ent)
         resv = (ent & _U64(REFT_RESERVED_MASK)) != 0
         unal = ~resv & ((offs & (self.cs - 1)) != 0)
         clus = offs >> self.cb
@@ -836,7 +915,7 @@ class _Checker:
         ent = np.zeros(nblk, dtype=np.uint64)
         k = min(nblk, len(rt))
         ent[:k] = rt[:k]
-        offs = (ent & _U64(REFT_OFFSET_MASK)).astype(np.int64)
+        offs = _reft_offsets(ent)
         unreadable = (offs & (self.cs - 1)) != 0
         valid = (offs != 0) & ~unreadable
         if valid.all() and (np.diff(offs) > 0).all():
@@ -871,7 +950,7 @@ class _Checker:
         b = clusters[where] >> bits
         known = b < len(rt)
         where, b = where[known], b[known]
-        off = (rt[b] & _U64(REFT_OFFSET_MASK)).astype(np.int64)
+        off = _reft_offsets(rt[b])
         bad = (off & (self.cs - 1)) != 0
         ok[where[bad]] = False
         sel = ~bad & (off != 0) & (off < self.file_size)  # blocks past the end read as zero
@@ -910,6 +989,10 @@ class _Checker:
             unr = np.repeat(self.unreadable_blocks, self.geo.refblock_entries)[:D]
             bad = np.flatnonzero(unr)
             res.check_errors += len(bad)
+            b0 = int(np.flatnonzero(self.unreadable_blocks)[0])
+            res.msg(f"Image is corrupt: Refblock offset {_cx(int(self.reftable[b0]) & REFT_OFFSET_MASK)} "
+                    f"unaligned (reftable index: {_cx(b0)}); further non-fatal corruption events "
+                    "will be suppressed")
             res.msg_many(lambda c: f"Can't get refcount for cluster {c}: Input/output error", [bad])
         diff = stored != ref
         if unr is not None:
@@ -1021,7 +1104,12 @@ class _Checker:
             keep = self.stored[:D].astype(np.int64)
             keep[np.repeat(self.unreadable_blocks, geo.refblock_entries)[:D]] = 0
             np.maximum(marks, keep, out=marks)
-        used = refs.dense[:D] > 0  # nothing goes where anything (old structures too) is
+        # Nothing goes where anything is referenced (old structures too), nor where the
+        # old refcounts say something is (a leaked cluster may hold data whose reference
+        # a corruption lost), nor where those refcounts cannot be read.
+        used = (refs.dense[:D] > 0) | (self.stored[:D] != 0)
+        if self.unreadable_blocks.any():
+            used |= np.repeat(self.unreadable_blocks, geo.refblock_entries)[:D]
         E = geo.refblock_entries
         blocks: dict[int, int] = {}  # block index -> cluster
         table_at, table_clusters = -1, 0
@@ -1078,6 +1166,42 @@ class _Checker:
         self.img._update_header(refcount_table_offset=table_at * cs,
                                 refcount_table_clusters=table_clusters)
         self.changed = True
+
+    def _rewrite_snapshot_table(self, snapshots: list[_Snapshot], old_size: int) -> None:
+        """Write the snapshot table anew (complete entries, bounded extra data) into
+        newly allocated clusters, point the header at it, free the old one. Only with
+        refcounts that are now sound: allocating with wrong ones could hit data."""
+        res = self.res
+        if res.check_errors or (self.mismatch[1] < self.mismatch[2]).any() or self.rebuild:
+            res.msg("ERROR snapshot table not rewritten: refcounts are not sound")
+            return
+        parts = []
+        pos = 0
+        for sn in snapshots:
+            pad = (-pos) % 8
+            e = sn.pack(self.h.size)
+            parts.append(bytes(pad) + e)
+            pos += pad + len(e)
+        blob = b"".join(parts)
+        img = self.img
+        h = img.header
+        rc = img._make_refcounts()
+        try:
+            new = rc.allocate(div_round_up(len(blob), self.cs)) if blob else 0
+            if blob:
+                self.storage.pwrite(blob, new, "snapshot_table")
+                self.storage.sync()
+            img._update_header(nb_snapshots=len(snapshots), snapshots_offset=new)
+            if old_size:
+                first = h.snapshots_offset >> self.cb
+                last = (h.snapshots_offset + old_size - 1) >> self.cb
+                rc.update(np.arange(first, last + 1, dtype=np.int64), -1)
+        finally:
+            rc.close()
+        self.storage.sync()
+        self.changed = True
+        res.corruptions -= self.snap_fixes
+        res.corruptions_fixed += self.snap_fixes
 
     # -- COPIED flags --------------------------------------------------------------------
     def _check_copied(self) -> None:
@@ -1190,6 +1314,20 @@ class _Checker:
         if rt <= off < rt + h.refcount_table_clusters * cs:
             return False
         return off >> self.cb not in self._block_set
+
+
+def _cx(v: int) -> str:
+    """C's %#x: 0x-prefixed hex, but plain 0 for zero (QEMU's messages use it)."""
+    return f"{v:#x}" if v else "0"
+
+
+def _reft_offsets(entries: np.ndarray) -> np.ndarray:
+    """Refcount table entries -> block offsets as int64. Offsets past 2^62 (possible
+    only in a damaged table) are clamped there, keeping their low bits so that
+    misalignment is still seen; they are past any file either way."""
+    v = entries & _U64(REFT_OFFSET_MASK)
+    limit = _U64(1 << 62)
+    return np.where(v >= limit, limit | (v & _U64((1 << 21) - 1)), v).astype(np.int64)
 
 
 def _last_nonzero(a: np.ndarray) -> int:

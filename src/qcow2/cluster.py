@@ -54,8 +54,10 @@ class ClusterMap:
         self.l2cache = TableCache(cache_tables, self._load_l2, self._write_l2)
         self._ext = geometry.extended_l2
         self._file_limit: Callable[[], int] | None = None
-        # write_guard(offset, length, what) raises instead of writing onto other metadata
+        # write_guard(offset, length, what) raises instead of writing onto other metadata;
+        # load_guard(offset) raises instead of reading an L2 table from a bad place
         self.write_guard: Callable[[int, int, str], None] | None = None
+        self.load_guard: Callable[[int], None] | None = None
         # L2 tables allocated since the L1 table was last written: no durable metadata
         # points at them yet, so they may be written in any order. Every other table is
         # reachable from the on-disk L1 and is written only once the data its new
@@ -65,11 +67,11 @@ class ClusterMap:
         self._l2_bits = geometry.l2_bits
         self._l2_mask = geometry.l2_entries - 1
         self._cmask = geometry.cluster_size - 1
-        # steps[k] = k * cluster_size: expected host deltas of a contiguous run
-        self._steps = np.arange(geometry.l2_entries, dtype=np.uint64) * np.uint64(geometry.cluster_size)
 
     # -- L2 table I/O ----------------------------------------------------------------
     def _load_l2(self, offset: int) -> np.ndarray:
+        if self.load_guard is not None:
+            self.load_guard(offset)
         return decode_table(self.storage.pread(self.geo.cluster_size, offset))
 
     def _write_l2(self, offset: int, table: np.ndarray) -> None:
@@ -140,11 +142,16 @@ class ClusterMap:
         if owned and not e0 & QCOW_OFLAG_COPIED:
             return -1
         if count > 1:
-            flags = QCOW_OFLAG_COPIED if owned else 0
-            keep = np.uint64(L2E_OFFSET_MASK | QCOW_OFLAG_ZERO | QCOW_OFLAG_COMPRESSED | flags)
-            run = table[i : i + count] & keep
-            run -= self._steps[:count]
-            if not (run == np.uint64(host | flags)).all():
+            # The run must be e0, e0 + cs, e0 + 2 cs, ...: same flags, adjacent hosts.
+            # Short runs: comparing Python lists is cheapest; long ones: numpy.
+            cs = self._cmask + 1
+            if host + count * cs > MAX_HOST_OFFSET:
+                return -1
+            run = table[i : i + count]
+            if count <= 64:
+                if run.tolist() != list(range(e0, e0 + count * cs, cs)):
+                    return -1
+            elif not (np.diff(run) == cs).all():
                 return -1
         return host
 
@@ -174,6 +181,16 @@ class ClusterMap:
             table[2 * i + 1] = bitmap
         else:
             table[i] = entry
+        self.l2cache.mark_dirty(l2off)
+
+    def set_run(self, guest_cluster: int, entries: np.ndarray) -> None:
+        """set() for consecutive clusters within one L2 table (standard entries)."""
+        assert not self._ext
+        l1i = guest_cluster >> self._l2_bits
+        assert (guest_cluster + len(entries) - 1) >> self._l2_bits == l1i
+        table, l2off = self._writable_l2(l1i)
+        i = guest_cluster & self._l2_mask
+        table[i : i + len(entries)] = entries
         self.l2cache.mark_dirty(l2off)
 
     def _writable_l2(self, l1i: int) -> tuple[np.ndarray, int]:

@@ -216,7 +216,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .backing import open_backing, probe_format, resolve_backing_name
     from .create import create
     from .info import path_combine
+    from .mapping import guest_size
 
+    if args.options and all(valid_option_list(c) for c in args.options) \
+            and is_help_list(",".join(args.options)):
+        print(options_help())
+        return 0
+    if args.filename is None:
+        raise InvalidArgumentError("Expecting image file name")
     filename: str = args.filename
     if args.fmt != "qcow2":
         raise InvalidArgumentError(f"{filename}: Unknown file format '{args.fmt}' (only qcow2 is supported)")
@@ -224,9 +231,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     for chunk in args.options:
         if not valid_option_list(chunk):
             raise InvalidArgumentError(f"Invalid option list: {chunk}")
-    if args.options and is_help_list(text):
-        print(options_help())
-        return 0
     try:
         opts = parse_create_options(text) if text else {}
     except Qcow2Error as exc:
@@ -279,7 +283,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             bk: Any = open_backing(filename, backing, backing_fmt, ())
             try:
                 if size is None:
-                    size = int(bk.size)
+                    size = guest_size(bk)  # in whole sectors, as QEMU sizes it
                     opts["size"] = (str(size), size)
             finally:
                 bk.close()
@@ -419,7 +423,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="do not open the backing file (the size must be given)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("filename", metavar="FILE")
+    p.add_argument("filename", metavar="FILE", nargs="?")
     p.add_argument("size", metavar="SIZE", nargs="?",
                    help="virtual size, with optional suffix k, M, G, T, P or E")
 

@@ -44,8 +44,9 @@ def _feature_list(bits: int, ftype: int, table: dict[tuple[int, int], str]) -> s
     return ", ".join(names)
 
 
-def read_layout(storage: Storage) -> ImageLayout:
-    """Parse and validate cluster 0 of an image."""
+def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
+    """Parse and validate cluster 0 of an image. allow_encrypted: for checking, which
+    needs only the (never encrypted) metadata of AES or LUKS images."""
     file_size = storage.size()
     head = storage.pread(min(max(file_size, 0), 4096), 0) if file_size else b""
     if len(head) < 4 or head[:4] != b"QFI\xfb":
@@ -62,6 +63,9 @@ def read_layout(storage: Storage) -> ImageLayout:
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise FormatError(f"Unsupported cluster size: 2^{cluster_bits}")
     cluster_size = 1 << cluster_bits
+    if version == 3 and len(head) >= 104 and struct.unpack_from(">I", head, 100)[0] > cluster_size:
+        # before parsing: a header "longer than the file" is really an invalid length
+        raise FormatError("qcow2 header exceeds cluster size")
     cluster0 = storage.pread(cluster_size, 0)[: max(min(file_size, cluster_size), 0)]
     h = Header.unpack(cluster0)
     if h.version == 3 and h.header_length > cluster_size:
@@ -104,7 +108,9 @@ def read_layout(storage: Storage) -> ImageLayout:
         raise UnsupportedFeatureError(f"Unsupported qcow2 feature(s): {names}")
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         raise UnsupportedFeatureError("Unsupported qcow2 feature(s): external data file")
-    if h.crypt_method:
+    if allow_encrypted and h.crypt_method == 2 and crypto is None:
+        raise FormatError("LUKS encrypted image without its crypto header extension")
+    if h.crypt_method and not (allow_encrypted and h.crypt_method in (1, 2)):
         raise UnsupportedFeatureError(
             f"Unsupported encryption method: {h.crypt_method} (encrypted images are not supported)"
         )

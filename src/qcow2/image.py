@@ -33,6 +33,7 @@ from .format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
+    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
@@ -58,6 +59,7 @@ class Image(SnapshotMixin, CheckMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     _corrupt = False  # set once a write onto metadata was refused (see _guard)
+    _check_only = False
 
     def __init__(self) -> None:  # use Image._open
         self.closed = True
@@ -84,6 +86,7 @@ class Image(SnapshotMixin, CheckMixin):
         except OSError as exc:
             raise Qcow2Error(f"Could not open '{self.path}': {exc.strerror}") from exc
         self.storage = Storage(be, writable)
+        self._check_only = _check_open  # metadata access only (check, repair)
         self.writable = writable
         self.backing: Any = None
         self.closed = False
@@ -103,7 +106,7 @@ class Image(SnapshotMixin, CheckMixin):
         return self
 
     def _load(self, cache_size: int, refcount_cache_size: int) -> None:
-        layout = read_layout(self.storage)
+        layout = read_layout(self.storage, allow_encrypted=self._check_only)
         self.layout = layout
         h = layout.header
         self.header = h
@@ -116,6 +119,8 @@ class Image(SnapshotMixin, CheckMixin):
         self.clusters = ClusterMap(self.storage, self.geo, l1, h.l1_table_offset, None,
                                    self._cache_tables, h.version)
         self.clusters.write_guard = self._guard
+        self.clusters.load_guard = self._l2_load_guard
+        self._refblock_set: set[int] | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._header_dirty = False
 
@@ -128,30 +133,78 @@ class Image(SnapshotMixin, CheckMixin):
         rc.write_guard = self._guard
         return rc
 
-    def _guard(self, host: int, length: int, what: str) -> None:
-        """Refuse to write `what` onto the header, the active L1 table, the refcount table
-        or a refcount block. Only a corrupt or hostile image gets here (an L2 entry
-        pointing at metadata, refcounts calling a metadata cluster free); as QEMU does,
-        the image is then marked corrupt and nothing more is written."""
+    def _metadata_at(self, host: int, length: int, refblocks: bool = True,
+                     l2_tables: bool = False) -> str:
+        """Which metadata [host, host + length) overlaps: the header, the active L1
+        table, the refcount table, a refcount block or (l2_tables) a cached L2 table."""
         cs = self.geo.cluster_size
         end = host + length
-        hit = ""
         if host < cs:
-            hit = "the image header"
-        elif self.clusters.l1_offset < end and host < self.clusters.l1_offset + 8 * len(self.clusters.l1):
-            hit = "the active L1 table"
-        else:
-            rc = self.refcounts
-            if rc is not None:
-                rt = rc.reftable_offset
-                if rt < end and host < rt + rc.reftable_clusters * cs:
-                    hit = "the refcount table"
-                elif what != "a refcount block":
-                    blocks = rc.refblock_clusters
-                    c0, c1 = host >> self.geo.cluster_bits, (end - 1) >> self.geo.cluster_bits
-                    if (any(c in blocks for c in range(c0, c1 + 1)) if c1 - c0 < len(blocks)
-                            else any(c0 <= b <= c1 for b in blocks)):
-                        hit = "a refcount block"
+            return "the image header"
+        cm = self.clusters
+        if cm.l1_offset < end and host < cm.l1_offset + 8 * len(cm.l1):
+            return "the active L1 table"
+        rc = self.refcounts
+        rt, rtc = (rc.reftable_offset, rc.reftable_clusters) if rc is not None else \
+            (self.header.refcount_table_offset, self.header.refcount_table_clusters)
+        if rt < end and host < rt + rtc * cs:
+            return "the refcount table"
+        cbits = self.geo.cluster_bits
+        c0, c1 = host >> cbits, (end - 1) >> cbits
+        # (plain loops: this runs on every data write, mostly for a single cluster)
+        if refblocks:
+            blocks = rc.refblock_clusters if rc is not None else self._refblocks_read()
+            if blocks:
+                if c1 - c0 < len(blocks):
+                    for c in range(c0, c1 + 1):
+                        if c in blocks:
+                            return "a refcount block"
+                elif any(c0 <= b <= c1 for b in blocks):
+                    return "a refcount block"
+        if l2_tables:
+            # an L2 entry pointing at an L2 table (its own, say): the table the entry
+            # came from is cached, so this catches such cycles. A cached table the
+            # active L1 no longer uses (copied on write, then freed) is not one.
+            cached = cm.l2cache.cached
+            for c in range(c0, min(c1, c0 + 64) + 1):
+                off = c << cbits
+                if cached(off) is not None and \
+                        bool(((cm.l1 & np.uint64(L1E_OFFSET_MASK)) == np.uint64(off)).any()):
+                    return "an L2 table"
+        return ""
+
+    def _refblocks_read(self) -> set[int]:
+        """Refcount block clusters of an image opened read-only (read once)."""
+        if self._refblock_set is None:
+            h = self.header
+            rt = decode_table(self.storage.pread(h.refcount_table_clusters * self.geo.cluster_size,
+                                                 h.refcount_table_offset))
+            blk = rt & np.uint64(0xFFFFFFFFFFFFFE00)
+            self._refblock_set = set((blk[blk != 0] >> np.uint64(self.geo.cluster_bits)).tolist())
+        return self._refblock_set
+
+    def _l2_load_guard(self, offset: int) -> None:
+        """An L2 table about to be read must lie inside the file, must not be other
+        metadata, and must have a single L1 entry: anything else is a corrupt or hostile
+        image (QEMU would return garbage for reads through it and could destroy the
+        metadata on writes). Only the guest range behind that L1 entry is refused."""
+        if offset >= self.storage.size():
+            raise CorruptImageError(f"L2 table offset {offset:#x} is past the end of the image file")
+        what = self._metadata_at(offset, self.geo.cluster_size)
+        if what:
+            raise CorruptImageError(f"L2 table offset {offset:#x} points at {what}")
+        l1 = self.clusters.l1
+        if np.count_nonzero((l1 & np.uint64(L1E_OFFSET_MASK)) == np.uint64(offset)) > 1:
+            raise CorruptImageError(f"L2 table offset {offset:#x} is used by more than one L1 entry")
+
+    def _guard(self, host: int, length: int, what: str) -> None:
+        """Refuse to write `what` onto the header, the active L1 table, the refcount table
+        or a refcount block (data also not onto a cached L2 table). Only a corrupt or
+        hostile image gets here (an L2 entry pointing at metadata, refcounts calling a
+        metadata cluster free); as QEMU does, the image is then marked corrupt and
+        nothing more is written."""
+        hit = self._metadata_at(host, length, refblocks=what != "a refcount block",
+                                l2_tables=what == "data")
         if hit:
             self._mark_corrupt(f"Preventing invalid write of {what} on metadata "
                                f"(overlaps with {hit}) at offset {host:#x}")
@@ -190,13 +243,26 @@ class Image(SnapshotMixin, CheckMixin):
 
     # ------------------------------------------------------------------ header --
     def _update_header(self, **changes: Any) -> None:
-        """Rewrite the fixed header fields (extensions untouched) and sync."""
-        header = self.header.with_(**changes)
+        """Rewrite the fixed header fields (extensions untouched) and sync. This is the
+        commit point of every switch (tables moved, snapshots): on return the new header
+        is durable; on an error the file holds the old one again, which the caller (who
+        sees the error) still believes in."""
+        old = self.header
+        header = old.with_(**changes)
         self.storage.pwrite(header.pack(), 0, "header")
-        # only once the file holds it: after a failed write the old header is still true
+        try:
+            self.storage.sync()
+        except Qcow2Error:
+            # Whether the new header is durable is unknown: put the old one back (what it
+            # points at is intact, as nothing is freed before a switch is durable).
+            try:
+                self.storage.pwrite(old.pack(), 0, "header")
+                self.storage.sync()
+            except Qcow2Error:
+                pass  # the device keeps failing: nothing later will be written either
+            raise
         self.header = header
         self.layout = ImageLayout(**{**self.layout.__dict__, "header": header})
-        self.storage.sync()
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self._update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
@@ -251,7 +317,7 @@ class Image(SnapshotMixin, CheckMixin):
             cbits = self.geo.cluster_bits
             first = offset >> cbits
             host = self.clusters.contiguous_host(first, ((offset + n - 1) >> cbits) - first + 1, False)
-            if host >= 0:
+            if host >= 0 and host + n <= self.storage.size():  # else: checked cluster by cluster
                 return self.storage.pread(n, host + offset - (first << cbits))
         buf = bytearray(n)
         self._read_into(memoryview(buf), offset)
@@ -267,6 +333,15 @@ class Image(SnapshotMixin, CheckMixin):
                    backing: Any = "self") -> None:
         """Fill out (zero-initialised) with guest data from offset."""
         cmap = clusters or self.clusters
+        n = len(out)
+        if 0 < n <= _FAST_MAX:
+            # host-contiguous data clusters: one read straight into out (see pread)
+            cbits = self.geo.cluster_bits
+            first = offset >> cbits
+            host = cmap.contiguous_host(first, ((offset + n - 1) >> cbits) - first + 1, False)
+            if host >= 0 and host + n <= self.storage.size():  # else: checked cluster by cluster
+                self.storage.preadv([out], host + offset - (first << cbits))
+                return
         bk = self.backing if backing == "self" else backing
         host_runs: list[tuple[int, int, int]] = []  # (out_pos, host, length)
         backing_runs: list[tuple[int, int, int]] = []  # (out_pos, guest, length)
@@ -359,6 +434,9 @@ class Image(SnapshotMixin, CheckMixin):
     def _check_host(self, host: int) -> None:
         if host >= 1 << 56:
             raise CorruptImageError(f"Cluster offset {host:#x} is beyond the host offset limit")
+        if host >= self.storage.size():
+            # QEMU reads zeros there; it is a damaged entry (check counts it corrupt)
+            raise CorruptImageError(f"Data cluster offset {host:#x} is past the end of the image file")
 
     def _read_compressed(self, entry: int) -> bytes:
         cached = self._compressed_cache
@@ -409,16 +487,55 @@ class Image(SnapshotMixin, CheckMixin):
                 return n
         writes: list[tuple[int, memoryview]] = []
         updates: list[tuple[int, int, int, int]] = []  # guest cluster, entry, bitmap, release
+        runs: list[tuple[int, list[int]]] = []  # (first guest cluster, new hosts)
         pos = 0
         while pos < n:
             guest = offset + pos
             in_off = guest & (cs - 1)
+            if not in_off and n - pos >= 2 * cs and not geo.extended_l2:
+                k = self._plan_fresh_run(guest >> cbits, (n - pos) >> cbits, mv[pos:], writes, runs)
+                if k:
+                    pos += k << cbits
+                    continue
             length = min(cs - in_off, n - pos)
             self._plan_cluster_write(guest >> cbits, in_off, mv[pos : pos + length], writes, updates)
             pos += length
         self._issue_writes(writes)
+        for gc, hosts in runs:
+            cmap.set_run(gc, np.array(hosts, dtype=np.uint64) | np.uint64(QCOW_OFLAG_COPIED))
         self._apply_updates(updates)
         return n
+
+    def _plan_fresh_run(self, gc: int, count: int, data: memoryview,
+                        writes: list[tuple[int, memoryview]],
+                        runs: list[tuple[int, list[int]]]) -> int:
+        """Plan whole-cluster writes over the unallocated clusters (entry 0) from gc on,
+        up to count of them and within one L2 table, without a per-cluster lookup: new
+        clusters, no copy-on-write (every byte is overwritten), one L2 update. Returns how
+        many clusters were planned (0 if fewer than two qualify)."""
+        cmap = self.clusters
+        geo = self.geo
+        i = gc & (geo.l2_entries - 1)
+        k = min(count, geo.l2_entries - i)
+        table = cmap.l2_table(gc >> geo.l2_bits)
+        if table is not None:
+            used = np.flatnonzero(table[i : i + k])
+            if len(used):
+                k = int(used[0])
+        if k < 2:
+            return 0
+        rc = self.refcounts
+        assert rc is not None
+        cs = geo.cluster_size
+        hosts = [rc.allocate(1) for _ in range(k)]
+        # pooled clusters are usually adjacent: one buffer per host-contiguous piece
+        start = 0
+        for j in range(1, k + 1):
+            if j == k or hosts[j] != hosts[j - 1] + cs:
+                writes.append((hosts[start], data[start * cs : j * cs]))
+                start = j
+        runs.append((gc, hosts))
+        return k
 
     def _issue_writes(self, writes: list[tuple[int, memoryview]]) -> None:
         i = 0

@@ -36,6 +36,10 @@ from .storage import Storage
 MAX_HOST_OFFSET = 1 << 56
 POOL_MIN = 16
 POOL_MAX = 4096
+# Each reservation is POOL_GROWTH times the previous one (up to POOL_MAX clusters): the
+# first 4,096 allocations after open cost at most 5 reservations (5 syncs), and every
+# POOL_MAX after that one more; a crash leaks at most one pool.
+POOL_GROWTH = 4
 
 
 class RefcountStrategy(abc.ABC):
@@ -88,6 +92,22 @@ class RefcountStrategy(abc.ABC):
         implementation may keep all their metadata cached meanwhile."""
         yield
 
+    def begin_atomic(self) -> None:  # noqa: B027 - optional hook, default: not atomic
+        """Start a refcount transaction: until commit_atomic(), the refcounts on disk
+        stay as they are (changes are kept in memory or written to unused clusters) and
+        clusters freed meanwhile are not handed out again, so the image on disk stays
+        exactly the old one whatever is written to clusters allocated meanwhile."""
+
+    def commit_atomic(self, switch: Callable[[dict[str, int]], None]) -> None:
+        """End the transaction: make every change durable and current in one step.
+        switch(header_changes) must write the header (adding the caller's own changes)
+        in one sector and sync; it is the commit point. This default is not atomic."""
+        self.commit()
+        switch({})
+
+    def abort_atomic(self) -> None:  # noqa: B027 - optional hook
+        """Forget the transaction's changes (the refcounts on disk are still current)."""
+
     @abc.abstractmethod
     def commit(self) -> None:
         """Write every in-memory refcount change and make it durable."""
@@ -132,6 +152,15 @@ class StandardRefcounts(RefcountStrategy):
         self._pool_batch = POOL_MIN
         self._releases: list[int] = []  # queued cluster indexes
         self._pending_frees: list[int] = []  # clusters to free after the reftable moved
+        # Transaction state (begin_atomic .. commit_atomic): changed refcount blocks are
+        # parked in memory instead of being written in place, and clusters freed during
+        # the transaction are marked so that no allocation reuses them before the switch.
+        self._atomic = False
+        self._parked: dict[int, np.ndarray] = {}
+        self._tx_freed: dict[int, np.ndarray] = {}  # block index -> freed-cluster mask
+        self._tx_old: set[int] = set()  # refcount block offsets the old table points at
+        self._tx_state: tuple[int, int, int, list[int]] = (0, 0, 0, [])
+        self._tx_min_freed = 1 << 62
 
     # -- refcount blocks -------------------------------------------------------------
     def _load_block(self, offset: int) -> np.ndarray:
@@ -141,6 +170,9 @@ class StandardRefcounts(RefcountStrategy):
         return decode_refblock(data, self.geo.refcount_order)
 
     def _write_block(self, offset: int, values: np.ndarray) -> None:
+        if self._atomic:  # an evicted block: keep it until commit_atomic() moves it
+            self._parked[offset] = values
+            return
         if self.write_guard is not None:
             self.write_guard(offset, self.geo.cluster_size, "a refcount block")
         self.storage.pwrite(encode_refblock(values, self.geo.refcount_order), offset, "refcount")
@@ -151,6 +183,11 @@ class StandardRefcounts(RefcountStrategy):
         off = int(self.reftable[index]) & REFT_OFFSET_MASK
         if not off:
             return None
+        if self._parked:
+            parked = self._parked.pop(off, None)
+            if parked is not None:
+                self._blocks.put(off, parked, dirty=True)
+                return parked
         return self._blocks.get(off)
 
     def _block_offset(self, index: int) -> int:
@@ -257,7 +294,13 @@ class StandardRefcounts(RefcountStrategy):
         if delta < 0:
             freed = uniq[np.concatenate([p[2] for p in plan]) == 0] if plan else uniq[:0]
             if len(freed):
-                self._free_hint = min(self._free_hint, int(freed.min()))
+                if self._atomic:  # not reusable before the switch: no need to look there
+                    self._tx_min_freed = min(self._tx_min_freed, int(freed.min()))
+                else:
+                    self._free_hint = min(self._free_hint, int(freed.min()))
+                if self._atomic:
+                    for c in freed.tolist():
+                        self._tx_mask(c >> bits)[c & mask] = True
 
     def update_dense(self, counts: np.ndarray, sign: int, start: int = 0) -> None:
         counts = np.asarray(counts)
@@ -306,7 +349,12 @@ class StandardRefcounts(RefcountStrategy):
                 plan.append((b, lo - base, new))
                 freed = np.flatnonzero((new == 0) & (seg != 0))
                 if len(freed):
-                    self._free_hint = min(self._free_hint, lo + int(freed[0]))
+                    if self._atomic:
+                        self._tx_min_freed = min(self._tx_min_freed, lo + int(freed[0]))
+                    else:
+                        self._free_hint = min(self._free_hint, lo + int(freed[0]))
+                    if self._atomic:
+                        self._tx_mask(b)[lo - base + freed] = True
         for b, first, new in plan:
             block = self._block(b)
             assert block is not None
@@ -398,6 +446,8 @@ class StandardRefcounts(RefcountStrategy):
                 used[0] = True
             else:
                 used = block != 0
+                if self._tx_freed and b in self._tx_freed:
+                    used |= self._tx_freed[b]  # still in use in the image on disk
             i = c - base
             while i < entries:
                 if used[i]:
@@ -464,7 +514,7 @@ class StandardRefcounts(RefcountStrategy):
             start = self._reserve(n, extra=0)
             return start << self.geo.cluster_bits
         self._reserve(self._pool_batch, extra=self._pool_batch)
-        self._pool_batch = min(self._pool_batch * 2, POOL_MAX)
+        self._pool_batch = min(self._pool_batch * POOL_GROWTH, POOL_MAX)
         return self.allocate(1)
 
     def allocate_deferred(self, n: int = 1) -> int:
@@ -519,13 +569,15 @@ class StandardRefcounts(RefcountStrategy):
     # -- durability ------------------------------------------------------------------
     def write_back(self) -> None:
         self._blocks.flush()
-        if self._reftable_dirty and not self._moved:
+        if self._reftable_dirty and not self._moved and not self._atomic:
             # In place: the blocks it points to must be durable first.
             self.storage.sync()
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self._reftable_dirty = False
 
     def commit(self) -> None:
+        if self._atomic:
+            raise RuntimeError("commit() inside a refcount transaction: use commit_atomic()")
         moved = self._moved
         self._blocks.flush()
         if moved:
@@ -544,6 +596,132 @@ class StandardRefcounts(RefcountStrategy):
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self._reftable_dirty = False
         self.storage.sync()
+
+    # -- transactions ----------------------------------------------------------------
+    def _tx_mask(self, b: int) -> np.ndarray:
+        m = self._tx_freed.get(b)
+        if m is None:
+            m = self._tx_freed[b] = np.zeros(self.geo.refblock_entries, dtype=bool)
+        return m
+
+    def begin_atomic(self) -> None:
+        if self._atomic:
+            raise RuntimeError("nested refcount transaction")
+        if self._moved or self._reftable_dirty or self._blocks.dirty_count:
+            self.commit()  # start from a state that is entirely on disk
+        self._atomic = True
+        self._parked = {}
+        self._tx_freed = {}
+        offs = self.reftable & np.uint64(REFT_OFFSET_MASK)
+        self._tx_old = set(offs[offs != 0].tolist())
+        self._tx_min_freed = 1 << 62
+        self._tx_state = (self.reftable_offset, self.reftable_clusters, self._free_hint,
+                          list(self._pool))
+
+    def abort_atomic(self) -> None:
+        if not self._atomic:
+            return
+        rt_off, rt_clusters, hint, pool = self._tx_state
+        self._atomic = False
+        self._parked = {}
+        self._tx_freed = {}
+        self._blocks.drop_all()
+        self.reftable_offset, self.reftable_clusters = rt_off, rt_clusters
+        self.reftable = decode_table(self.storage.pread(rt_clusters * self.geo.cluster_size, rt_off))
+        blk = self.reftable & np.uint64(REFT_OFFSET_MASK)
+        self.refblock_clusters = set((blk[blk != 0] >> np.uint64(self.geo.cluster_bits)).tolist())
+        self._moved = False
+        self._reftable_dirty = False
+        self._pending_frees = []
+        self._free_hint = hint
+        self._pool = pool
+
+    def _tx_run(self, n: int) -> int:
+        """n contiguous clusters, free in memory and on disk, counted once (in memory)."""
+        start = self._find_free_run(n)
+        for b in range(start >> self.geo.refblock_bits, ((start + n - 1) >> self.geo.refblock_bits) + 1):
+            if self._block(b) is None:
+                self._create_block(b)
+        start = self._find_free_run(n)
+        self.update(np.arange(start, start + n, dtype=np.int64), 1)
+        return start
+
+    def commit_atomic(self, switch: Callable[[dict[str, int]], None]) -> None:
+        if not self._atomic:
+            raise RuntimeError("commit_atomic() without begin_atomic()")
+        geo = self.geo
+        cbits = geo.cluster_bits
+        old_rt, old_rt_clusters = self._tx_state[0], self._tx_state[1]
+        # 1. The refcount table goes to new clusters (a table grown meanwhile already is).
+        if not self._moved:
+            n = self.reftable_clusters
+            start = self._tx_run(n)
+            if self._moved:  # describing the run grew (and so moved) the table already
+                self.update(np.arange(start, start + n, dtype=np.int64), -1)
+            else:
+                self.reftable_offset = start << cbits
+        frees = list(range(old_rt >> cbits, (old_rt >> cbits) + old_rt_clusters))
+        frees += [c for c in self._pending_frees if not old_rt >> cbits <= c < (old_rt >> cbits) + old_rt_clusters]
+        self._pending_frees = []
+        self._moved = False
+        self.update(np.array(frees, dtype=np.int64), -1)
+        # 2. Every changed block that the old table points at moves to new clusters
+        #    (moving blocks changes refcounts, which may change more blocks: repeat).
+        while True:
+            if self._moved:  # the table grew while blocks moved: it is in new clusters
+                self._moved = False
+                self.update(np.array(self._pending_frees, dtype=np.int64), -1)
+                self._pending_frees = []
+            dirty = set(self._parked) | set(self._blocks.dirty_offsets())
+            offs = self.reftable & np.uint64(REFT_OFFSET_MASK)
+            todo = [b for b in np.flatnonzero(offs).tolist()
+                    if int(offs[b]) in dirty and int(offs[b]) in self._tx_old]
+            if not todo:
+                if not self._moved:
+                    break
+                continue
+            start = self._find_free_run(len(todo))
+            for b in range(start >> geo.refblock_bits, ((start + len(todo) - 1) >> geo.refblock_bits) + 1):
+                if self._block(b) is None:
+                    self._create_block(b)
+            start = self._find_free_run(len(todo))
+            old_homes = []
+            for i, b in enumerate(todo):
+                old = self._block_offset(b)
+                table = self._parked.pop(old, None)
+                if table is None:
+                    table = self._blocks.cached(old)
+                    assert table is not None
+                self._blocks.discard(old)
+                new = (start + i) << cbits
+                self.reftable[b] = new
+                self._blocks.put(new, table, dirty=True)
+                self.refblock_clusters.discard(old >> cbits)
+                self.refblock_clusters.add(start + i)
+                old_homes.append(old >> cbits)
+            self.update(np.arange(start, start + len(todo), dtype=np.int64), 1)
+            self.update(np.array(old_homes, dtype=np.int64), -1)
+        # 3. Write it all where the old image does not look, then switch.
+        self._atomic = False
+        try:
+            for off, values in list(self._parked.items()):
+                self._write_block(off, values)
+            self._parked = {}
+            self._blocks.flush()
+            self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
+            self.storage.sync()
+            # the header either switches durably or is left (put back) as it was
+            switch({"refcount_table_offset": self.reftable_offset,
+                    "refcount_table_clusters": self.reftable_clusters})
+        except BaseException:
+            # An I/O error before the switch: the file still holds the old refcounts, so
+            # abort_atomic() must be able to go back to them.
+            self._atomic = True
+            raise
+        self._reftable_dirty = False
+        self._tx_freed = {}
+        self._tx_old = set()
+        self._free_hint = min(self._free_hint, self._tx_min_freed)
 
     def return_pool(self) -> None:
         if self._pool:

@@ -1,26 +1,31 @@
 """Internal snapshots, laid out and reference-counted exactly as QEMU does it.
 
-A snapshot is an entry of the snapshot table plus a copy of the active L1 table. Its L2
-tables and data clusters are shared with the active image: QEMU counts one reference per
-L1 table that reaches a cluster (an L2 table shared by two L1 tables counts its data
-clusters twice), and `qemu-img check` verifies exactly that, so creating a snapshot adds
-one to every cluster the active L1 reaches and deleting one subtracts what its L1 reaches.
+A snapshot is an entry of the snapshot table plus an L1 table. Its L2 tables and data
+clusters are shared with the active image: QEMU counts one reference per L1 table that
+reaches a cluster (an L2 table shared by two L1 tables counts its data clusters twice),
+and `qemu-img check` verifies exactly that, so creating a snapshot adds one to every
+cluster the active L1 reaches and deleting one subtracts what its L1 reaches.
 
 The whole-tree passes are vectorized: the L2 tables of a tree are read in large
 contiguous runs, decoded with numpy (flag bits are tested on the big-endian bytes
 directly), and their references become one dense count per host cluster that the
 refcount layer applies block by block (`update_dense`).
 
+Crash safety: every operation is one refcount transaction (`begin_atomic` ..
+`commit_atomic`). Nothing the current image uses is written in place: changed refcount
+blocks, the refcount table, the new active L1 table, L2 tables whose COPIED flags change
+and the snapshot table all go to clusters that are free both before and after, and one
+header write (a single sector: refcount table, L1 table, size, nb_snapshots,
+snapshots_offset) switches from the old image to the new one. A crash at any point
+leaves either image, complete, without even a leak; `qemu-img check` never sees a
+refcount or COPIED flag half changed (which in-place updates, QEMU's way, cannot avoid).
+The one in-place write, clearing stale COPIED flags in tables only snapshots use, is
+invisible to the old image's check.
+
 VM state is stored where QEMU stores it: at guest offsets past the end of the disk in the
 snapshot's own L1 table, starting at the first L1 entry beyond the disk
 (`qcow2_vm_state_offset`). We build those clusters directly into the snapshot's L1 copy,
 so they never pass through the active L1 table.
-
-Crash safety: every on-disk change before the header switch (refcount increases, the new
-L1 copy and snapshot table in freshly allocated clusters, COPIED flags cleared) only leaks
-clusters or makes COPIED flags conservative if interrupted; the header write that switches
-`nb_snapshots`/`snapshots_offset` (or the active L1) is the commit point; reference drops
-are applied only after that header is durable.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -213,38 +218,6 @@ def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
 
 
 # ===================================================================== tree scans ==
-@dataclass
-class _Refs:
-    """The references one L1 tree holds, per host cluster."""
-
-    counts: np.ndarray | None  # dense int64 counts by cluster index, or None (sparse)
-    sparse: np.ndarray | None  # cluster indexes with repeats (sparse form)
-    l2_offsets: np.ndarray  # distinct L2 table offsets (int64, sorted)
-    copied_tables: np.ndarray  # L2 tables holding an entry with the COPIED flag
-
-    def add(self, clusters: np.ndarray) -> None:
-        """Count one more reference to each cluster (repeats add up)."""
-        clusters = np.asarray(clusters, dtype=np.int64)
-        if not len(clusters):
-            return
-        if self.counts is not None:
-            need = int(clusters.max()) + 1
-            if need > len(self.counts):
-                grown = np.zeros(need, dtype=self.counts.dtype)
-                grown[: len(self.counts)] = self.counts
-                self.counts = grown
-            np.add.at(self.counts, clusters, self.counts.dtype.type(1))
-        else:
-            assert self.sparse is not None
-            self.sparse = np.concatenate([self.sparse, clusters])
-
-    def apply(self, rc: RefcountStrategy, sign: int) -> None:
-        if self.counts is not None:
-            rc.update_dense(self.counts, sign)
-        elif self.sparse is not None and len(self.sparse):
-            rc.update(self.sparse, sign)
-
-
 class SnapshotView:
     """Read-only view of one snapshot: pread/readinto/map/file like an Image, without
     applying the snapshot. Reads fall through to the backing file as QEMU's do."""
@@ -482,45 +455,70 @@ class SnapshotMixin:
     def _create(self, entries: list[SnapshotEntry], new: SnapshotEntry, vm: memoryview,
                 vm_index: int, sn_l1_size: int) -> SnapshotEntry:
         rc = self._rc()
-        cs = self.geo.cluster_size
+        geo = self.geo
+        cs = geo.cluster_size
+        cbits = geo.cluster_bits
         cmap = self.clusters
-        cmap.l2cache.drop_all()  # clean after the flush; we rewrite tables behind it
-        active = cmap.l1[:vm_index].copy()
-        refs = self._scan(active, want_copied=True)
-        refs.apply(rc, +1)  # raises RefcountOverflowError before changing anything
-        allocated: list[tuple[int, int]] = []
+        cmap.l2cache.drop_all()  # clean after the flush; we read tables behind it
+        old_l1 = cmap.l1
+        disk = old_l1[:vm_index]
+        rc.begin_atomic()
         try:
+            # An L2 table the active image has to itself (refcount 1) goes to the snapshot
+            # as it is and the active image gets a copy whose entries lose COPIED: the
+            # table on disk is never changed, so a crash leaves the old image intact. A
+            # table already shared gains the snapshot's reference.
+            # (Only a table with COPIED entries needs the copy: one without can be
+            # shared as it is, as after the first snapshot.)
+            l2 = (disk & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+            has = np.flatnonzero(l2)
+            # (an overflow raises RefcountOverflowError; the abort undoes everything)
+            copied = self._apply_tree(disk, +1, want_copied=True, count_l2=False)
+            own = np.zeros(len(disk), dtype=bool)
+            if len(has) and len(copied):
+                dirty = np.sort(copied)
+                pos = np.minimum(np.searchsorted(dirty, l2[has]), len(dirty) - 1)
+                own[has] = (rc.get_many(l2[has] >> cbits) == 1) & (dirty[pos] == l2[has])
+            shared = has[~own[has]]
+            rc.update(l2[shared] >> cbits, +1)  # the snapshot takes the others over
+            new_l1 = old_l1 & _COPIED_MASK_CLEAR
+            new_l1[vm_index:] = old_l1[vm_index:]  # past the disk: untouched
             sn_l1 = np.zeros(sn_l1_size, dtype=np.uint64)
-            sn_l1[:vm_index] = active & _COPIED_MASK_CLEAR
+            sn_l1[:vm_index] = disk & _COPIED_MASK_CLEAR
             if len(vm):
-                sn_l1[vm_index:] = self._write_vm_state(vm, allocated)
-            l1_off = 0
-            if sn_l1_size:
-                n = div_round_up(sn_l1_size * 8, cs)
-                l1_off = rc.allocate_deferred(n)
-                allocated.append((l1_off, n))
-                self.storage.pwrite(encode_table(sn_l1), l1_off, "l1")
-            new = replace(new, l1_table_offset=l1_off)
+                sn_l1[vm_index:] = self._write_vm_state(vm)
+            # one run of new clusters: the table copies, both L1 tables, the snapshot
+            # table (its size does not depend on the offsets written into it)
+            xi = np.flatnonzero(own)
+            n_sn = div_round_up(sn_l1_size * 8, cs)
+            n_l1 = div_round_up(len(new_l1) * 8, cs)
+            n_tab = div_round_up(len(pack_snapshot_table([*entries, new])), cs)
+            first = rc.allocate_deferred(len(xi) + n_sn + n_l1 + n_tab)
+            if len(xi):
+                dests = np.int64(first) + np.arange(len(xi), dtype=np.int64) * cs
+                self._copy_tables(l2[xi], dests, None)
+                new_l1[xi] = dests.astype(np.uint64) | np.uint64(QCOW_OFLAG_COPIED)
+            sn_off = first + len(xi) * cs if n_sn else 0
+            l1_off = first + (len(xi) + n_sn) * cs if n_l1 else 0
+            t_off = first + (len(xi) + n_sn + n_l1) * cs
+            if n_sn:
+                self.storage.pwrite(encode_table(sn_l1), sn_off, "l1")
+            if n_l1:
+                self.storage.pwrite(encode_table(new_l1), l1_off, "l1")
+            new = replace(new, l1_table_offset=sn_off)
             table = pack_snapshot_table([*entries, new])
-            t_clusters = div_round_up(len(table), cs)
-            t_off = rc.allocate_deferred(t_clusters)
-            allocated.append((t_off, t_clusters))
             self.storage.pwrite(table, t_off, "snapshot_table")
-            # The active tree is shared now: clear COPIED so that writes copy first.
-            self._clear_copied(refs.copied_tables)
-            if vm_index:
-                cmap.l1[:vm_index] &= _COPIED_MASK_CLEAR
-                cmap.mark_l1_dirty(0, vm_index)
-                cmap.write_l1()
-            rc.commit()  # increments and allocations durable, with everything above
+            self._free_tables(cmap.l1_offset, len(old_l1) * 8)
+            self._free_tables(self.header.snapshots_offset, self._table_size())
+            n = len(entries) + 1
+            rc.commit_atomic(lambda rt: self._update_header(
+                **rt, l1_table_offset=l1_off, nb_snapshots=n, snapshots_offset=t_off))
         except BaseException:
-            self._undo(refs, allocated)
+            rc.abort_atomic()
+            cmap.l2cache.drop_all()
             raise
-        old_off, old_size = self.header.snapshots_offset, self._table_size()
-        self._update_header(nb_snapshots=len(entries) + 1, snapshots_offset=t_off)  # commit point
-        self._snap_cache = (t_off, len(entries) + 1, [*entries, new], len(table))
-        self._free_bytes(old_off, old_size)
-        self._compressed_cache = None
+        self._switch_l1(new_l1, l1_off)
+        self._snap_cache = (t_off, n, [*entries, new], len(table))
         return new
 
     def apply_snapshot(self, name_or_id: str) -> None:
@@ -537,45 +535,36 @@ class SnapshotMixin:
 
     def _apply(self, disk: int, vm_index: int, sn_l1: np.ndarray) -> None:
         rc = self._rc()
-        cs = self.geo.cluster_size
         cmap = self.clusters
         cmap.l2cache.drop_all()
         # The active image gets the snapshot's disk part; its VM state stays with it.
         new_l1 = np.zeros(vm_index, dtype=np.uint64)
         m = min(vm_index, len(sn_l1))
         new_l1[:m] = sn_l1[:m] & _COPIED_MASK_CLEAR
-        refs = self._scan(new_l1, want_copied=True)
-        refs.apply(rc, +1)
-        allocated: list[tuple[int, int]] = []
+        rc.begin_atomic()
         try:
-            l1_off = 0
-            if vm_index:
-                n = div_round_up(vm_index * 8, cs)
-                l1_off = rc.allocate_deferred(n)
-                allocated.append((l1_off, n))
-                self.storage.pwrite(encode_table(new_l1), l1_off, "l1")
-            # everything reachable is shared with the snapshot now: no COPIED anywhere
-            self._clear_copied(refs.copied_tables)
-            rc.commit()
+            # drop the current tree first, so that shared clusters cannot overflow
+            self._apply_tree(cmap.l1, -1)
+            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8)
+            copied = self._apply_tree(new_l1, +1, want_copied=True)
+            # Everything the new active tree reaches is shared with the snapshot: no
+            # COPIED flag anywhere. Tables with stale flags belong to snapshots only
+            # (the active tree's flags were right), so clearing them in place is safe.
+            cur = np.sort((cmap.l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64))
+            stale = _sorted_unique(copied)
+            if len(cur) and len(stale):
+                pos = np.minimum(np.searchsorted(cur, stale), len(cur) - 1)
+                stale = stale[cur[pos] != stale]
+            self._clear_copied(stale)
+            l1_off = self._write_new_table(new_l1, "l1")
+            rc.commit_atomic(lambda rt: self._update_header(
+                **rt, size=disk, l1_table_offset=l1_off, l1_size=vm_index))
         except BaseException:
-            self._undo(refs, allocated)
+            rc.abort_atomic()
+            cmap.l2cache.drop_all()
             raise
-        old_l1 = cmap.l1
-        old_off = cmap.l1_offset
-        old_l1_clusters = div_round_up(len(old_l1) * 8, cs) if old_off else 0
-        # commit point: one header sector switches size, L1 offset and L1 size together
-        self._update_header(size=disk, l1_table_offset=l1_off, l1_size=vm_index)
-        cmap.l1 = new_l1
-        cmap.l1_offset = l1_off
-        cmap._l1_dirty_lo = cmap._l1_dirty_hi = -1
-        cmap.l2cache.drop_all()
-        self._compressed_cache = None
+        self._switch_l1(new_l1, l1_off)
         self._snapshot_gen += 1
-        # drop the old active tree's references, now that nothing on disk points at it
-        old = self._scan(old_l1, want_copied=False)
-        if old_l1_clusters:
-            old.add(np.arange(old_off // cs, old_off // cs + old_l1_clusters, dtype=np.int64))
-        old.apply(rc, -1)
 
     def delete_snapshot(self, name_or_id: str) -> None:
         """Delete a snapshot (as `qemu-img snapshot -d`): remove its entry, then release
@@ -593,37 +582,30 @@ class SnapshotMixin:
     def _delete(self, entries: list[SnapshotEntry], i: int, sn_l1: np.ndarray) -> None:
         rc = self._rc()
         e = entries[i]
-        cs = self.geo.cluster_size
-        self.clusters.l2cache.drop_all()
-        refs = self._scan(sn_l1, want_copied=False)
-        if e.l1_size:
-            refs.add(np.arange(e.l1_table_offset // cs,
-                               e.l1_table_offset // cs + div_round_up(e.l1_size * 8, cs),
-                               dtype=np.int64))
+        cmap = self.clusters
+        cmap.l2cache.drop_all()
         rest = entries[:i] + entries[i + 1 :]
-        t_off = 0
-        table = b""
-        if rest:
-            table = pack_snapshot_table(rest)
-            n = div_round_up(len(table), cs)
-            t_off = rc.allocate_deferred(n)
-            try:
-                self.storage.pwrite(table, t_off, "snapshot_table")
-                rc.commit()  # the table and its refcounts durable before the header
-            except BaseException:
-                self._undo(None, [(t_off, n)])
-                raise
-        old_off, old_size = self.header.snapshots_offset, self._table_size()
-        self._update_header(nb_snapshots=len(rest), snapshots_offset=t_off)  # commit point
+        rc.begin_atomic()
+        try:
+            self._apply_tree(sn_l1, -1)
+            self._free_tables(e.l1_table_offset, e.l1_size * 8)
+            self._free_tables(self.header.snapshots_offset, self._table_size())
+            table = pack_snapshot_table(rest) if rest else b""
+            t_off = self._write_new_bytes(table, "snapshot_table") if rest else 0
+            # COPIED flags of the active tree as the new refcounts want them; tables whose
+            # flags change are rewritten as copies (the old image keeps its tables).
+            new_l1 = self._recompute_copied(cmap.l1)
+            l1_off = self._write_new_table(new_l1, "l1")
+            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8)
+            rc.commit_atomic(lambda rt: self._update_header(
+                **rt, l1_table_offset=l1_off, nb_snapshots=len(rest), snapshots_offset=t_off))
+        except BaseException:
+            rc.abort_atomic()
+            cmap.l2cache.drop_all()
+            raise
+        self._switch_l1(new_l1, l1_off)
         self._snap_cache = (t_off, len(rest), rest, len(table))
         self._snapshot_gen += 1
-        self._compressed_cache = None
-        if old_size:
-            first = old_off // cs
-            refs.add(np.arange(first, first + div_round_up(old_size, cs), dtype=np.int64))
-        refs.apply(rc, -1)
-        rc.commit()
-        self._fix_copied_active()
 
     # ------------------------------------------------------------------ internals --
     def _rc(self) -> RefcountStrategy:
@@ -640,29 +622,36 @@ class SnapshotMixin:
         assert self._snap_cache is not None
         return self._snap_cache[3]
 
-    def _free_bytes(self, offset: int, nbytes: int) -> None:
-        """Release the clusters of a byte range whose last reference is durably gone."""
+    def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
+        """The header now names this active L1 table: make it the in-memory one."""
+        cmap = self.clusters
+        cmap.l1 = l1
+        cmap.l1_offset = offset
+        cmap._l1_dirty_lo = cmap._l1_dirty_hi = -1
+        cmap.l2cache.drop_all()
+        self._compressed_cache = None
+
+    def _write_new_bytes(self, data: bytes, kind: str) -> int:
+        """Write data to newly allocated clusters (inside a refcount transaction)."""
+        n = div_round_up(len(data), self.geo.cluster_size)
+        if not n:
+            return 0
+        off = self._rc().allocate_deferred(n)
+        self.storage.pwrite(data, off, kind)
+        return off
+
+    def _write_new_table(self, table: np.ndarray, kind: str) -> int:
+        return self._write_new_bytes(encode_table(table), kind) if len(table) else 0
+
+    def _free_tables(self, offset: int, nbytes: int) -> None:
+        """Drop the reference to the clusters of [offset, offset + nbytes)."""
         if not offset or not nbytes:
             return
         cs = self.geo.cluster_size
         first = offset // cs
         self._rc().update(np.arange(first, first + div_round_up(nbytes, cs), dtype=np.int64), -1)
 
-    def _undo(self, refs: _Refs | None, allocated: list[tuple[int, int]]) -> None:
-        """Best-effort rollback before the commit point: nothing on disk refers to the
-        increments or allocations yet, so taking them back only avoids leaks."""
-        rc = self._rc()
-        try:
-            if refs is not None:
-                refs.apply(rc, -1)
-            for off, n in allocated:
-                first = off // self.geo.cluster_size
-                rc.update(np.arange(first, first + n, dtype=np.int64), -1)
-        except Qcow2Error:
-            pass
-        self.clusters.l2cache.drop_all()
-
-    def _write_vm_state(self, vm: memoryview, allocated: list[tuple[int, int]]) -> np.ndarray:
+    def _write_vm_state(self, vm: memoryview) -> np.ndarray:
         """Write VM state into fresh clusters with their own L2 tables; returns the L1
         entries that map them (for the snapshot's L1 past the disk)."""
         geo = self.geo
@@ -677,7 +666,6 @@ class SnapshotMixin:
         while done < n_data:
             n = min(run_max, n_data - done)
             off = rc.allocate_deferred(n)
-            allocated.append((off, n))
             hosts[done : done + n] = off + np.arange(n, dtype=np.uint64) * np.uint64(cs)
             start = done * cs
             end = min(len(vm), (done + n) * cs)
@@ -697,7 +685,6 @@ class SnapshotMixin:
                 pos += k
             done += n
         l2_off = rc.allocate_deferred(n_l2)
-        allocated.append((l2_off, n_l2))
         words = cs // 8
         tables = np.zeros(n_l2 * words, dtype=np.uint64)
         flagged = hosts | np.uint64(QCOW_OFLAG_COPIED)  # only this snapshot refers to them
@@ -761,20 +748,37 @@ class SnapshotMixin:
             rows = np.nonzero(cmask)[0]
             comp = np.stack([be[cmask].astype(np.uint64), rows.astype(np.uint64)])
             out[cmask] = 0
-        if cs > 512 and (out & np.uint64(cs - 1)).any():
-            bad = int(out[(out & np.uint64(cs - 1)) != 0][0])
-            raise CorruptImageError(f"Cluster offset {bad:#x} in an L2 table is not cluster aligned")
+        if cs > 512:
+            if comp is None:
+                # bits 9 .. cluster_bits-1 must be clear; on the big-endian bytes, byte 6
+                # holds bits 8-15 and byte 5 bits 16-23 (a pass over 1/8 of the data)
+                low = (cs - 1) & ~511
+                u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, -1, 8)
+                u8 = u8[:, :: 2 if geo.extended_l2 else 1]
+                misaligned = bool((u8[:, :, 6] & ((low >> 8) & 0xFF)).any())
+                if low >> 16:
+                    misaligned |= bool((u8[:, :, 5] & (low >> 16)).any())
+            else:
+                misaligned = bool((out & np.uint64(cs - 1)).any())
+            if misaligned:
+                bad = int(out[(out & np.uint64(cs - 1)) != 0][0])
+                raise CorruptImageError(f"Cluster offset {bad:#x} in an L2 table is not cluster aligned")
         np.right_shift(out, np.uint64(geo.cluster_bits), out=out)
         if len(out) and int(out.max()) >= file_clusters:
             raise CorruptImageError("An L2 entry points past the end of the image file")
         return comp
 
-    def _scan(self, l1: np.ndarray, want_copied: bool) -> _Refs:
-        """Every reference the tree under this L1 table holds (L2 tables, data clusters,
-        compressed clusters by byte range), and which L2 tables carry COPIED flags."""
+    def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
+                    count_l2: bool = True) -> np.ndarray:
+        """Add sign x every reference the tree under this L1 table holds to the
+        refcounts: data clusters, compressed clusters by byte range and (with count_l2)
+        the L2 tables, one per L1 entry. Applied chunk by chunk (memory stays bounded;
+        inside a refcount transaction, an error midway is undone by its abort). Returns
+        the L2 tables that hold entries with the COPIED flag when asked."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
+        rc = self._rc()
         file_clusters = div_round_up(self.storage.size(), cs)
         l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
         l2 = l2[l2 != 0]
@@ -785,27 +789,16 @@ class SnapshotMixin:
                 raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
         offsets, mult = np.unique(l2, return_counts=True)
         entries = geo.l2_entries
-        total = len(offsets) * entries
-        # Dense counts (one per host cluster of the file, uint64 like the refcount blocks
-        # so that applying them needs no conversion) unless the file is far larger than
-        # what the tree can reference (a sparse file): then a list.
-        dense = file_clusters <= max(1 << 23, 4 * (total + len(l2)))
-        counts = np.zeros(file_clusters if dense else 0, dtype=np.uint64)
-        parts: list[np.ndarray] = []
-        extra: list[np.ndarray] = [l2 >> cbits]  # one reference per L1 entry
-        copied: list[np.ndarray] = []
         per = max(1, _CHUNK_BYTES // cs)
         idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
+        copied: list[np.ndarray] = []
         t = 0
         for offs, buf in self._table_chunks(offsets):
             k = len(offs)
             out = idx[:k]
             comp = self._chunk_clusters(buf, k, out, file_clusters)
-            if dense:
-                # (a scalar of the array's type keeps ufunc.at on its fast path)
-                np.add.at(counts, out.reshape(-1).view(np.int64), np.uint64(1))  # 0: no cluster
-            else:
-                parts.append(out[out != 0].view(np.int64).copy())
+            flat = out.reshape(-1)
+            refs = [flat[flat != 0].view(np.int64)]
             if want_copied:
                 b0, _ = self._entry_bytes(buf, k)
                 has = (b0 >= _B0_COPIED).any(axis=1)
@@ -819,25 +812,20 @@ class SnapshotMixin:
                 if len(cl) and int(cl.max()) >= file_clusters:
                     raise CorruptImageError("A compressed cluster lies past the end of the image file")
                 reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
-                extra.append(np.repeat(cl, reps))
+                refs.append(np.repeat(cl, reps))
             for r in np.flatnonzero(mult[t : t + k] > 1).tolist():
                 # an L2 table that several L1 entries share (rare): count it again
                 row = out[r][out[r] != 0].astype(np.int64)
-                extra.append(np.tile(row, int(mult[t + r]) - 1))
+                refs.append(np.tile(row, int(mult[t + r]) - 1))
+            rc.update(refs[0] if len(refs) == 1 else np.concatenate(refs), sign)
             t += k
-        copied_tables = np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
-        if dense:
-            if len(counts):
-                counts[0] = 0  # index 0 stood for "no cluster" (cluster 0 is the header)
-            r = _Refs(counts, None, offsets, copied_tables)
-        else:
-            r = _Refs(None, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64),
-                      offsets, copied_tables)
-        r.add(np.concatenate(extra))
-        return r
+        if count_l2 and len(l2):
+            rc.update(l2 >> cbits, sign)
+        return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
 
     def _clear_copied(self, tables: np.ndarray) -> None:
-        """Clear COPIED in every entry of these L2 tables and write them back."""
+        """Clear COPIED in every entry of these L2 tables, in place (only for tables
+        that no checked tree of the old image uses)."""
         if not len(tables):
             return
         offs_all = _sorted_unique(tables)
@@ -847,46 +835,85 @@ class SnapshotMixin:
             np.bitwise_and(b0, 0x7F, out=b0)
             self._write_tables(offs, buf, changed)
 
-    def _fix_copied_active(self) -> None:
-        """Recompute COPIED in the active tree from the refcounts (refcount == 1), as
-        QEMU does after deleting a snapshot."""
+    def _copy_tables(self, sources: np.ndarray, dests: np.ndarray,
+                     transform: Any) -> None:
+        """Write L2 tables to new places (dests, back to back), their entries' COPIED
+        flags cleared, or changed by transform(byte0_view, first_index) when given."""
+        cs = self.geo.cluster_size
+        per = max(1, _CHUNK_BYTES // cs)
+        whole = memoryview(bytearray(min(len(sources), per) * cs))
+        for c0 in range(0, len(sources), per):
+            src = sources[c0 : c0 + per]
+            k = len(src)
+            mv = whole[: k * cs]
+            for s0, e0 in _runs(src, cs):
+                self.storage.preadv([mv[s0 * cs : e0 * cs]], int(src[s0]))
+            b0, _ = self._entry_bytes(mv, k)
+            if transform is None:
+                np.bitwise_and(b0, 0x7F, out=b0)
+            else:
+                transform(b0, c0)
+            for s0, e0 in _runs(dests[c0 : c0 + per], cs):
+                self.storage.pwrite(mv[s0 * cs : e0 * cs], int(dests[c0 + s0]), "l2")
+
+    def _recompute_copied(self, l1: np.ndarray) -> np.ndarray:
+        """The active L1 table with COPIED flags as the (new) refcounts want them: an
+        L2 table whose entries' flags must change is rewritten as a copy, which replaces
+        it in the returned table (inside a refcount transaction, as QEMU's flag update
+        after deleting a snapshot, but without touching tables the old image uses)."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
         rc = self._rc()
-        cmap = self.clusters
-        cmap.l2cache.drop_all()
-        l1 = cmap.l1
+        new_l1 = l1.copy()
         l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
         has = np.flatnonzero(l2)
-        if len(has):
-            ref = rc.get_many(l2[has] >> cbits)
-            want = np.where(ref == 1, l1[has] | np.uint64(QCOW_OFLAG_COPIED),
-                            l1[has] & _COPIED_MASK_CLEAR)
-            diff = np.flatnonzero(want != l1[has])
-            if len(diff):
-                l1[has[diff]] = want[diff]
-                cmap.mark_l1_dirty(int(has[diff[0]]), int(has[diff[-1]]) + 1)
+        if not len(has):
+            return new_l1
+        offsets, mult = np.unique(l2[has], return_counts=True)
         file_clusters = div_round_up(self.storage.size(), cs)
-        offsets = _sorted_unique(l2[has])
         entries = geo.l2_entries
+        per = max(1, _CHUNK_BYTES // cs)
+        idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
+        fixes: dict[int, np.ndarray] = {}  # table offset -> entries whose flag flips
+        t = 0
         for offs, buf in self._table_chunks(offsets):
             k = len(offs)
-            out = np.empty((k, entries), dtype=np.uint64)
+            out = idx[:k]
             self._chunk_clusters(buf, k, out, file_clusters)
             b0, _ = self._entry_bytes(buf, k)
             alloc = out != 0
-            flat = out[alloc].view(np.int64)
             one = np.zeros(out.shape, dtype=bool)
+            flat = out[alloc].view(np.int64)
             if len(flat):
                 one[alloc] = rc.get_many(flat) == 1
             cur = b0 >= _B0_COPIED
-            fix = (one != cur) & (alloc | cur)  # compressed/unallocated entries: clear only
-            if fix.any():
-                b0[fix] = np.where(one[fix], b0[fix] | _B0_COPIED, b0[fix] & 0x7F)
-                self._write_tables(offs, buf, fix.any(axis=1))
-        if cmap.l1_dirty:
-            cmap.write_l1()
+            fix = (one != cur) & (alloc | cur)  # compressed/unallocated: clear only
+            for r in np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1)).tolist():
+                fixes[int(offs[r])] = fix[r].copy()
+            t += k
+        if fixes:
+            src = np.array(sorted(fixes), dtype=np.int64)
+            first = rc.allocate_deferred(len(src))
+            dests = np.int64(first) + np.arange(len(src), dtype=np.int64) * cs
+
+            def flip(b0: np.ndarray, c0: int) -> None:
+                rows = np.stack([fixes[int(o)] for o in src[c0 : c0 + b0.shape[0]]])
+                b0 ^= rows.view(np.uint8) << 7  # True -> 0x80: the COPIED bit
+
+            self._copy_tables(src, dests, flip)
+            pos = np.searchsorted(src, l2[has])
+            hit = (pos < len(src)) & (src[np.minimum(pos, len(src) - 1)] == l2[has])
+            moved = has[hit]
+            new_l1[moved] = (dests[pos[hit]].astype(np.uint64)
+                             | (l1[moved] & ~np.uint64(L1E_OFFSET_MASK)))
+            rc.update(l2[moved] >> cbits, -1)  # the active image lets go of the originals
+        # L1 flags: a table with refcount 1 is the active image's alone
+        tbl = (new_l1[has] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+        one = rc.get_many(tbl >> cbits) == 1
+        new_l1[has] = np.where(one, new_l1[has] | np.uint64(QCOW_OFLAG_COPIED),
+                               new_l1[has] & _COPIED_MASK_CLEAR)
+        return new_l1
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:

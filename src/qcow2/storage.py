@@ -114,8 +114,9 @@ class Storage:
     small buffer (at most COMBINE_MAX bytes) and reach the file as one write: 4 KiB
     guest writes into a 64 KiB cluster cost one system call, not sixteen. The buffer
     goes to the file before every sync (so flush() covers it and ordering barriers
-    see it), before a read or write that overlaps it, and on close. If that write
-    fails, the buffer is kept and the error raised; a later attempt retries it.
+    see it), before another write that overlaps it, and on close; reads see it. If
+    that write fails, the buffer is kept and the error raised; a later attempt (the
+    next write or sync) retries it.
     """
 
     def __init__(self, backend: Backend, writable: bool, combine: bool = True) -> None:
@@ -136,8 +137,6 @@ class Storage:
         return getattr(self.backend, "path", "<image>")
 
     def pread(self, length: int, offset: int) -> bytes:
-        if self._wb is not None and self._overlaps(offset, length):
-            self._drain()
         self.stats.reads += 1
         self.stats.reads_bytes += length
         try:
@@ -146,13 +145,20 @@ class Storage:
             raise _io_error(exc, "Read") from exc
         if len(data) < length:  # past EOF reads as zeros, as for a sparse file
             data = data + bytes(length - len(data))
+        if self._wb is not None and self._overlaps(offset, length):
+            out = bytearray(data)
+            self._overlay([memoryview(out)], offset)
+            return bytes(out)
         return data
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> None:
         """Fill buffers from offset; the part past EOF is zero-filled."""
         total = sum(len(b) for b in buffers)
+        self._preadv(buffers, offset, total)
         if self._wb is not None and self._overlaps(offset, total):
-            self._drain()
+            self._overlay(buffers, offset)
+
+    def _preadv(self, buffers: Sequence[memoryview], offset: int, total: int) -> None:
         self.stats.reads += 1
         self.stats.reads_bytes += total
         try:
@@ -170,17 +176,25 @@ class Storage:
     def pwrite(self, data: bytes | memoryview, offset: int, kind: str) -> None:
         n = len(data)
         if kind == "data" and self.combine and n < COMBINE_MAX:
+            # (the hot path of small guest writes: kept free of calls)
             wb = self._wb
             if wb is not None:
                 rel = offset - self._wb_off
                 if 0 <= rel <= len(wb) and rel + n <= COMBINE_MAX:
                     wb[rel : rel + n] = data  # overwrite and/or extend the buffered run
-                    self._logical_write(offset + n)
-                    return
-                self._drain()
-            self._wb = bytearray(data)
-            self._wb_off = offset
-            self._logical_write(offset + n)
+                else:
+                    self._drain()
+                    self._wb = bytearray(data)
+                    self._wb_off = offset
+            else:
+                self._wb = bytearray(data)
+                self._wb_off = offset
+            # counted as unsynced now; the file write is counted when the buffer goes out
+            self.unsynced_writes += 1
+            self.unsynced_data_writes += 1
+            size = self._size
+            if size is not None and offset + n > size:
+                self._size = offset + n
             return
         if self._wb is not None and (kind == "data" or self._overlaps(offset, n)):
             self._drain()
@@ -262,28 +276,34 @@ class Storage:
         assert self._wb is not None
         return offset < self._wb_off + len(self._wb) and self._wb_off < offset + length
 
-    def _logical_write(self, end: int) -> None:
-        """Account a guest data write absorbed by the buffer (it counts as unsynced now;
-        the file write is counted in the stats when the buffer goes out)."""
-        self.unsynced_writes += 1
-        self.unsynced_data_writes += 1
-        if self._size is not None and end > self._size:
-            self._size = end
+    def _overlay(self, buffers: Sequence[memoryview], offset: int) -> None:
+        """Copy the buffered data over what was read from the file (read your writes)."""
+        wb = self._wb
+        assert wb is not None
+        lo, hi = self._wb_off, self._wb_off + len(wb)
+        pos = offset
+        for b in buffers:
+            s, e = max(pos, lo), min(pos + len(b), hi)
+            if s < e:
+                b[s - pos : e - pos] = wb[s - lo : e - lo]
+            pos += len(b)
 
     def _drain(self) -> None:
         """Write the combined data out. On failure it stays buffered (to be retried)."""
         wb = self._wb
         assert wb is not None
         off = self._wb_off
-        self._count("data", len(wb))
+        n = len(wb)
+        s = self.stats
+        s.data_writes += 1
+        s.data_writes_bytes += n
         try:
             done = self.backend.pwrite(wb, off)
         except OSError as exc:
             raise _io_error(exc, "Write") from exc
-        if done != len(wb):
+        if done != n:
             raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
         self._wb = None
-        self._grew(off + len(wb))
 
     def _count(self, kind: str, nbytes: int) -> None:
         s = self.stats

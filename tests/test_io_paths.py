@@ -1,0 +1,140 @@
+"""The multi-cluster fast paths of pread/pwrite (one system call for host-contiguous
+clusters, whole-cluster allocation runs) against QEMU, on the layouts where they must
+step aside: mixed flags, zero clusters that keep their host cluster, compressed
+clusters, clusters shared with a snapshot, partly allocated runs, L2 table boundaries,
+backing files and v2 images."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean, qemu_img, qemu_io, raw_bytes
+
+import qcow2
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _model_write(model: bytearray, off: int, data: bytes) -> None:
+    model[off : off + len(data)] = data
+
+
+def test_reads_across_mixed_clusters(tmp: Path) -> None:
+    """Data, zero-flagged (with and without their host cluster), compressed and
+    unallocated clusters interleaved: multi-cluster reads must match QEMU's view."""
+    cs = 4 * KiB
+    p = tmp / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", str(p), str(4 * MiB))
+    qemu_io(p, f"write -P 0x11 0 {64 * cs}",
+            f"write -z {5 * cs} {cs}",  # keeps its host cluster, zero flag set
+            f"write -z -u {9 * cs} {2 * cs}",  # zero flag, no host cluster
+            f"write -c -P 0x22 {64 * cs} {cs}",  # compressed, between two data runs
+            f"write -P 0x12 {65 * cs} {32 * cs}",
+            f"discard {20 * cs} {cs}",
+            f"write -P 0x33 {3 * MiB} {cs}")
+    expect = raw_bytes(p, tmp)
+    rng = random.Random(7)
+    with qcow2.open(p) as img:
+        assert img.pread(img.size, 0) == expect
+        for c in range(100):  # every run of up to 8 clusters starting in the mixed area
+            for k in range(1, 9):
+                off, n = c * cs + (c % 3) * 100, k * cs - (k % 2) * 300
+                assert img.pread(n, off) == expect[off : off + n], (off, n)
+        for _ in range(300):
+            off = rng.randrange(img.size)
+            n = rng.randrange(1, min(img.size - off, 24 * cs) + 1)
+            assert img.pread(n, off) == expect[off : off + n], (off, n)
+            buf = bytearray(n)
+            img.readinto(buf, off)
+            assert buf == expect[off : off + n]
+
+
+def test_overwrites_do_not_touch_snapshot_data(tmp: Path) -> None:
+    """Clusters shared with a snapshot lack COPIED: a multi-cluster overwrite must copy
+    them, not write in place."""
+    cs = 64 * KiB
+    p = tmp / "s.qcow2"
+    qcow2.create(p, 8 * MiB)
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"\x01" * (2 * MiB), 0)
+        img.create_snapshot("snap")
+        img.pwrite(b"\x02" * cs, 5 * cs)  # one cluster of the run is ours again
+        img.pwrite(b"\x03" * (MiB + 100), 200)  # spans shared and owned clusters
+    assert_clean(p)
+    snap = raw_bytes(p, tmp, snapshot="snap")
+    assert snap[: 2 * MiB] == b"\x01" * (2 * MiB) and snap[2 * MiB :] == bytes(6 * MiB)
+    cur = raw_bytes(p, tmp)
+    model = bytearray(8 * MiB)
+    _model_write(model, 0, b"\x01" * (2 * MiB))
+    _model_write(model, 5 * cs, b"\x02" * cs)
+    _model_write(model, 200, b"\x03" * (MiB + 100))
+    assert cur == model
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_fresh_runs_allocate_contiguously(tmp: Path, compat: str) -> None:
+    """Big aligned writes into unallocated space take the whole-cluster run path,
+    across L2 table boundaries and around clusters that are already allocated."""
+    cs = 4 * KiB  # an L2 table covers 2 MiB
+    size = 8 * MiB
+    p = tmp / "f.qcow2"
+    qcow2.create(p, size, cluster_size=cs, compat=compat)
+    model = bytearray(size)
+    with qcow2.open(p, "r+") as img:
+        for off, data in [
+            (10 * cs, b"\x05" * 100),  # an allocated cluster inside the next run
+            (0, bytes(range(256)) * (3 * MiB // 256)),  # crosses an L2 boundary
+            (4 * MiB + 3 * cs, b"\x06" * (MiB + cs // 2)),  # aligned start, partial end
+            (6 * MiB - 2 * cs, b"\x07" * (4 * cs)),  # table boundary inside
+        ]:
+            img.pwrite(data, off)
+            _model_write(model, off, data)
+        assert img.pread(size, 0) == model
+    assert_clean(p)
+    assert raw_bytes(p, tmp) == model
+    # the 3 MiB write landed on adjacent host clusters (the L2 table it needed aside)
+    ext = [e for e in qemu_img_map(p) if e["data"] and e["start"] < 3 * MiB]
+    assert len(ext) <= 4, ext
+
+
+def qemu_img_map(p: Path) -> list[dict]:
+    import json
+
+    return json.loads(qemu_img("map", "--output=json", str(p)).stdout)
+
+
+def test_full_cluster_writes_over_backing(tmp: Path) -> None:
+    """A whole-cluster write over unallocated clusters needs nothing from the backing
+    file; partial ones still copy the backing data around them."""
+    cs = 64 * KiB
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), str(4 * MiB))
+    qemu_io(base, f"write -P 0x44 0 {4 * MiB}")
+    top = tmp / "top.qcow2"
+    qcow2.create(top, backing_file=str(base), backing_format="qcow2")
+    with qcow2.open(top, "r+") as img:
+        img.pwrite(b"\x55" * (8 * cs), cs)
+        img.pwrite(b"\x66" * (3 * cs), 12 * cs + 1000)
+    assert_clean(top)
+    model = bytearray(b"\x44" * (4 * MiB))
+    _model_write(model, cs, b"\x55" * (8 * cs))
+    _model_write(model, 12 * cs + 1000, b"\x66" * (3 * cs))
+    assert raw_bytes(top, tmp) == model
+
+
+def test_preallocated_metadata_written_in_place(tmp: Path) -> None:
+    """preallocation=metadata clusters (owned, contiguous) are overwritten in place with
+    one write per request and no metadata change."""
+    p = tmp / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(p), str(8 * MiB))
+    with qcow2.open(p, "r+") as img:
+        s0 = img.stats.copy()
+        img.pwrite(b"\x77" * (2 * MiB), 1 * MiB)
+        d = img.stats - s0
+        assert d.l1_writes == d.l2_writes == d.refcount_writes == 0
+        assert d.data_writes == 1
+    assert_clean(p)
+    qemu_io(p, f"read -q -P 0x77 {MiB} {2 * MiB}", f"read -q -P 0 0 {MiB}")
