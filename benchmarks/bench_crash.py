@@ -30,7 +30,9 @@ Run: python benchmarks/bench_crash.py
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -83,14 +85,30 @@ def prepare(d: Path, size: int, lazy: bool) -> Path:
 
 
 def _fresh(template: Path, d: Path) -> Path:
+    """A copy of the template, synced (so no run pays for writing back the copy)."""
     p = d / "run.qcow2"
     shutil.copyfile(template, p)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return p
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+# CPU seconds of the last run of each side (user + system; for QEMU its whole process)
+CPU: dict[str, float] = {}
 
 
 def ours(template: Path, d: Path, offsets: list[int], flush_every: int) -> tuple[float, int]:
     p = _fresh(template, d)
     data = bytes([0xA5]) * BLOCK
+    c0 = _cpu(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     img = qcow2.open(p, "r+")
     pwrite = img.pwrite
@@ -104,6 +122,7 @@ def ours(template: Path, d: Path, offsets: list[int], flush_every: int) -> tuple
             pwrite(data, off)
     img.close()
     t = time.perf_counter() - t0
+    CPU["ours"] = _cpu(resource.RUSAGE_SELF) - c0
     return t, img.stats.syncs
 
 
@@ -117,9 +136,12 @@ def _qemu_args(p: Path, count: int, step: int, flush_every: int) -> list[str]:
 
 def qemu(template: Path, d: Path, count: int, step: int, flush_every: int) -> float:
     p = _fresh(template, d)
+    c0 = _cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     run_cmd(_qemu_args(p, count, step, flush_every))
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    CPU["qemu"] = _cpu(resource.RUSAGE_CHILDREN) - c0
+    return t
 
 
 def qemu_syncs(template: Path, d: Path, count: int, step: int, flush_every: int) -> int | None:
@@ -169,17 +191,26 @@ def run(s: float) -> list[Result]:
             _check(std, d, offsets)
             for flush_every in (0, FLUSH_EVERY):
                 syncs: dict[str, int | None] = {}
+                cpu: dict[str, float] = {"ours": 1e9, "lazy": 1e9, "std": 1e9}
 
                 def ours_run(fe: int = flush_every, offs: list[int] = offsets,
-                             out: dict[str, int | None] = syncs) -> float:
+                             out: dict[str, int | None] = syncs,
+                             c: dict[str, float] = cpu) -> float:
                     t, n = ours(std, d, offs, fe)
                     out["ours"] = n
+                    c["ours"] = min(c["ours"], CPU["ours"])
+                    return t
+
+                def qemu_run(tpl: Path, key: str, st: int = step, fe: int = flush_every,
+                             c: dict[str, float] = cpu) -> float:
+                    t = qemu(tpl, d, blocks, st, fe)
+                    c[key] = min(c[key], CPU["qemu"])
                     return t
 
                 times = best_of({
                     "ours": ours_run,
-                    "lazy": lambda st=step, fe=flush_every: qemu(lazy, d, blocks, st, fe),
-                    "std": lambda st=step, fe=flush_every: qemu(std, d, blocks, st, fe),
+                    "lazy": lambda: qemu_run(lazy, "lazy"),
+                    "std": lambda: qemu_run(std, "std"),
                     "lazy0": lambda st=step: qemu(lazy, d, 1, st, 0),
                     "std0": lambda st=step: qemu(std, d, 1, st, 0),
                 })
@@ -195,7 +226,9 @@ def run(s: float) -> list[Result]:
                 note = (f"syncs: ours {syncs['ours']}, QEMU lazy_refcounts=on {syncs['lazy']}, "
                         f"QEMU standard {syncs['std']}; QEMU process wall time lazy "
                         f"{walls['lazy']:.3f} s / standard {walls['std']:.3f} s, of which "
-                        f"start-up+open+close {start['lazy']:.3f} s / {start['std']:.3f} s")
+                        f"start-up+open+close {start['lazy']:.3f} s / {start['std']:.3f} s; "
+                        f"CPU time (user+sys, best run): ours {cpu['ours']:.3f} s, QEMU lazy "
+                        f"{cpu['lazy']:.3f} s, QEMU standard {cpu['std']:.3f} s")
                 cmd = " ".join(_qemu_args(Path("IMG"), blocks, step, flush_every)[1:])
                 goal_lazy = None if flush_every else 1.0
                 goal_std = None if flush_every else 5.0

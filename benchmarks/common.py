@@ -80,6 +80,7 @@ class Result:
     lower_is_better: bool = False
     commands: list[str] = field(default_factory=list)
     notes: str = ""
+    module: str = ""  # the bench_*.py it came from (set by run_all.py)
 
     @property
     def base_value(self) -> float | None:
@@ -111,6 +112,7 @@ class Result:
         d = asdict(self)
         d["ratio"] = self.ratio
         d["passed"] = self.passed
+        d["module"] = self.module or self.bench
         return d
 
 

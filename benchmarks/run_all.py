@@ -11,7 +11,9 @@ benchmark ran (goals are reported, not enforced), 1 when one crashed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import sys
 import time
 import traceback
@@ -20,7 +22,7 @@ from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, Result, markdown_table, save, scale  # noqa: E402
+from common import BENCH_DIR, OUT_DIR, Result, markdown_table, save, scale  # noqa: E402
 
 
 def discover(names: list[str]) -> list[Path]:
@@ -42,6 +44,22 @@ def load(path: Path) -> ModuleType:
     return mod
 
 
+def previous(rerun: set[str]) -> list[Result]:
+    """Results of the last full or partial report from modules not run this time."""
+    path = OUT_DIR / "results.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    names = {f.name for f in dataclasses.fields(Result)}
+    out = []
+    for d in doc.get("results", []):
+        if d.get("module", d.get("bench")) in rerun:
+            continue
+        out.append(Result(**{k: v for k, v in d.items() if k in names}))
+    return out
+
+
 def main(argv: list[str]) -> int:
     s = scale()
     results: list[Result] = []
@@ -60,10 +78,14 @@ def main(argv: list[str]) -> int:
             continue
         finally:
             timings[name] = time.perf_counter() - t0
+        for r in res:
+            r.module = name
         results += res
         print(markdown_table(res), flush=True)
         print(f"({timings[name]:.1f} s)", flush=True)
-    out = save(results, extra={"seconds": timings, "errors": errors})
+    # a partial run (names given) keeps the other modules' last results in the report
+    kept = previous(set(timings)) if argv else []
+    out = save(kept + results, extra={"seconds": timings, "errors": errors})
     print(f"wrote {out} and {out.with_suffix('.json')}")
     failed = [r for r in results if r.passed is False]
     if failed:

@@ -58,7 +58,7 @@ def _synthetic_run(tmp_path: Path) -> Run:
     ops = [Op(MARK, payload=e0), Op(WRITE, 0, b"a" * 1024), Op(SYNC),
            Op(WRITE, 1024, b"b" * 1024), Op(WRITE, 0, b"c" * 512), Op(SYNC),
            Op(WRITE, 2048, b"d" * 700)]
-    return Run("synthetic", tmp_path / "x", b"\0" * 4096, ops, e0, {}, 0)
+    return Run("synthetic", tmp_path / "x", b"\0" * 4096, ops, e0, {})
 
 
 def test_states_respect_syncs(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def _verify(out: crashsim.FaultOutcome, path: Path, err: int, sticky: bool, labe
         # a one-off fault: everything the image held in memory reached the file on close
         snaps = {n: s for n, s in {**d.maybe, **d.snapshots}.items() if n in out.names_at_close}
         expect = Expect(bytes(d.content), (), frozenset({len(d.content)}), snaps, {})
-    st = CrashState(crashsim.Run(label, path, b"", [], expect, {}, 0), 0, "fault", 0,
+    st = CrashState(crashsim.Run(label, path, b"", [], expect, {}), 0, "fault", 0,
                     out.data, expect)
     check_with_library(st)
     crashsim.qemu_verdicts([st], path, convert_every=0)

@@ -473,6 +473,8 @@ class _Checker:
         h, res = self.h, self.res
         refs = self.refs = _Refs(self.file_size, self.cb, res)
         self.active_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        # kept batch -> first cluster when its entries are all data clusters back to back
+        self._runs: dict[int, int] = {}
         self.irregular = False  # seen compressed, reserved or misaligned L2 entries
         refs.add_region(0, self.cs)  # header
         self._load_reftable()
@@ -603,6 +605,7 @@ class _Checker:
         for s in range(0, len(uniq), per):
             e = min(len(uniq), s + per)
             tables = _to_u64(_read_raw(self.storage, uniq[s:e], self.cs, self.file_size))
+            self._batch_run = -1
             self._scan_l2_batch(uniq[s:e], tables, w_all[s:e], w_act[s:e])
             # keep the active tables for the COPIED pass when they fit (saves a re-read)
             act = w_act[s:e] > 0
@@ -612,6 +615,7 @@ class _Checker:
                     self.active_tables = None
                 elif act.all():
                     self.active_tables.append((uniq[s:e], tables, w_act[s:e]))
+                    self._runs[len(self.active_tables) - 1] = self._batch_run
                 else:
                     self.active_tables.append((uniq[s:e][act], tables[act], w_act[s:e][act]))
 
@@ -648,6 +652,8 @@ class _Checker:
                 first = int(data[0]) >> self.cb
                 if contiguous:
                     refs.dense[first : first + len(data)] += 1
+                    if len(data) == ent.size:  # every entry, back to back: COPIED pass shortcut
+                        self._batch_run = first
                 else:
                     refs.dense[np.right_shift(data, self.cb, out=data)] += 1
             else:
@@ -1245,7 +1251,12 @@ class _Checker:
         D = len(self.stored)
         is1 = self.stored == 1
         quick_ok = D > 0 and not self.unreadable_blocks.any()
-        for offs, tables, w in self._active_batches(l2off[idx]):
+        for k, (offs, tables, w) in enumerate(self._active_batches(l2off[idx])):
+            run = self._runs.get(k, -1) if self.active_tables is not None else -1
+            if quick_ok and run >= 0 and run + tables.size <= D and \
+                    np.array_equal(is1[run : run + tables.size],
+                                   tables.reshape(-1) >= _U64(QCOW_OFLAG_COPIED)):
+                continue  # one run of clusters (preallocated images): a slice, no gather
             ent = tables[:, 0::2] if ext else tables
             sc = self._scratch(ent.shape)
             normal = np.bitwise_and(ent, _U64(L2E_OFFSET_MASK), out=sc) != 0

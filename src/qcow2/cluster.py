@@ -206,13 +206,16 @@ class ClusterMap:
         if old:
             # Shared with a snapshot: copy it; the old one loses our reference.
             table = self.l2cache.get(old).copy()
-            self.refcounts.release(old)
         else:
             table = np.zeros(self.geo.cluster_size // 8, dtype=np.uint64)
         self._fresh.add(new)
-        self.l2cache.put(new, table, dirty=True)
+        self.l2cache.put(new, table, dirty=True)  # may write back (and fail) an evicted table
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
         self.mark_l1_dirty(l1i)
+        if old:
+            # only now that the L1 entry no longer points at it (if put() failed, the old
+            # table would still be referenced and must keep its count)
+            self.refcounts.release(old)
         return table, new
 
     def mark_l1_dirty(self, lo: int, hi: int | None = None) -> None:

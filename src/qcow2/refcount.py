@@ -34,12 +34,13 @@ from .geometry import Geometry, div_round_up
 from .storage import Storage
 
 MAX_HOST_OFFSET = 1 << 56
-POOL_MIN = 16
+POOL_MIN = 64
 POOL_MAX = 4096
 # Each reservation is POOL_GROWTH times the previous one (up to POOL_MAX clusters): the
-# first 4,096 allocations after open cost at most 5 reservations (5 syncs), and every
-# POOL_MAX after that one more; a crash leaks at most one pool.
-POOL_GROWTH = 4
+# first 4,672 allocations after open cost at most 3 reservations (3 syncs), and every
+# POOL_MAX after that one more; a crash leaks at most one pool (unused reservations are
+# returned on close).
+POOL_GROWTH = 8
 
 
 class RefcountStrategy(abc.ABC):
@@ -744,7 +745,7 @@ def _count_unique(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct values and their multiplicities; a bincount (linear time) when the
     values are dense, as in whole-image passes, else a sort."""
     lo, hi = int(clusters.min()), int(clusters.max())
-    if lo >= 0 and hi - lo <= 4 * len(clusters) + 65536:
+    if lo >= 0 and hi - lo <= 4 * len(clusters) + 1024:
         counts = np.bincount(clusters - lo)
         nz = np.flatnonzero(counts)
         return nz.astype(np.int64) + lo, counts[nz]
