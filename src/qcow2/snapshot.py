@@ -76,6 +76,9 @@ MAX_NAME_BYTES = 0xFFFF  # id and name lengths are 16-bit fields
 _MAX_L1_ENTRIES = MAX_L1_SIZE_BYTES // 8
 _CHUNK_BYTES = 8 << 20  # L2 tables decoded per step: arrays stay in cache-friendly sizes
 _IO_MAX = 256 << 20  # largest single data write (Linux caps one call below 2 GiB)
+# L2 tables kept between two passes of one operation (raw + decoded); a 256 GiB image
+# with 64 KiB clusters needs 64 MiB, larger trees are read again instead
+_CACHE_MAX_BYTES = 512 << 20
 # Byte 0 of a big-endian table entry holds bits 56-63: the COPIED and COMPRESSED flags.
 _B0_COPIED = 0x80
 _B0_COMPRESSED = 0x40
@@ -585,16 +588,20 @@ class SnapshotMixin:
         cmap = self.clusters
         cmap.l2cache.drop_all()
         rest = entries[:i] + entries[i + 1 :]
+        # The active tree's tables that the snapshot shares (all of them after a QEMU
+        # snapshot) are kept from the release pass for the COPIED pass: read and decoded
+        # once, not two or three times.
+        cache = self._tree_cache(cmap.l1)
         rc.begin_atomic()
         try:
-            self._apply_tree(sn_l1, -1)
+            self._apply_tree(sn_l1, -1, cache=cache)
             self._free_tables(e.l1_table_offset, e.l1_size * 8)
             self._free_tables(self.header.snapshots_offset, self._table_size())
             table = pack_snapshot_table(rest) if rest else b""
             t_off = self._write_new_bytes(table, "snapshot_table") if rest else 0
             # COPIED flags of the active tree as the new refcounts want them; tables whose
             # flags change are rewritten as copies (the old image keeps its tables).
-            new_l1 = self._recompute_copied(cmap.l1)
+            new_l1 = self._recompute_copied(cmap.l1, cache)
             l1_off = self._write_new_table(new_l1, "l1")
             self._free_tables(cmap.l1_offset, len(cmap.l1) * 8)
             rc.commit_atomic(lambda rt: self._update_header(
@@ -706,9 +713,14 @@ class SnapshotMixin:
         for c0 in range(0, len(offsets), per):
             offs = offsets[c0 : c0 + per]
             mv = whole[: len(offs) * cs]
-            for s, e in _runs(offs, cs):
-                self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
+            self._read_tables(offs, mv)
             yield offs, mv
+
+    def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
+        """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
+        cs = self.geo.cluster_size
+        for s, e in _runs(offs, cs):
+            self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
 
     def _write_tables(self, offs: np.ndarray, mv: memoryview, changed: np.ndarray) -> None:
         cs = self.geo.cluster_size
@@ -769,12 +781,13 @@ class SnapshotMixin:
         return comp
 
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
-                    count_l2: bool = True) -> np.ndarray:
+                    count_l2: bool = True, cache: _TreeCache | None = None) -> np.ndarray:
         """Add sign x every reference the tree under this L1 table holds to the
         refcounts: data clusters, compressed clusters by byte range and (with count_l2)
         the L2 tables, one per L1 entry. Applied chunk by chunk (memory stays bounded;
         inside a refcount transaction, an error midway is undone by its abort). Returns
-        the L2 tables that hold entries with the COPIED flag when asked."""
+        the L2 tables that hold entries with the COPIED flag when asked. Tables that
+        cache wants are stored in it as they pass."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
@@ -790,13 +803,33 @@ class SnapshotMixin:
         offsets, mult = np.unique(l2, return_counts=True)
         entries = geo.l2_entries
         per = max(1, _CHUNK_BYTES // cs)
-        idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
+        idx: np.ndarray | None = None
+        whole: memoryview | None = None
         copied: list[np.ndarray] = []
         t = 0
-        for offs, buf in self._table_chunks(offsets):
+        for c0 in range(0, len(offsets), per):
+            offs = offsets[c0 : c0 + per]
             k = len(offs)
-            out = idx[:k]
+            sl = cache.slot(offs) if cache is not None else None
+            if sl is not None:
+                # read and decode straight into the cache (no copy)
+                assert cache is not None
+                buf = memoryview(cache.raw[sl]).cast("B")
+                out = cache.clusters[sl]
+            else:
+                if idx is None or whole is None:
+                    n = min(len(offsets), per)
+                    idx = np.empty((n, entries), dtype=np.uint64)
+                    whole = memoryview(bytearray(n * cs))
+                buf = whole[: k * cs]
+                out = idx[:k]
+            self._read_tables(offs, buf)
             comp = self._chunk_clusters(buf, k, out, file_clusters)
+            if sl is not None:
+                assert cache is not None
+                cache.filled[sl] = True
+            elif cache is not None:
+                cache.store(offs, buf, out)
             flat = out.reshape(-1)
             refs = [flat[flat != 0].view(np.int64)]
             if want_copied:
@@ -823,6 +856,16 @@ class SnapshotMixin:
             rc.update(l2 >> cbits, sign)
         return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
 
+    def _tree_cache(self, l1: np.ndarray) -> _TreeCache | None:
+        """A cache for the L2 tables of this L1 table, or None when they would take more
+        memory than _CACHE_MAX_BYTES (the passes then read them again)."""
+        geo = self.geo
+        offs = _sorted_unique((l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64))
+        offs = offs[offs != 0]
+        if not len(offs) or len(offs) * (geo.cluster_size + geo.l2_entries * 8) > _CACHE_MAX_BYTES:
+            return None
+        return _TreeCache(offs, geo.cluster_size, geo.l2_entries)
+
     def _clear_copied(self, tables: np.ndarray) -> None:
         """Clear COPIED in every entry of these L2 tables, in place (only for tables
         that no checked tree of the old image uses)."""
@@ -836,18 +879,28 @@ class SnapshotMixin:
             self._write_tables(offs, buf, changed)
 
     def _copy_tables(self, sources: np.ndarray, dests: np.ndarray,
-                     transform: Any) -> None:
+                     transform: Any, cache: _TreeCache | None = None) -> None:
         """Write L2 tables to new places (dests, back to back), their entries' COPIED
-        flags cleared, or changed by transform(byte0_view, first_index) when given."""
+        flags cleared, or changed by transform(byte0_view, first_index) when given.
+        Tables the cache holds are taken from it (and may be changed there: this is
+        its last use)."""
         cs = self.geo.cluster_size
         per = max(1, _CHUNK_BYTES // cs)
-        whole = memoryview(bytearray(min(len(sources), per) * cs))
+        whole: memoryview | None = None
         for c0 in range(0, len(sources), per):
             src = sources[c0 : c0 + per]
             k = len(src)
-            mv = whole[: k * cs]
-            for s0, e0 in _runs(src, cs):
-                self.storage.preadv([mv[s0 * cs : e0 * cs]], int(src[s0]))
+            pos = cache.lookup(src) if cache is not None else None
+            if pos is not None:
+                assert cache is not None
+                rows = cache.rows(cache.raw, pos)
+                mv = memoryview(rows).cast("B")
+            else:
+                if whole is None:
+                    whole = memoryview(bytearray(min(len(sources), per) * cs))
+                mv = whole[: k * cs]
+                for s0, e0 in _runs(src, cs):
+                    self.storage.preadv([mv[s0 * cs : e0 * cs]], int(src[s0]))
             b0, _ = self._entry_bytes(mv, k)
             if transform is None:
                 np.bitwise_and(b0, 0x7F, out=b0)
@@ -856,11 +909,12 @@ class SnapshotMixin:
             for s0, e0 in _runs(dests[c0 : c0 + per], cs):
                 self.storage.pwrite(mv[s0 * cs : e0 * cs], int(dests[c0 + s0]), "l2")
 
-    def _recompute_copied(self, l1: np.ndarray) -> np.ndarray:
+    def _recompute_copied(self, l1: np.ndarray, cache: _TreeCache | None = None) -> np.ndarray:
         """The active L1 table with COPIED flags as the (new) refcounts want them: an
         L2 table whose entries' flags must change is rewritten as a copy, which replaces
         it in the returned table (inside a refcount transaction, as QEMU's flag update
-        after deleting a snapshot, but without touching tables the old image uses)."""
+        after deleting a snapshot, but without touching tables the old image uses).
+        Tables the cache holds are neither read nor decoded again."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
@@ -874,34 +928,60 @@ class SnapshotMixin:
         file_clusters = div_round_up(self.storage.size(), cs)
         entries = geo.l2_entries
         per = max(1, _CHUNK_BYTES // cs)
-        idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
-        fixes: dict[int, np.ndarray] = {}  # table offset -> entries whose flag flips
+        idx: np.ndarray | None = None
+        # every refcount of the file at once (1/8192 of its size with 64 KiB clusters),
+        # when that is small: one copy instead of a range copy per chunk
+        # (get_range is StandardRefcounts', not part of the strategy interface)
+        get_range = getattr(rc, "get_range", None)
+        counts = (get_range(0, file_clusters)
+                  if get_range is not None and file_clusters * 8 <= _CACHE_MAX_BYTES else None)
+        fix_offs: list[np.ndarray] = []  # tables whose entries' flags change
+        fix_rows: list[np.ndarray] = []  # and which of their entries flip
         t = 0
-        for offs, buf in self._table_chunks(offsets):
+        for c0 in range(0, len(offsets), per):
+            offs = offsets[c0 : c0 + per]
             k = len(offs)
-            out = idx[:k]
-            self._chunk_clusters(buf, k, out, file_clusters)
+            pos = cache.lookup(offs) if cache is not None else None
+            if pos is not None:
+                assert cache is not None
+                buf: Any = cache.rows(cache.raw, pos)
+                out = cache.rows(cache.clusters, pos)
+            else:
+                if idx is None:
+                    idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
+                _, buf = next(self._table_chunks(offs))
+                out = idx[:k]
+                self._chunk_clusters(buf, k, out, file_clusters)
             b0, _ = self._entry_bytes(buf, k)
             alloc = out != 0
-            one = np.zeros(out.shape, dtype=bool)
-            flat = out[alloc].view(np.int64)
-            if len(flat):
-                one[alloc] = rc.get_many(flat) == 1
+            if counts is not None:
+                # a gather (unallocated entries read cluster 0's count, masked below)
+                one = (counts[out.view(np.int64)] == 1) & alloc
+            else:
+                one = np.zeros(out.shape, dtype=bool)
+                flat = out[alloc].view(np.int64)
+                if len(flat):
+                    one[alloc] = rc.get_many(flat) == 1
             cur = b0 >= _B0_COPIED
             fix = (one != cur) & (alloc | cur)  # compressed/unallocated: clear only
-            for r in np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1)).tolist():
-                fixes[int(offs[r])] = fix[r].copy()
+            rows = np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1))
+            if len(rows):
+                fix_offs.append(offs[rows])
+                fix_rows.append(fix[rows])
             t += k
-        if fixes:
-            src = np.array(sorted(fixes), dtype=np.int64)
+        if fix_offs:
+            # offsets come sorted chunk after chunk: src is sorted, its rows in order
+            src = np.concatenate(fix_offs)
+            flips = np.concatenate(fix_rows)
+            del fix_rows
             first = rc.allocate_deferred(len(src))
             dests = np.int64(first) + np.arange(len(src), dtype=np.int64) * cs
 
             def flip(b0: np.ndarray, c0: int) -> None:
-                rows = np.stack([fixes[int(o)] for o in src[c0 : c0 + b0.shape[0]]])
-                b0 ^= rows.view(np.uint8) << 7  # True -> 0x80: the COPIED bit
+                # True -> 0x80: the COPIED bit
+                b0 ^= flips[c0 : c0 + b0.shape[0]].view(np.uint8) << 7
 
-            self._copy_tables(src, dests, flip)
+            self._copy_tables(src, dests, flip, cache)
             pos = np.searchsorted(src, l2[has])
             hit = (pos < len(src)) & (src[np.minimum(pos, len(src) - 1)] == l2[has])
             moved = has[hit]
@@ -914,6 +994,64 @@ class SnapshotMixin:
         new_l1[has] = np.where(one, new_l1[has] | np.uint64(QCOW_OFLAG_COPIED),
                                new_l1[has] & _COPIED_MASK_CLEAR)
         return new_l1
+
+
+class _TreeCache:
+    """Some L2 tables (sorted distinct offsets) as one pass met them: raw bytes and
+    decoded host cluster indices (`_chunk_clusters`), for a later pass over the same
+    tables within one operation (the tables do not change in between)."""
+
+    def __init__(self, offsets: np.ndarray, cs: int, entries: int) -> None:
+        self.offsets = offsets
+        # np.empty: pages are only touched for the tables actually stored
+        self.raw = np.empty((len(offsets), cs), dtype=np.uint8)
+        self.clusters = np.empty((len(offsets), entries), dtype=np.uint64)
+        self.filled = np.zeros(len(offsets), dtype=bool)
+
+    def _positions(self, offs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.offsets, offs), len(self.offsets) - 1)
+        return pos, self.offsets[pos] == offs
+
+    def store(self, offs: np.ndarray, buf: Any, out: np.ndarray) -> None:
+        """Keep the wanted ones of a chunk of tables (offs sorted, buf their bytes)."""
+        pos, hit = self._positions(offs)
+        if not hit.any():
+            return
+        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(offs), -1)
+        if hit.all() and _contiguous(pos):
+            sl = slice(int(pos[0]), int(pos[-1]) + 1)
+            self.raw[sl] = raw
+            self.clusters[sl] = out
+            self.filled[sl] = True
+            return
+        p = pos[hit]
+        self.raw[p] = raw[hit]
+        self.clusters[p] = out[hit]
+        self.filled[p] = True
+
+    def slot(self, offs: np.ndarray) -> slice | None:
+        """The rows for these tables when the cache wants every one of them and they
+        are consecutive (a chunk of a tree the cache was made for), else None."""
+        pos, hit = self._positions(offs)
+        if hit.all() and _contiguous(pos):
+            return slice(int(pos[0]), int(pos[-1]) + 1)
+        return None
+
+    def lookup(self, offs: np.ndarray) -> np.ndarray | None:
+        """Rows of these tables, or None unless the cache holds every one."""
+        pos, hit = self._positions(offs)
+        return pos if hit.all() and self.filled[pos].all() else None
+
+    @staticmethod
+    def rows(arr: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """arr[pos]: a view when the rows are consecutive (the usual case), else a copy."""
+        if _contiguous(pos):
+            return arr[int(pos[0]) : int(pos[-1]) + 1]
+        return arr[pos]
+
+
+def _contiguous(pos: np.ndarray) -> bool:
+    return bool(len(pos)) and int(pos[-1]) - int(pos[0]) == len(pos) - 1
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:

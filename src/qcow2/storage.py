@@ -112,7 +112,8 @@ class Storage:
 
     Guest data writes that continue or overwrite the previous one are combined in a
     small buffer (at most COMBINE_MAX bytes) and reach the file as one write: 4 KiB
-    guest writes into a 64 KiB cluster cost one system call, not sixteen. The buffer
+    guest writes into a 64 KiB cluster cost one system call, not sixteen (scattered
+    writes, which nothing joins, go straight to the file instead). The buffer
     goes to the file before every sync (so flush() covers it and ordering barriers
     see it), before another write that overlaps it, and on close; reads see it. If
     that write fails, the buffer is kept and the error raised; a later attempt (the
@@ -131,6 +132,11 @@ class Storage:
         self.combine = combine
         self._wb: bytearray | None = None  # combined data not yet written
         self._wb_off = 0
+        self._wb_merged = False  # whether a second write joined the buffered one
+        # After a buffered write that nothing joined, writes go straight to the file
+        # (scattered small writes gain nothing from a copy) until one continues the last.
+        self._scattered = False
+        self._last_end = -1
 
     @property
     def name(self) -> str:
@@ -175,20 +181,30 @@ class Storage:
 
     def pwrite(self, data: bytes | memoryview, offset: int, kind: str) -> None:
         n = len(data)
-        if kind == "data" and self.combine and n < COMBINE_MAX:
+        if kind == "data" and self.combine and n < COMBINE_MAX and (
+                not self._scattered or offset == self._last_end):
             # (the hot path of small guest writes: kept free of calls)
             wb = self._wb
             if wb is not None:
                 rel = offset - self._wb_off
                 if 0 <= rel <= len(wb) and rel + n <= COMBINE_MAX:
                     wb[rel : rel + n] = data  # overwrite and/or extend the buffered run
+                    self._wb_merged = True
                 else:
+                    # nothing joined the buffered write and this one does not either:
+                    # scattered writes; the next ones go straight to the file
+                    scattered = not self._wb_merged
                     self._drain()
+                    if scattered:
+                        self._scattered = True
+                        self._write_data(data, offset, n)
+                        return
                     self._wb = bytearray(data)
                     self._wb_off = offset
             else:
                 self._wb = bytearray(data)
                 self._wb_off = offset
+            self._scattered = False
             # counted as unsynced now; the file write is counted when the buffer goes out
             self.unsynced_writes += 1
             self.unsynced_data_writes += 1
@@ -198,10 +214,11 @@ class Storage:
             return
         if self._wb is not None and (kind == "data" or self._overlaps(offset, n)):
             self._drain()
+        if kind == "data":
+            self._write_data(data, offset, n)
+            return
         self._count(kind, n)
         self.unsynced_writes += 1
-        if kind == "data":
-            self.unsynced_data_writes += 1
         try:
             done = self.backend.pwrite(data, offset)
         except OSError as exc:
@@ -224,6 +241,8 @@ class Storage:
             raise _io_error(exc, "Write") from exc
         if done != total:
             raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
+        if kind == "data":
+            self._last_end = offset + total
         self._grew(offset + total)
 
     def sync(self) -> None:
@@ -304,6 +323,24 @@ class Storage:
         if done != n:
             raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
         self._wb = None
+        self._wb_merged = False
+        self._last_end = off + n
+
+    def _write_data(self, data: bytes | memoryview, offset: int, n: int) -> None:
+        """A guest data write straight to the file."""
+        s = self.stats
+        s.data_writes += 1
+        s.data_writes_bytes += n
+        self.unsynced_writes += 1
+        self.unsynced_data_writes += 1
+        try:
+            done = self.backend.pwrite(data, offset)
+        except OSError as exc:
+            raise _io_error(exc, "Write") from exc
+        if done != n:
+            raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
+        self._last_end = offset + n
+        self._grew(offset + n)
 
     def _count(self, kind: str, nbytes: int) -> None:
         s = self.stats
