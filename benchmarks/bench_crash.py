@@ -7,7 +7,10 @@ cluster with the snapshot, so every first write to a cluster copies it):
 * sequential: 4 KiB writes from offset 0 to the end of the disk;
 * random: 4 KiB writes hopping over the disk with a large odd stride of 4 KiB blocks
   (`qemu-img bench -S`; it wraps modulo the image size, so every block is written
-  once, in scattered order); ours replays exactly the same offsets;
+  once, in scattered order); ours replays exactly the same offsets. Every cluster gets
+  16 writes: one copies it, 15 overwrite the copy in place;
+* sparse random: the first 1/16 of those writes (as many as there are clusters), so
+  that most writes are first writes that copy a cluster;
 * the same two with a flush every 1 MiB of writes (a guest that flushes):
   `qemu-img bench --flush-interval=256`, and img.flush() every 256 writes for ours.
 
@@ -60,6 +63,7 @@ import qcow2  # noqa: E402
 
 BENCH = "crash"
 BLOCK = 4 * KiB
+CLUSTER = 64 * KiB  # qemu-img create's default, used by both sides
 FLUSH_EVERY = 256  # writes: 1 MiB
 STRACE = shutil.which("strace")
 
@@ -182,14 +186,20 @@ def run(s: float) -> list[Result]:
     with workdir("crash") as d:
         std = prepare(d, size, lazy=False)
         lazy = prepare(d, size, lazy=True)
+        stride = _stride(blocks)
+        scattered = [(i * stride % blocks) * BLOCK for i in range(blocks)]
         patterns = {
             "sequential": (BLOCK, [i * BLOCK for i in range(blocks)]),
-            "random": (_stride(blocks) * BLOCK,
-                       [(i * _stride(blocks) % blocks) * BLOCK for i in range(blocks)]),
+            "random": (stride * BLOCK, scattered),
+            # as many writes as clusters: mostly first writes, each copying a cluster
+            "sparse random": (stride * BLOCK, scattered[: blocks // (CLUSTER // BLOCK)]),
         }
         for label, (step, offsets) in patterns.items():
             _check(std, d, offsets)
+            count = len(offsets)
             for flush_every in (0, FLUSH_EVERY):
+                if flush_every and label == "sparse random":
+                    continue
                 syncs: dict[str, int | None] = {}
                 cpu: dict[str, float] = {"ours": 1e9, "lazy": 1e9, "std": 1e9}
 
@@ -202,8 +212,8 @@ def run(s: float) -> list[Result]:
                     return t
 
                 def qemu_run(tpl: Path, key: str, st: int = step, fe: int = flush_every,
-                             c: dict[str, float] = cpu) -> float:
-                    t = qemu(tpl, d, blocks, st, fe)
+                             c: dict[str, float] = cpu, k: int = count) -> float:
+                    t = qemu(tpl, d, k, st, fe)
                     c[key] = min(c[key], CPU["qemu"])
                     return t
 
@@ -218,9 +228,10 @@ def run(s: float) -> list[Result]:
                 walls = {k: times[k] for k in ("lazy", "std")}
                 for k in start:
                     times[k] = max(1e-6, times[k] - start[k])
-                syncs["lazy"] = qemu_syncs(lazy, d, blocks, step, flush_every)
-                syncs["std"] = qemu_syncs(std, d, blocks, step, flush_every)
-                what = f"{size // MiB} MiB of 4K {label} writes after a snapshot"
+                syncs["lazy"] = qemu_syncs(lazy, d, count, step, flush_every)
+                syncs["std"] = qemu_syncs(std, d, count, step, flush_every)
+                what = (f"{count} 4K {label} writes over a {size // MiB} MiB disk "
+                        "after a snapshot")
                 if flush_every:
                     what += ", flush every 1 MiB"
                 note = (f"syncs: ours {syncs['ours']}, QEMU lazy_refcounts=on {syncs['lazy']}, "
@@ -229,7 +240,7 @@ def run(s: float) -> list[Result]:
                         f"start-up+open+close {start['lazy']:.3f} s / {start['std']:.3f} s; "
                         f"CPU time (user+sys, best run): ours {cpu['ours']:.3f} s, QEMU lazy "
                         f"{cpu['lazy']:.3f} s, QEMU standard {cpu['std']:.3f} s")
-                cmd = " ".join(_qemu_args(Path("IMG"), blocks, step, flush_every)[1:])
+                cmd = " ".join(_qemu_args(Path("IMG"), count, step, flush_every)[1:])
                 goal_lazy = None if flush_every else 1.0
                 goal_std = None if flush_every else 5.0
                 results.append(Result(

@@ -108,18 +108,21 @@ def test_fault_on_open_for_writing(tmp_path: Path) -> None:
 
 
 def test_error_type_and_retry(tmp_path: Path) -> None:
-    """The first allocation syncs its reservation; when that sync fails the write fails
-    with the errno, writes nothing the metadata points at, and a retry works."""
+    """The first sync (at flush: it makes the reservation, the data and the new L2 table
+    durable) fails: flush fails with the errno, the data stays readable in memory, and a
+    retried flush works."""
     p = tmp_path / "a.qcow2"
     qcow2.create(p, 1 << 20)
     mem = MemoryBackend(p.read_bytes(), path=str(p))
     img = qcow2.open(p, "r+", backend=FaultBackend(mem, fail_sync=1, err=errno.EIO))
+    img.pwrite(b"x" * 100, 0)
     with pytest.raises(Qcow2IOError) as info:
-        img.pwrite(b"x" * 100, 0)
+        img.flush()
     assert info.value.errno == errno.EIO and isinstance(info.value, Qcow2Error)
     assert str(info.value) == "Sync failed: Input/output error (EIO)"
-    assert img.pread(100, 0) == bytes(100)
+    assert img.pread(100, 0) == b"x" * 100
     img.pwrite(b"y" * 100, 0)
+    img.flush()
     assert img.pread(100, 0) == b"y" * 100
     img.close()
     out = tmp_path / "b.qcow2"

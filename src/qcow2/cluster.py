@@ -77,6 +77,8 @@ class ClusterMap:
     def _write_l2(self, offset: int, table: np.ndarray) -> None:
         if self.write_guard is not None:
             self.write_guard(offset, self.geo.cluster_size, "an L2 table")
+        if offset not in self._fresh and self.refcounts is not None:
+            self.refcounts.ensure_durable()
         if offset not in self._fresh and self.storage.unsynced_data_writes:
             # A reachable table may point at clusters whose data (a COW copy, a new
             # write) is not durable yet: sync first, or a power cut could leave the
@@ -236,6 +238,8 @@ class ClusterMap:
             return
         lo = (self._l1_dirty_lo // 64) * 64
         hi = min(len(self.l1), div_round_up(self._l1_dirty_hi, 64) * 64)
+        if self.refcounts is not None:
+            self.refcounts.ensure_durable()
         self.storage.pwrite(encode_table(self.l1[lo:hi]), self.l1_offset + lo * 8, "l1")
         self._l1_dirty_lo = self._l1_dirty_hi = -1
         self._fresh.clear()  # (maybe) reachable from now on

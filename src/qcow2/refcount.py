@@ -51,7 +51,8 @@ class RefcountStrategy(abc.ABC):
     @abc.abstractmethod
     def allocate(self, n: int = 1) -> int:
         """Return the host offset of n contiguous clusters, each now counted once.
-        Their refcount is durable on return."""
+        Their refcount is durable before any reachable metadata is written
+        (see ensure_durable)."""
 
     @abc.abstractmethod
     def release(self, host_offset: int, n: int = 1) -> None:
@@ -60,6 +61,11 @@ class RefcountStrategy(abc.ABC):
     @abc.abstractmethod
     def apply_releases(self) -> None:
         """The metadata that dropped references is durable: apply queued releases."""
+
+    @abc.abstractmethod
+    def ensure_durable(self) -> None:
+        """Make every refcount increase handed out so far durable. Called before any
+        reachable metadata (L2 or L1 table) is written."""
 
     @abc.abstractmethod
     def get(self, cluster: int) -> int:
@@ -151,6 +157,7 @@ class StandardRefcounts(RefcountStrategy):
         self._free_hint = 0  # no free cluster below this index
         self._pool: list[int] = []  # reserved cluster indexes, ascending runs
         self._pool_batch = POOL_MIN
+        self._durable_after: int | None = None  # stats.syncs when a reservation was written
         self._releases: list[int] = []  # queued cluster indexes
         self._pending_frees: list[int] = []  # clusters to free after the reftable moved
         # Transaction state (begin_atomic .. commit_atomic): changed refcount blocks are
@@ -551,7 +558,12 @@ class StandardRefcounts(RefcountStrategy):
         # creating blocks may have used clusters inside the run: search again
         start = self._find_free_run(n)
         self.update(np.arange(start, start + n, dtype=np.int64), 1)
-        self.commit()
+        # The sync that makes this reservation durable is deferred to the first write
+        # of reachable metadata (ensure_durable): nothing can point at these clusters
+        # on disk before then, and a sync here would also force out the guest data
+        # written so far.
+        self.commit(final_sync=False)
+        self._durable_after = self.storage.stats.syncs
         if extra:
             self._pool.extend(range(start, start + n))
             self._pool.sort()
@@ -576,7 +588,14 @@ class StandardRefcounts(RefcountStrategy):
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self._reftable_dirty = False
 
-    def commit(self) -> None:
+    def ensure_durable(self) -> None:
+        mark = self._durable_after
+        if mark is not None:
+            if self.storage.stats.syncs <= mark:  # no sync since the reservation
+                self.storage.sync()
+            self._durable_after = None
+
+    def commit(self, final_sync: bool = True) -> None:
         if self._atomic:
             raise RuntimeError("commit() inside a refcount transaction: use commit_atomic()")
         moved = self._moved
@@ -596,7 +615,9 @@ class StandardRefcounts(RefcountStrategy):
             self.storage.sync()
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self._reftable_dirty = False
-        self.storage.sync()
+        if final_sync:
+            self.storage.sync()
+            self._durable_after = None
 
     # -- transactions ----------------------------------------------------------------
     def _tx_mask(self, b: int) -> np.ndarray:
