@@ -450,10 +450,6 @@ class Image(SnapshotMixin, CheckMixin):
         self._compressed_cache = (entry, data)
         return data
 
-    def _read_guest_cluster_into(self, out: memoryview, guest_cluster_start: int, lo: int, hi: int) -> None:
-        """Fill out[lo:hi] with current guest data of the cluster (used by COW)."""
-        self._read_into(out[lo:hi], guest_cluster_start + lo)
-
     # ------------------------------------------------------------------ writing --
     def _check_writable(self) -> None:
         if self.closed:

@@ -758,9 +758,6 @@ class StandardRefcounts(RefcountStrategy):
         if self._reftable_dirty:
             self.commit()
 
-    def drop_caches(self) -> None:
-        self._blocks.drop_all()
-
 
 def _count_unique(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct values and their multiplicities; a bincount (linear time) when the
