@@ -10,7 +10,7 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import Qcow2Error, Qcow2IOError
 
@@ -219,12 +219,7 @@ class Storage:
             return
         self._count(kind, n)
         self.unsynced_writes += 1
-        try:
-            done = self.backend.pwrite(data, offset)
-        except OSError as exc:
-            raise _io_error(exc, "Write") from exc
-        if done != n:
-            raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
+        self._checked(self.backend.pwrite, data, offset, n)
         self._grew(offset + n)
 
     def pwritev(self, buffers: Sequence[bytes | memoryview], offset: int, kind: str) -> None:
@@ -235,12 +230,7 @@ class Storage:
         self.unsynced_writes += 1
         if kind == "data":
             self.unsynced_data_writes += 1
-        try:
-            done = self.backend.pwritev(buffers, offset)
-        except OSError as exc:
-            raise _io_error(exc, "Write") from exc
-        if done != total:
-            raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
+        self._checked(self.backend.pwritev, buffers, offset, total)
         if kind == "data":
             self._last_end = offset + total
         self._grew(offset + total)
@@ -316,12 +306,7 @@ class Storage:
         s = self.stats
         s.data_writes += 1
         s.data_writes_bytes += n
-        try:
-            done = self.backend.pwrite(wb, off)
-        except OSError as exc:
-            raise _io_error(exc, "Write") from exc
-        if done != n:
-            raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
+        self._checked(self.backend.pwrite, wb, off, n)
         self._wb = None
         self._wb_merged = False
         self._last_end = off + n
@@ -333,14 +318,19 @@ class Storage:
         s.data_writes_bytes += n
         self.unsynced_writes += 1
         self.unsynced_data_writes += 1
+        self._checked(self.backend.pwrite, data, offset, n)
+        self._last_end = offset + n
+        self._grew(offset + n)
+
+    @staticmethod
+    def _checked(write: Any, data: Any, offset: int, n: int) -> None:
+        """One backend write: OS errors become Qcow2IOError, a short write ENOSPC."""
         try:
-            done = self.backend.pwrite(data, offset)
+            done = write(data, offset)
         except OSError as exc:
             raise _io_error(exc, "Write") from exc
         if done != n:
             raise Qcow2IOError(errno.ENOSPC, "Write failed: short write")
-        self._last_end = offset + n
-        self._grew(offset + n)
 
     def _count(self, kind: str, nbytes: int) -> None:
         s = self.stats
