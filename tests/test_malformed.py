@@ -276,6 +276,10 @@ CASES: dict[str, Case] = {
     "data_is_own_l2_write": Case("v3", lambda r: r.set_l2(3, (r.l1(0) & OFFSET_MASK) | COPIED),
                                  CorruptImageError, "overlaps with an L2 table", where="write",
                                  read_at=3 * CS, good_at=0, qemu="check"),
+    "data_is_refcount_table_write": Case(
+        "v3", lambda r: r.set_l2(3, r.get("refcount_table_offset") | COPIED), CorruptImageError,
+        "overlaps with the refcount table", where="write", read_at=3 * CS, good_at=0,
+        qemu="check"),
     "data_is_refblock_write": Case("v3", lambda r: r.set_l2(3, r.reftable(0) | COPIED),
                                    CorruptImageError, "overlaps with a refcount block",
                                    where="write", read_at=3 * CS, good_at=0, qemu="check"),

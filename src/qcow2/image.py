@@ -209,6 +209,23 @@ class Image(SnapshotMixin, CheckMixin):
             self._mark_corrupt(f"Preventing invalid write of {what} on metadata "
                                f"(overlaps with {hit}) at offset {host:#x}")
 
+    def _guard_data(self, host: int, n: int) -> None:
+        """_guard for guest data written inside one host cluster: a few set and range
+        tests rule out metadata in the common case (this runs on every small write);
+        anything that might be metadata gets the full test."""
+        cbits = self.geo.cluster_bits
+        c = host >> cbits
+        cm = self.clusters
+        rc = self.refcounts
+        assert rc is not None
+        l1_first = cm.l1_offset >> cbits
+        rt_first = rc.reftable_offset >> cbits
+        if (c and c not in rc.refblock_clusters and cm.l2cache.cached(c << cbits) is None
+                and not l1_first <= c <= (cm.l1_offset + 8 * len(cm.l1) - 1) >> cbits
+                and not rt_first <= c < rt_first + rc.reftable_clusters):
+            return
+        self._guard(host, n, "data")
+
     def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
         try:
@@ -462,15 +479,27 @@ class Image(SnapshotMixin, CheckMixin):
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write data at offset (like os.pwrite); returns the number of bytes written."""
         self._check_writable()
-        mv = memoryview(data).cast("B")
-        n = len(mv)
-        self._check_range(offset, n)
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        if offset < 0 or offset + n > self.header.size:
+            self._check_range(offset, n)  # raises
         if n == 0:
             return 0
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
         cmap = self.clusters
+        first = offset >> cbits
+        if (offset + n - 1) >> cbits == first:
+            # Hottest path: a small overwrite inside one cluster we own.
+            host = cmap.owned_host(first)
+            if host >= 0:
+                host += offset & (cs - 1)
+                self._guard_data(host, n)
+                self.storage.pwrite(data, host, "data")
+                return n
+        mv = memoryview(data)
         if n <= _FAST_MAX:
             # Fast path: overwriting clusters we own that are back to back on the host
             # is one pwrite, with no metadata change.
@@ -603,7 +632,13 @@ class Image(SnapshotMixin, CheckMixin):
             else:
                 buf = bytearray(cs)
                 mvb = memoryview(buf)
-                if kind in (NORMAL, COMPRESSED, UNALLOCATED):
+                old = entry & L2E_OFFSET_MASK
+                if kind == NORMAL and not old & (cs - 1) and \
+                        old + cs <= self.storage.size() and guest_base + cs <= self.size:
+                    # copy a shared cluster: one read of all of it (the new data then
+                    # goes over its middle), not a head read and a tail read
+                    self.storage.preadv([mvb], old)
+                elif kind in (NORMAL, COMPRESSED, UNALLOCATED):
                     # copy the old contents around the new data (COW)
                     if in_off:
                         self._read_into(mvb[:in_off], guest_base)
