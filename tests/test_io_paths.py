@@ -138,3 +138,39 @@ def test_preallocated_metadata_written_in_place(tmp: Path) -> None:
         assert d.data_writes == 1
     assert_clean(p)
     qemu_io(p, f"read -q -P 0x77 {MiB} {2 * MiB}", f"read -q -P 0 0 {MiB}")
+
+
+def test_large_data_writes_start_writeback_early(tmp: Path) -> None:
+    """Combined data of at least WRITEBACK_MIN bytes has its write-back started right
+    after the write (a hint through the storage layer), over the ranges written; small
+    scattered writes get no hint. The data then reads back in QEMU."""
+    from qcow2.storage import WRITEBACK_MIN, FileBackend
+
+    hints: list[tuple[int, int]] = []
+
+    class Hinted(FileBackend):
+        def start_writeback(self, offset: int, length: int) -> None:
+            hints.append((offset, length))
+            super().start_writeback(offset, length)
+
+    p = tmp / "w.qcow2"
+    qcow2.create(p, 16 * MiB)
+    with qcow2.open(p, "r+", backend=Hinted(p, writable=True)) as img:
+        for off in range(0, 4 * MiB, 4 * KiB):
+            img.pwrite(b"\x5a" * (4 * KiB), off)
+        img.flush()
+        assert hints and all(n >= WRITEBACK_MIN for _, n in hints)
+        before = len(hints)
+        for i in range(64):  # scattered small overwrites in place
+            img.pwrite(b"\x77" * 512, (i * 37 % 64) * 64 * KiB + 4 * KiB)
+        assert len(hints) == before
+    # every hinted byte lies in the file's data clusters that were written
+    covered = sum(n for _, n in hints)
+    assert 3 * MiB <= covered <= 4 * MiB + 64 * KiB
+    qemu_img("check", str(p))
+    model = bytearray(16 * MiB)
+    model[: 4 * MiB] = b"\x5a" * (4 * MiB)
+    for i in range(64):
+        off = (i * 37 % 64) * 64 * KiB + 4 * KiB
+        model[off : off + 512] = b"\x77" * 512
+    assert raw_bytes(p, tmp) == bytes(model)
