@@ -174,3 +174,53 @@ def test_large_data_writes_start_writeback_early(tmp: Path) -> None:
         off = (i * 37 % 64) * 64 * KiB + 4 * KiB
         model[off : off + 512] = b"\x77" * 512
     assert raw_bytes(p, tmp) == bytes(model)
+
+
+@pytest.mark.parametrize("op", ["snapshot", "apply", "discard", "zeroes", "delete_then_apply"])
+def test_remembered_in_place_clusters_are_forgotten(tmp: Path, op: str) -> None:
+    """A cluster that small writes overwrote in place is remembered as writable in
+    place (ClusterMap.owned). After an operation that shares, frees or remaps it, the
+    next small write must take the full path again (copy, allocate), not write in
+    place: the snapshot keeps its data, the freed cluster is not written, and QEMU
+    reads what the model says."""
+    cs = 64 * KiB
+    p = tmp / "o.qcow2"
+    qcow2.create(p, 4 * MiB)
+    model = bytearray(4 * MiB)
+    snap = None
+    with qcow2.open(p, "r+") as img:
+        for off, b in ((cs + 512, 0x11), (cs + 4096, 0x12)):  # the second is in place
+            img.pwrite(bytes([b]) * 512, off)
+            model[off : off + 512] = bytes([b]) * 512
+        assert img.clusters.owned  # the in-place path remembered the cluster
+        if op == "snapshot":
+            img.create_snapshot("s")
+            snap = bytes(model)
+        elif op == "apply":
+            img.create_snapshot("s")
+            snap = bytes(model)
+            img.pwrite(b"\x13" * 512, cs + 512)  # copy, then remembered again
+            img.pwrite(b"\x14" * 512, cs + 1024)
+            img.apply_snapshot("s")
+        elif op == "delete_then_apply":
+            img.create_snapshot("s")
+            img.create_snapshot("t")
+            snap = bytes(model)
+            img.pwrite(b"\x13" * 512, cs + 512)
+            img.pwrite(b"\x14" * 512, cs + 1024)
+            img.delete_snapshot("s")
+            img.apply_snapshot("t")
+        elif op == "discard":
+            img.discard(cs, cs)
+            model[cs : 2 * cs] = bytes(cs)
+        elif op == "zeroes":
+            img.write_zeroes(cs, cs)
+            model[cs : 2 * cs] = bytes(cs)
+        img.pwrite(b"\x99" * 512, cs + 8192)
+        model[cs + 8192 : cs + 8704] = b"\x99" * 512
+        assert img.pread(cs, cs) == model[cs : 2 * cs]
+    assert_clean(p)
+    assert raw_bytes(p, tmp) == bytes(model)
+    if snap is not None:
+        name = "t" if op == "delete_then_apply" else "s"
+        assert raw_bytes(p, tmp, snapshot=name) == snap

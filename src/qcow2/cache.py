@@ -19,10 +19,13 @@ Writer = Callable[[int, np.ndarray], None]
 
 
 class TableCache:
-    def __init__(self, capacity: int, load: Loader, write: Writer) -> None:
+    def __init__(self, capacity: int, load: Loader, write: Writer,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.capacity = max(2, capacity)
         self._load = load
         self._write = write
+        # called when a table is installed, forgotten or dropped (not on plain hits)
+        self._on_change = on_change
         self._tables: OrderedDict[int, np.ndarray] = OrderedDict()
         self._dirty: set[int] = set()
         self.hits = 0
@@ -43,6 +46,8 @@ class TableCache:
 
     def put(self, offset: int, table: np.ndarray, dirty: bool = True) -> None:
         """Install a table built in memory (a new or copied L2 table)."""
+        if self._on_change is not None:
+            self._on_change()
         self._insert(offset, table)
         if dirty:
             self._dirty.add(offset)
@@ -58,6 +63,8 @@ class TableCache:
 
     def discard(self, offset: int) -> None:
         """Forget a table whose cluster was freed (without writing it)."""
+        if self._on_change is not None:
+            self._on_change()
         self._tables.pop(offset, None)
         self._dirty.discard(offset)
 
@@ -79,6 +86,8 @@ class TableCache:
 
     def drop_all(self) -> None:
         """Forget everything without writing (after a failed operation)."""
+        if self._on_change is not None:
+            self._on_change()
         self._tables.clear()
         self._dirty.clear()
 

@@ -52,7 +52,14 @@ class ClusterMap:
         self.refcounts = refcounts
         self.version = version
         self._l1_dirty_lo = self._l1_dirty_hi = -1
-        self.l2cache = TableCache(cache_tables, self._load_l2, self._write_l2)
+        # guest cluster -> host offset of an owned data cluster that small writes may
+        # overwrite in place, filled by the image's write path once owned_host and the
+        # metadata guard passed. Any change to the mapping (an entry, the L1 table, a
+        # table installed or dropped) empties it, as does the image on every write that
+        # allocates (metadata may move) and on close or corruption.
+        self.owned: dict[int, int] = {}
+        self.l2cache = TableCache(cache_tables, self._load_l2, self._write_l2,
+                                  on_change=self.owned.clear)
         self._ext = geometry.extended_l2
         self._file_limit: Callable[[], int] | None = None
         # write_guard(offset, length, what) raises instead of writing onto other metadata;
@@ -204,6 +211,7 @@ class ClusterMap:
         else:
             table[i] = entry
         self.l2cache.mark_dirty(l2off)
+        self.owned.clear()
 
     def set_run(self, guest_cluster: int, entries: np.ndarray) -> None:
         """set() for consecutive clusters within one L2 table (standard entries)."""
@@ -214,6 +222,7 @@ class ClusterMap:
         i = guest_cluster & self._l2_mask
         table[i : i + len(entries)] = entries
         self.l2cache.mark_dirty(l2off)
+        self.owned.clear()
 
     def _writable_l2(self, l1i: int) -> tuple[np.ndarray, int]:
         """The L2 table for l1i, allocated or copied so that it may be modified."""
@@ -241,6 +250,7 @@ class ClusterMap:
         return table, new
 
     def mark_l1_dirty(self, lo: int, hi: int | None = None) -> None:
+        self.owned.clear()
         hi = lo + 1 if hi is None else hi
         if self._l1_dirty_lo < 0:
             self._l1_dirty_lo, self._l1_dirty_hi = lo, hi
@@ -279,6 +289,7 @@ class ClusterMap:
         header points at it; the old one is released after)."""
         if min_size <= len(self.l1):
             return
+        self.owned.clear()
         assert self.refcounts is not None
         if min_size * 8 > 32 * 1024 * 1024:
             raise NoSpaceError("L1 table would exceed its maximum size")

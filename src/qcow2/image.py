@@ -53,6 +53,8 @@ DEFAULT_REFCOUNT_CACHE_SIZE = 1024 * 1024
 _ZEROS = memoryview(bytes(1 << 21))  # one maximal cluster of zeros, sliced without copying
 # Largest request served by one system call: Linux transfers at most ~2 GiB per call.
 _FAST_MAX = 1 << 30
+# Bound on ClusterMap.owned (guest clusters remembered as writable in place)
+_OWNED_MAX = 1 << 16
 
 
 class Image(SnapshotMixin, CheckMixin):
@@ -111,6 +113,8 @@ class Image(SnapshotMixin, CheckMixin):
         h = layout.header
         self.header = h
         self.geo = Geometry(h.cluster_bits, h.refcount_order, bool(h.incompatible_features & INCOMPAT_EXTL2))
+        self._cbits = h.cluster_bits
+        self._cmask = h.cluster_size - 1
         self._cache_tables = max(4, cache_size // h.cluster_size)
         self._refcount_cache_tables = max(4, refcount_cache_size // h.cluster_size)
         l1 = decode_table(self.storage.pread(h.l1_size * 8, h.l1_table_offset)) if h.l1_size else \
@@ -228,6 +232,7 @@ class Image(SnapshotMixin, CheckMixin):
 
     def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
+        self.clusters.owned.clear()
         try:
             self._update_header(incompatible_features=self.header.incompatible_features | INCOMPAT_CORRUPT)
         except Qcow2Error:
@@ -478,6 +483,17 @@ class Image(SnapshotMixin, CheckMixin):
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write data at offset (like os.pwrite); returns the number of bytes written."""
+        if type(data) is bytes:
+            # Hottest path: a small overwrite inside a cluster that an earlier write
+            # found owned and clear of metadata (see ClusterMap.owned: only a writable,
+            # open, healthy image fills it, and any mapping change empties it).
+            n = len(data)
+            gc = offset >> self._cbits
+            host = self.clusters.owned.get(gc)
+            if host is not None and n and (offset + n - 1) >> self._cbits == gc and \
+                    offset + n <= self.header.size:
+                self.storage.pwrite(data, host + (offset & self._cmask), "data")
+                return n
         self._check_writable()
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
@@ -493,12 +509,17 @@ class Image(SnapshotMixin, CheckMixin):
         first = offset >> cbits
         if (offset + n - 1) >> cbits == first:
             # Hottest path: a small overwrite inside one cluster we own.
-            host = cmap.owned_host(first)
-            if host >= 0:
-                host += offset & (cs - 1)
+            base = cmap.owned_host(first)
+            if base >= 0:
+                host = base + (offset & (cs - 1))
                 self._guard_data(host, n)
                 self.storage.pwrite(data, host, "data")
+                if len(cmap.owned) >= _OWNED_MAX:
+                    cmap.owned.clear()
+                cmap.owned[first] = base
                 return n
+        # what follows may allocate (and so place metadata): forget what was checked
+        cmap.owned.clear()
         mv = memoryview(data)
         if n <= _FAST_MAX:
             # Fast path: overwriting clusters we own that are back to back on the host
@@ -845,6 +866,8 @@ class Image(SnapshotMixin, CheckMixin):
 
     def _abandon(self) -> None:
         self.closed = True
+        if hasattr(self, "clusters"):
+            self.clusters.owned.clear()
         if getattr(self, "backing", None) is not None:
             try:
                 self.backing.close()
