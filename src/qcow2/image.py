@@ -521,10 +521,9 @@ class Image(SnapshotMixin, CheckMixin):
         # what follows may allocate (and so place metadata): forget what was checked
         cmap.owned.clear()
         mv = memoryview(data)
-        if n <= _FAST_MAX:
+        if n <= _FAST_MAX and (offset + n - 1) >> cbits != first:
             # Fast path: overwriting clusters we own that are back to back on the host
-            # is one pwrite, with no metadata change.
-            first = offset >> cbits
+            # is one pwrite, with no metadata change (one cluster: done above).
             host = cmap.contiguous_host(first, ((offset + n - 1) >> cbits) - first + 1, True)
             if host >= 0:
                 host += offset - (first << cbits)
@@ -594,7 +593,10 @@ class Image(SnapshotMixin, CheckMixin):
                 bufs.append(writes[j][1])
                 end += len(writes[j][1])
                 j += 1
-            self._guard(host, end - host, "data")
+            if (end - 1) >> self._cbits == host >> self._cbits:
+                self._guard_data(host, end - host)
+            else:
+                self._guard(host, end - host, "data")
             if len(bufs) == 1:
                 self.storage.pwrite(buf, host, "data")
             else:

@@ -159,8 +159,14 @@ class Storage:
         self.unsynced_writes = 0
         self.unsynced_data_writes = 0
         self.combine = combine
-        self._wb: bytearray | None = None  # combined data not yet written
+        # Combined data not yet written: _wb is the buffer while a run is held (None
+        # otherwise), its first _wb_len bytes the data for [_wb_off, _wb_off + _wb_len).
+        # One buffer of COMBINE_MAX bytes is reused: growing a fresh one costs page
+        # faults and reallocations many times the copy itself.
+        self._wb: bytearray | None = None
+        self._wb_buf: bytearray | None = None
         self._wb_off = 0
+        self._wb_len = 0
         self._wb_merged = False  # whether a second write joined the buffered one
         # After a buffered write that nothing joined, writes go straight to the file
         # (scattered small writes gain nothing from a copy) until one continues the last.
@@ -217,8 +223,10 @@ class Storage:
             wb = self._wb
             if wb is not None:
                 rel = offset - self._wb_off
-                if 0 <= rel <= len(wb) and rel + n <= COMBINE_MAX:
+                if 0 <= rel <= self._wb_len and rel + n <= COMBINE_MAX:
                     wb[rel : rel + n] = data  # overwrite and/or extend the buffered run
+                    if rel + n > self._wb_len:
+                        self._wb_len = rel + n
                     self._wb_merged = True
                 else:
                     # nothing joined the buffered write and this one does not either:
@@ -229,11 +237,9 @@ class Storage:
                         self._scattered = True
                         self._write_data(data, offset, n)
                         return
-                    self._wb = bytearray(data)
-                    self._wb_off = offset
+                    self._hold(data, offset, n)
             else:
-                self._wb = bytearray(data)
-                self._wb_off = offset
+                self._hold(data, offset, n)
             self._scattered = False
             # counted as unsynced now; the file write is counted when the buffer goes out
             self.unsynced_writes += 1
@@ -293,7 +299,7 @@ class Storage:
             except OSError as exc:
                 raise _io_error(exc, "Stat") from exc
             if self._wb is not None:
-                self._size = max(self._size, self._wb_off + len(self._wb))
+                self._size = max(self._size, self._wb_off + self._wb_len)
         return self._size
 
     def allocated_bytes(self) -> int:
@@ -309,19 +315,19 @@ class Storage:
         except Qcow2Error:
             pass  # closing after a failure: the caller already has an error
         finally:
-            self._wb = None
+            self._wb = self._wb_buf = None
             self.backend.close()
 
     # -- internals ---------------------------------------------------------------------
     def _overlaps(self, offset: int, length: int) -> bool:
         assert self._wb is not None
-        return offset < self._wb_off + len(self._wb) and self._wb_off < offset + length
+        return offset < self._wb_off + self._wb_len and self._wb_off < offset + length
 
     def _overlay(self, buffers: Sequence[memoryview], offset: int) -> None:
         """Copy the buffered data over what was read from the file (read your writes)."""
         wb = self._wb
         assert wb is not None
-        lo, hi = self._wb_off, self._wb_off + len(wb)
+        lo, hi = self._wb_off, self._wb_off + self._wb_len
         pos = offset
         for b in buffers:
             s, e = max(pos, lo), min(pos + len(b), hi)
@@ -334,16 +340,26 @@ class Storage:
         wb = self._wb
         assert wb is not None
         off = self._wb_off
-        n = len(wb)
+        n = self._wb_len
         s = self.stats
         s.data_writes += 1
         s.data_writes_bytes += n
-        self._checked(self.backend.pwrite, wb, off, n)
+        self._checked(self.backend.pwrite, memoryview(wb)[:n], off, n)
         self._wb = None
         self._wb_merged = False
         self._last_end = off + n
         if n >= WRITEBACK_MIN and self._start_writeback is not None:
             self._start_writeback(off, n)
+
+    def _hold(self, data: bytes | memoryview, offset: int, n: int) -> None:
+        """Start a combined run with data (the buffer must not be holding one)."""
+        buf = self._wb_buf
+        if buf is None:
+            buf = self._wb_buf = bytearray(COMBINE_MAX)
+        buf[:n] = data
+        self._wb = buf
+        self._wb_off = offset
+        self._wb_len = n
 
     def _write_data(self, data: bytes | memoryview, offset: int, n: int) -> None:
         """A guest data write straight to the file."""
