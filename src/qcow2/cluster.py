@@ -31,7 +31,6 @@ UNALLOCATED, NORMAL, ZERO, COMPRESSED = 0, 1, 2, 3
 
 BITMAP_ALLOC_ALL = 0xFFFFFFFF
 BITMAP_ZERO_ALL = 0xFFFFFFFF << 32
-_OWNED_FLAGS = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
 
 class ClusterMap:
@@ -53,7 +52,7 @@ class ClusterMap:
         self.version = version
         self._l1_dirty_lo = self._l1_dirty_hi = -1
         # guest cluster -> host offset of an owned data cluster that small writes may
-        # overwrite in place, filled by the image's write path once owned_host and the
+        # overwrite in place, filled by the image's write path once contiguous_host and the
         # metadata guard passed. Any change to the mapping (an entry, the L1 table, a
         # table installed or dropped) empties it, as does the image on every write that
         # allocates (metadata may move) and on close or corruption.
@@ -126,25 +125,6 @@ class ClusterMap:
         if self._ext:
             return table.item(2 * i), table.item(2 * i + 1)
         return table.item(i), 0
-
-    def owned_host(self, guest_cluster: int) -> int:
-        """Host offset of guest_cluster if it is a standard data cluster carrying the
-        COPIED flag (writable in place, no metadata change), else -1. The hot path of
-        small overwrites: contiguous_host for one owned cluster, with nothing else."""
-        if self._ext:
-            return -1
-        l1i = guest_cluster >> self._l2_bits
-        l1 = self.l1
-        if l1i >= len(l1):
-            return -1
-        off = l1.item(l1i) & L1E_OFFSET_MASK
-        if not off or off & self._cmask:
-            return -1
-        e = self.l2cache.get(off).item(guest_cluster & self._l2_mask)
-        host = e & L2E_OFFSET_MASK
-        if e & _OWNED_FLAGS != QCOW_OFLAG_COPIED or not host or host & self._cmask:
-            return -1
-        return host
 
     def contiguous_host(self, guest_cluster: int, count: int, owned: bool) -> int:
         """Host offset of guest_cluster if it and the count - 1 clusters after it are

@@ -509,7 +509,7 @@ class Image(SnapshotMixin, CheckMixin):
         first = offset >> cbits
         if (offset + n - 1) >> cbits == first:
             # Hottest path: a small overwrite inside one cluster we own.
-            base = cmap.owned_host(first)
+            base = cmap.contiguous_host(first, 1, True)
             if base >= 0:
                 host = base + (offset & (cs - 1))
                 self._guard_data(host, n)
