@@ -217,7 +217,7 @@ class Image(SnapshotMixin, CheckMixin):
         """_guard for guest data written inside one host cluster: a few set and range
         tests rule out metadata in the common case (this runs on every small write);
         anything that might be metadata gets the full test."""
-        cbits = self.geo.cluster_bits
+        cbits = self._cbits
         c = host >> cbits
         cm = self.clusters
         rc = self.refcounts
@@ -483,7 +483,7 @@ class Image(SnapshotMixin, CheckMixin):
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write data at offset (like os.pwrite); returns the number of bytes written."""
-        if type(data) is bytes:
+        if type(data) is bytes or type(data) is bytearray:
             # Hottest path: a small overwrite inside a cluster that an earlier write
             # found owned and clear of metadata (see ClusterMap.owned: only a writable,
             # open, healthy image fills it, and any mapping change empties it).
@@ -495,7 +495,7 @@ class Image(SnapshotMixin, CheckMixin):
                 self.storage.pwrite(data, host + (offset & self._cmask), "data")
                 return n
         self._check_writable()
-        if type(data) is not bytes:
+        if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")
         n = len(data)
         if offset < 0 or offset + n > self.header.size:
