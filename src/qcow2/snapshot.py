@@ -716,6 +716,48 @@ class SnapshotMixin:
             self._read_tables(offs, mv)
             yield offs, mv
 
+    def _l2_chunks(self, offsets: np.ndarray, file_clusters: int, cache: _TreeCache | None,
+                   fill: bool = False) -> Iterator[tuple[int, np.ndarray, Any, np.ndarray,
+                                                         np.ndarray | None]]:
+        """The L2 tables at offsets (sorted, distinct), read and decoded chunk by chunk:
+        yields (index of the chunk's first table, its offsets, raw bytes (k x cs), host
+        cluster indices (k, entries) as _chunk_clusters gives them, compressed entries or
+        None). With fill, the tables the cache wants are read straight into it; without,
+        chunks the cache holds come from it, not decoded again (their compressed entries:
+        None). Buffers are reused: a consumer is done with a chunk before the next."""
+        cs = self.geo.cluster_size
+        per = max(1, _CHUNK_BYTES // cs)
+        idx: np.ndarray | None = None
+        whole: memoryview | None = None
+        for c0 in range(0, len(offsets), per):
+            offs = offsets[c0 : c0 + per]
+            k = len(offs)
+            if cache is not None and not fill:
+                pos = cache.lookup(offs)
+                if pos is not None:
+                    yield c0, offs, cache.rows(cache.raw, pos), cache.rows(cache.clusters, pos), None
+                    continue
+            sl = cache.slot(offs) if cache is not None and fill else None
+            if sl is not None:
+                assert cache is not None
+                buf = memoryview(cache.raw[sl]).cast("B")
+                out = cache.clusters[sl]
+            else:
+                if idx is None or whole is None:
+                    n = min(len(offsets), per)
+                    idx = np.empty((n, self.geo.l2_entries), dtype=np.uint64)
+                    whole = memoryview(bytearray(n * cs))
+                buf = whole[: k * cs]
+                out = idx[:k]
+            self._read_tables(offs, buf)
+            comp = self._chunk_clusters(buf, k, out, file_clusters)
+            if sl is not None:
+                assert cache is not None
+                cache.filled[sl] = True
+            elif cache is not None and fill:
+                cache.store(offs, buf, out)
+            yield c0, offs, buf, out, comp
+
     def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
         """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
         cs = self.geo.cluster_size
@@ -801,35 +843,9 @@ class SnapshotMixin:
             if int(l2.max()) >> cbits >= file_clusters:
                 raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
         offsets, mult = np.unique(l2, return_counts=True)
-        entries = geo.l2_entries
-        per = max(1, _CHUNK_BYTES // cs)
-        idx: np.ndarray | None = None
-        whole: memoryview | None = None
         copied: list[np.ndarray] = []
-        t = 0
-        for c0 in range(0, len(offsets), per):
-            offs = offsets[c0 : c0 + per]
+        for t, offs, buf, out, comp in self._l2_chunks(offsets, file_clusters, cache, fill=True):
             k = len(offs)
-            sl = cache.slot(offs) if cache is not None else None
-            if sl is not None:
-                # read and decode straight into the cache (no copy)
-                assert cache is not None
-                buf = memoryview(cache.raw[sl]).cast("B")
-                out = cache.clusters[sl]
-            else:
-                if idx is None or whole is None:
-                    n = min(len(offsets), per)
-                    idx = np.empty((n, entries), dtype=np.uint64)
-                    whole = memoryview(bytearray(n * cs))
-                buf = whole[: k * cs]
-                out = idx[:k]
-            self._read_tables(offs, buf)
-            comp = self._chunk_clusters(buf, k, out, file_clusters)
-            if sl is not None:
-                assert cache is not None
-                cache.filled[sl] = True
-            elif cache is not None:
-                cache.store(offs, buf, out)
             flat = out.reshape(-1)
             refs = [flat[flat != 0].view(np.int64)]
             if want_copied:
@@ -851,7 +867,6 @@ class SnapshotMixin:
                 row = out[r][out[r] != 0].astype(np.int64)
                 refs.append(np.tile(row, int(mult[t + r]) - 1))
             rc.update(refs[0] if len(refs) == 1 else np.concatenate(refs), sign)
-            t += k
         if count_l2 and len(l2):
             rc.update(l2 >> cbits, sign)
         return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
@@ -926,9 +941,6 @@ class SnapshotMixin:
             return new_l1
         offsets, mult = np.unique(l2[has], return_counts=True)
         file_clusters = div_round_up(self.storage.size(), cs)
-        entries = geo.l2_entries
-        per = max(1, _CHUNK_BYTES // cs)
-        idx: np.ndarray | None = None
         # every refcount of the file at once (1/8192 of its size with 64 KiB clusters),
         # when that is small: one copy instead of a range copy per chunk
         # (get_range is StandardRefcounts', not part of the strategy interface)
@@ -937,21 +949,8 @@ class SnapshotMixin:
                   if get_range is not None and file_clusters * 8 <= _CACHE_MAX_BYTES else None)
         fix_offs: list[np.ndarray] = []  # tables whose entries' flags change
         fix_rows: list[np.ndarray] = []  # and which of their entries flip
-        t = 0
-        for c0 in range(0, len(offsets), per):
-            offs = offsets[c0 : c0 + per]
+        for t, offs, buf, out, _comp in self._l2_chunks(offsets, file_clusters, cache):
             k = len(offs)
-            pos = cache.lookup(offs) if cache is not None else None
-            if pos is not None:
-                assert cache is not None
-                buf: Any = cache.rows(cache.raw, pos)
-                out = cache.rows(cache.clusters, pos)
-            else:
-                if idx is None:
-                    idx = np.empty((min(len(offsets), per), entries), dtype=np.uint64)
-                _, buf = next(self._table_chunks(offs))
-                out = idx[:k]
-                self._chunk_clusters(buf, k, out, file_clusters)
             b0, _ = self._entry_bytes(buf, k)
             alloc = out != 0
             if counts is not None:
@@ -968,7 +967,6 @@ class SnapshotMixin:
             if len(rows):
                 fix_offs.append(offs[rows])
                 fix_rows.append(fix[rows])
-            t += k
         if fix_offs:
             # offsets come sorted chunk after chunk: src is sorted, its rows in order
             src = np.concatenate(fix_offs)
