@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import snapshot
 
     snapshot.register(sub)
+    from . import convert
+
+    convert.register(sub)
     return parser
 
 

@@ -115,6 +115,9 @@ _CREATE_OPTS: list[tuple[str, str, str | None, str]] = [
     ("refcount_bits", "num", "16", "Width of a reference count entry in bits"),
 ]
 _OPT_TYPES = {name: typ for name, typ, _, _ in _CREATE_OPTS}
+# the -o options that are qcow2.create() arguments of the same name
+CREATE_KWARGS = ("cluster_size", "extended_l2", "preallocation", "compression_type", "compat",
+                 "lazy_refcounts", "refcount_bits")
 # qemu-img knows these but this implementation does not create such images
 _UNSUPPORTED_OPTS = ("data_file", "data_file_raw", "encryption", "encrypt.format",
                      "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
@@ -295,11 +298,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(formatting_line(filename, opts), flush=True)
 
-    kw: dict[str, Any] = {}
-    for name in ("cluster_size", "extended_l2", "preallocation", "compression_type", "compat",
-                 "lazy_refcounts", "refcount_bits"):
-        if name in opts:
-            kw[name] = opts[name][1]
+    kw = {name: opts[name][1] for name in CREATE_KWARGS if name in opts}
     if backing_fmt is not None and not backing:
         raise fail("Backing format cannot be used without backing file")
     try:

@@ -1,0 +1,273 @@
+"""Sub-command convert: copy the guest content of one or more images (qcow2 or raw,
+concatenated) into a new qcow2 or raw image, as `qemu-img convert` does.
+
+Zero areas (4 KiB grains, qemu-img's default -S) are not written: they stay
+unallocated in a qcow2 target and holes in a raw one. Source ranges that the qcow2
+metadata already says read as zeros are skipped without reading them. With -n the
+target exists already and is not assumed to be zeroed: zero areas are written as zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .backing import RawFile, probe_format
+from .cluster import UNALLOCATED, ZERO
+from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
+
+CHUNK = 2 << 20  # bytes copied per step
+GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
+FORMATS = ("qcow2", "raw")
+
+
+class _Source:
+    """One input: a qcow2 image (or one of its snapshots) or a raw file."""
+
+    def __init__(self, path: str, fmt: str | None, snapshot: str | None) -> None:
+        from . import open as qopen
+
+        if not os.path.exists(path):
+            raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+        fmt = fmt or probe_format(path)
+        if fmt not in FORMATS:
+            raise InvalidArgumentError(f"Unknown file format '{fmt}'")
+        self.raw: RawFile | None = None
+        self.img: Any = None
+        self.view: Any = None
+        if fmt == "raw":
+            if snapshot is not None:
+                raise InvalidArgumentError("Failed to load snapshot: raw images have no snapshots")
+            self.raw = RawFile(path)
+            self.size = self.raw.size
+            return
+        self.img = qopen(path)
+        try:
+            self.view = self.img if snapshot is None else _snapshot_view(self.img, snapshot)
+        except BaseException:
+            self.img.close()
+            raise
+        self.size = self.view.size
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.raw.pread(n, offset) if self.raw is not None else self.view.pread(n, offset)
+
+    def known_zero(self, offset: int, n: int) -> bool:
+        """Whether the metadata alone says [offset, offset + n) reads as zeros."""
+        if self.view is None:
+            return False
+        no_backing = self.img.backing is None
+        for _guest, _len, kind, _host in self.view.block_status(offset, n):
+            if not (kind == ZERO or (kind == UNALLOCATED and no_backing)):
+                return False
+        return True
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+        if self.img is not None:
+            self.img.close()
+
+
+def _snapshot_view(img: Any, param: str) -> Any:
+    """-l snapshot.name=NAME / snapshot.id=ID (both may be given) or -l/-s ID_OR_NAME."""
+    want: dict[str, str] = {}
+    if param.startswith("snapshot."):
+        for item in param.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("snapshot.name", "snapshot.id"):
+                raise InvalidArgumentError(f"Invalid snapshot parameter '{item}'")
+            want[key.removeprefix("snapshot.")] = value
+    for e in img.snapshots:
+        if want:
+            if all(getattr(e, k) == v for k, v in want.items()):
+                return img.snapshot(e.id)
+        elif param in (e.id, e.name):
+            return img.snapshot(param)
+    raise SnapshotNotFoundError("Failed to load snapshot: Can't find snapshot")
+
+
+class _Target:
+    """The output: an open qcow2 image, or a raw file written through the storage layer."""
+
+    def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str]) -> None:
+        from . import open as qopen
+        from .storage import FileBackend, Storage
+
+        self.img: Any = None
+        self.raw: Any = None
+        if not create and not os.path.exists(path):
+            raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+        if fmt == "qcow2":
+            if create:
+                _create_qcow2(path, size, options)
+            self.img = qopen(path, "r+")
+            have = self.img.size
+        else:
+            if create and options:
+                raise InvalidArgumentError("raw output takes no -o options")
+            try:
+                backend = FileBackend(path, writable=True, create=create)
+            except OSError as exc:
+                raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from None
+            self.raw = Storage(backend, True)
+            if create:
+                self.raw.truncate(size)
+            have = self.raw.size()
+        if have < size:
+            self.close()
+            raise InvalidArgumentError(
+                f"Target '{path}' is too small: {have} bytes for {size} bytes of input")
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if self.img is not None:
+            self.img.pwrite(data, offset)
+        else:
+            self.raw.pwrite(data, offset, "data")
+
+    def zero(self, offset: int, n: int) -> None:
+        if self.img is not None:
+            self.img.write_zeroes(offset, n)
+        else:
+            self.raw.pwrite(bytes(n), offset, "data")
+
+    def finish(self) -> None:
+        if self.img is not None:
+            self.img.flush()
+        else:
+            self.raw.sync()
+
+    def close(self) -> None:
+        if self.img is not None:
+            self.img.close()
+        if self.raw is not None:
+            self.raw.close()
+
+
+def _create_qcow2(path: str, size: int, options: list[str]) -> None:
+    from .commands import CREATE_KWARGS, parse_create_options, valid_option_list
+    from .create import create
+
+    for chunk in options:
+        if not valid_option_list(chunk):
+            raise InvalidArgumentError(f"Invalid option list: {chunk}")
+    opts = parse_create_options(",".join(options)) if options else {}
+    for name in ("backing_file", "backing_fmt", "size"):
+        if name in opts:
+            raise InvalidArgumentError(f"Parameter '{name}' is not supported by convert")
+    kw = {name: value for name, (_text, value) in opts.items() if name in CREATE_KWARGS}
+    try:
+        create(path, size, **kw)
+    except Qcow2Error as exc:
+        raise InvalidArgumentError(f"{path}: error while converting qcow2: {exc}") from None
+
+
+def _runs(mask: np.ndarray) -> Iterator[tuple[int, int, bool]]:
+    """(first, end, value) of each run of equal values in a boolean array."""
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    starts = np.r_[0, edges]
+    ends = np.r_[edges, len(mask)]
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        yield s, e, bool(mask[s])
+
+
+def copy(sources: list[_Source], target: _Target, zero_target: bool, progress: Any = None) -> None:
+    """Copy the concatenated sources into target. With zero_target (a new image), zero
+    areas are left alone; otherwise they are written as zeros."""
+    base = 0
+    for src in sources:
+        pos = 0
+        while pos < src.size:
+            n = min(CHUNK, src.size - pos)
+            if src.known_zero(pos, n):
+                if not zero_target:
+                    target.zero(base + pos, n)
+            else:
+                data = src.pread(n, pos)
+                grains = -(-n // GRAIN)
+                padded = np.zeros(grains * GRAIN, dtype=np.uint8)
+                padded[:n] = np.frombuffer(data, dtype=np.uint8)
+                nonzero = padded.reshape(grains, GRAIN).any(axis=1)
+                mv = memoryview(data)
+                for g0, g1, has_data in _runs(nonzero):
+                    s, e = g0 * GRAIN, min(g1 * GRAIN, n)
+                    if has_data:
+                        target.write(mv[s:e], base + pos + s)
+                    elif not zero_target:
+                        target.zero(base + pos + s, e - s)
+            pos += n
+            if progress is not None:
+                progress.update(n)
+        base += src.size
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if len(args.files) < 2:
+        raise InvalidArgumentError("Must specify image file name")
+    if args.compress:
+        raise InvalidArgumentError("Compressed output is not supported by this implementation")
+    out_fmt = args.out_fmt or "raw"  # qemu-img convert's default
+    if out_fmt not in FORMATS:
+        raise InvalidArgumentError(f"Unknown file format '{out_fmt}'")
+    if args.fmt is not None and args.fmt not in FORMATS:
+        raise InvalidArgumentError(f"Unknown file format '{args.fmt}'")
+    *inputs, output = args.files
+    snapshot = args.snapshot_param if args.snapshot_param is not None else args.snapshot
+    if snapshot is not None and len(inputs) > 1:
+        raise InvalidArgumentError("No support for concatenating multiple snapshot")
+    if output in inputs:
+        raise InvalidArgumentError(f"Output '{output}' is also an input")
+    sources: list[_Source] = []
+    created = False
+    try:
+        for path in inputs:
+            sources.append(_Source(path, args.fmt, snapshot))
+        size = sum(s.size for s in sources)
+        create = not args.no_create
+        target = _Target(output, out_fmt, size, create, args.options)
+        created = create
+        try:
+            from tqdm import tqdm
+
+            with tqdm(total=size, unit="B", unit_scale=True, disable=not args.progress or args.quiet,
+                      file=sys.stderr, desc="convert") as bar:
+                copy(sources, target, zero_target=create, progress=bar)
+            target.finish()
+        finally:
+            target.close()
+    except BaseException:
+        if created:
+            try:  # a half-written new image is of no use to anyone
+                os.unlink(output)
+            except OSError:
+                pass
+        raise
+    finally:
+        for s in sources:
+            s.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("convert", help="copy images into a new qcow2 or raw image",
+                       description="Convert (copy) the concatenated guest content of the input "
+                       "images into OUTPUT, like `qemu-img convert`. Zero areas are not written.")
+    p.add_argument("-f", dest="fmt", metavar="FMT", help="input format (qcow2 or raw; probed)")
+    p.add_argument("-O", dest="out_fmt", metavar="FMT", help="output format (raw, default, or qcow2)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="qcow2 creation options, as for create")
+    p.add_argument("-l", dest="snapshot_param", metavar="SNAPSHOT",
+                   help="copy this internal snapshot: snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME")
+    p.add_argument("-s", dest="snapshot", metavar="SNAPSHOT", help="the same as -l ID_OR_NAME")
+    p.add_argument("-n", dest="no_create", action="store_true",
+                   help="write into an existing OUTPUT (not assumed to be zeroed)")
+    p.add_argument("-c", dest="compress", action="store_true", help="compress (not supported)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("files", metavar="FILE", nargs="*", help="input images, then OUTPUT")
+    p.set_defaults(func=cmd_convert)

@@ -1,0 +1,160 @@
+"""`qcow2 convert` against `qemu-img convert`: the same guest bytes out of QEMU-made
+images of every cluster kind (and their snapshots, and concatenations), images QEMU
+checks clean and finds identical (`qemu-img compare`), zero areas left unallocated,
+and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean, qemu_img, qemu_io, raw_bytes
+
+from qcow2.cli import main
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _qemu_mixed(tmp: Path) -> Path:
+    """A QEMU image with data, zero, compressed, discarded and unallocated clusters over
+    a raw backing file, and a snapshot taken midway."""
+    base = tmp / "base.raw"
+    base.write_bytes(random.Random(1).randbytes(3 * MiB))
+    p = tmp / "mixed.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384", "-b", str(base), "-F", "raw",
+             str(p), str(6 * MiB))
+    qemu_io(p, "write -P 0x11 0 256k", f"write -z {512 * KiB} 128k",
+            f"write -c -P 0x22 {MiB} 64k", f"write -P 0x33 {4 * MiB} 1k")
+    qemu_img("snapshot", "-c", "mid", str(p))
+    qemu_io(p, f"write -P 0x44 {64 * KiB} 64k", f"discard {2 * MiB} 64k",
+            f"write -P 0x55 {5 * MiB + 4096} 8k")
+    return p
+
+
+def test_qemu_image_to_raw_matches_qemu(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _qemu_mixed(tmp)
+    out = tmp / "ours.raw"
+    assert main(["convert", "-p", "-O", "raw", str(src), str(out)]) == 0
+    assert "100%" in capsys.readouterr().err  # the progress bar got to the end
+    assert out.read_bytes() == raw_bytes(src, tmp)
+    # zero areas are holes: the file holds less than the disk size
+    assert os.stat(out).st_blocks * 512 < 6 * MiB
+
+
+@pytest.mark.parametrize("param", ["snapshot.name=mid", "snapshot.id=1", "mid",
+                                   "snapshot.id=1,snapshot.name=mid"])
+def test_snapshot_to_raw_matches_qemu(tmp: Path, param: str) -> None:
+    src = _qemu_mixed(tmp)
+    out = tmp / "snap.raw"
+    assert main(["convert", "-l", param, "-O", "raw", str(src), str(out)]) == 0
+    assert out.read_bytes() == raw_bytes(src, tmp, snapshot="mid")
+    out2 = tmp / "snap2.raw"
+    assert main(["convert", "-s", "mid", str(src), str(out2)]) == 0  # -O raw is the default
+    assert out2.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4096", "compat=0.10", "refcount_bits=1",
+                                  "extended_l2=on,cluster_size=65536", "cluster_size=2M"])
+def test_raw_to_qcow2_is_identical_and_sparse(tmp: Path, opts: str) -> None:
+    size = 5 * MiB + 512
+    data = bytearray(size)
+    rng = random.Random(opts)
+    for _ in range(20):
+        off = rng.randrange(size - 9000)
+        data[off : off + rng.randrange(1, 9000)] = rng.randbytes(1)[0:1] * 9000
+    data[MiB : 2 * MiB] = bytes(MiB)  # a long zero stretch
+    data[3 * MiB : 3 * MiB + 4096] = b"\x01" * 4096
+    src = tmp / "in.raw"
+    src.write_bytes(bytes(data))
+    out = tmp / "out.qcow2"
+    assert main(["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), str(out)]) == 0
+    assert_clean(out)
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(src), str(out)).returncode == 0
+    extents = json.loads(qemu_img("map", "--output=json", str(out)).stdout)
+    # nothing of the zero stretch that fills whole clusters is allocated
+    cs = {"4096": 4096, "65536": 65536, "2M": 2 * MiB}.get(opts.split("cluster_size=")[-1].split(",")[0],
+                                                            65536)
+    lo, hi = -(-MiB // cs) * cs, (2 * MiB // cs) * cs
+    for e in extents:
+        if e["data"] and lo < hi:
+            assert e["start"] + e["length"] <= lo or e["start"] >= hi, e
+
+
+def test_concatenation_matches_qemu(tmp: Path) -> None:
+    a = tmp / "a.raw"
+    a.write_bytes(random.Random(2).randbytes(MiB + 512))
+    b = _qemu_mixed(tmp)
+    ours, theirs = tmp / "cat.qcow2", tmp / "cat-q.qcow2"
+    assert main(["convert", "-O", "qcow2", str(a), str(b), str(ours)]) == 0
+    qemu_img("convert", "-O", "qcow2", str(a), str(b), str(theirs))
+    assert_clean(ours)
+    assert qemu_img("compare", str(ours), str(theirs)).returncode == 0
+    assert raw_bytes(ours, tmp) == raw_bytes(theirs, tmp)
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
+    """-n: the target is not assumed to be zeroed, so zero areas of the input replace
+    whatever the target held there."""
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), str(2 * MiB))
+    qemu_io(src, "write -P 0x66 0 64k", f"write -z {MiB} 64k")
+    dst = tmp / f"dst.{out_fmt}"
+    qemu_img("create", "-q", "-f", out_fmt, str(dst), str(3 * MiB))
+    qemu_io(dst, f"write -P 0x77 0 {3 * MiB}", fmt=out_fmt)
+    assert main(["convert", "-n", "-O", out_fmt, str(src), str(dst)]) == 0
+    got = raw_bytes(dst, tmp) if out_fmt == "qcow2" else dst.read_bytes()
+    assert got[: 2 * MiB] == raw_bytes(src, tmp)
+    assert got[2 * MiB :] == b"\x77" * MiB  # past the input: untouched
+    if out_fmt == "qcow2":
+        assert_clean(dst)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "-O", "raw", "{missing}", "{out}"], "Could not open"),
+    (["convert", "-O", "vmdk", "{img}", "{out}"], "Unknown file format 'vmdk'"),
+    (["convert", "-f", "vdi", "{img}", "{out}"], "Unknown file format 'vdi'"),
+    (["convert", "-O", "qcow2", "-o", "cluster_size=1234", "{img}", "{out}"], "Cluster size"),
+    (["convert", "-O", "qcow2", "-o", "backing_file=x", "{img}", "{out}"], "not supported by convert"),
+    (["convert", "-O", "qcow2", "-o", "bogus=1", "{img}", "{out}"], "Invalid parameter 'bogus'"),
+    (["convert", "-l", "snapshot.name=nope", "{img}", "{out}"], "Can't find snapshot"),
+    (["convert", "-l", "snapshot.size=3", "{img}", "{out}"], "Invalid snapshot parameter"),
+    (["convert", "-n", "{img}", "{out}"], "Could not open"),
+    (["convert", "-c", "-O", "qcow2", "{img}", "{out}"], "Compressed output is not supported"),
+    (["convert", "{img}"], "Must specify image file name"),
+    (["convert", "-l", "x", "{img}", "{img}", "{out}"], "concatenating multiple snapshot"),
+    (["convert", "{img}", "{img}"], "is also an input"),
+])
+def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
+                               argv: list[str], message: str) -> None:
+    img = tmp / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(MiB))
+    names = {"{img}": str(img), "{out}": str(tmp / "out.img"), "{missing}": str(tmp / "nope.qcow2")}
+    before = img.read_bytes()
+    assert main([names.get(a, a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp / "out.img").exists()  # no half-made output is left behind
+    assert img.read_bytes() == before
+
+
+def test_failed_copy_removes_the_new_output(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An input that turns out corrupt midway: one error line, and the output file that
+    convert created is gone."""
+    src = tmp / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), str(4 * MiB))
+    qemu_io(src, f"write -P 0x12 0 {4 * MiB}")
+    # point the L2 entry of the last cluster far past the end of the file
+    from qcow2_edit import RawImage
+
+    RawImage(src).set_u64(RawImage(src).l2_entry_offset(4 * MiB // 4096 - 1), (1 << 63) | (1 << 40))
+    out = tmp / "out.raw"
+    assert main(["convert", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qcow2: ") and "Traceback" not in err, err
+    assert not out.exists()
+    assert os.path.exists(src)
