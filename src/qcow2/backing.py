@@ -38,6 +38,13 @@ class RawFile:
         data = os.pread(self.fd, n, offset)
         return data if len(data) == n else data + bytes(n - len(data))
 
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Fill buf from offset (zeros past the end of the file)."""
+        got = os.preadv(self.fd, [buf], offset)
+        if got < len(buf):
+            buf[got:] = bytes(len(buf) - got)
+        return len(buf)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
