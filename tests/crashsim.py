@@ -205,6 +205,10 @@ class Driver:
         data = bytes(data)
         self._data_op(off, len(data), data, lambda: self.img.pwrite(data, off))
 
+    def write_compressed(self, off: int, data: bytes) -> None:
+        data = bytes(data)
+        self._data_op(off, len(data), data, lambda: self.img.write_compressed(off, data))
+
     def write_zeroes(self, off: int, n: int) -> None:
         self._data_op(off, n, bytes(n), lambda: self.img.write_zeroes(off, n))
 
@@ -700,11 +704,13 @@ class Workload:
     setup: Callable[[Path], Path]
     body: Callable[[Driver, random.Random], None]
     weight: float = 1.0  # share of the state budget (slow-to-check images get less)
+    open_options: dict[str, Any] = field(default_factory=dict)  # for qcow2.open
 
     def record(self, directory: Path, seed: int = 1) -> Run:
         directory.mkdir(parents=True, exist_ok=True)
         path = self.setup(directory)
-        return record(self.name, path, lambda d: self.body(d, random.Random(seed)))
+        return record(self.name, path, lambda d: self.body(d, random.Random(seed)),
+                      **self.open_options)
 
 
 def _random_writes(d: Driver, rng: random.Random, n: int, cluster: int, flush_every: int) -> None:
@@ -887,6 +893,38 @@ def _body_check(d: Driver, rng: random.Random) -> None:
     d.write(4096, rng.randbytes(9000))
 
 
+def _setup_compressed_target(tmp: Path) -> Path:
+    # sixteen L2 tables, four cached (the least the library keeps; see the workload):
+    # reachable tables are written back on eviction, between flushes
+    p = tmp / "ctarget.qcow2"
+    qcow2.create(p, 32 << 20, cluster_size=4096)
+    return p
+
+
+def _compressible(rng: random.Random, n: int) -> bytes:
+    """Data that compresses to a fraction of n (a varying share: packed clusters cross
+    host cluster boundaries now and then)."""
+    noise = rng.randbytes(rng.randrange(n // 16, n // 2))
+    return (noise + bytes([rng.randrange(256)]) * n)[:n]
+
+
+def _body_compressed(d: Driver, rng: random.Random) -> None:
+    """Compressed clusters packed into shared host clusters (refcounts above 1 that must
+    be durable before the L2 entries), then freed in part, overwritten and copied."""
+    cs = 4096
+    order = rng.sample(range(d.size // cs), 64)
+    for i, c in enumerate(order[:40]):
+        d.write_compressed(c * cs, _compressible(rng, cs))
+        if i % 13 == 12:
+            d.flush()
+    d.discard(order[3] * cs, cs)  # one reference of a shared host cluster goes
+    d.write(order[5] * cs + 100, rng.randbytes(300))  # copy-on-write from compressed
+    d.flush()
+    for c in order[40:52]:  # packing restarts after the flush: clusters freed meanwhile
+        d.write_compressed(c * cs, _compressible(rng, cs))
+    d.write(order[41] * cs, rng.randbytes(cs))
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -899,6 +937,8 @@ WORKLOADS: list[Workload] = [
     Workload("l1-growth", _setup_l1_growth, _body_l1_growth, weight=0.6),
     Workload("snapshots", _setup_data, _body_snapshots),
     Workload("check-repair", _setup_leaky, _body_check),
+    Workload("compressed-writes", _setup_compressed_target, _body_compressed,
+             open_options={"cache_size": 4 * 4096}),
 ]
 
 

@@ -31,6 +31,7 @@ CASES = [
     ("l1-growth", {}),
     ("snapshots", {}),
     ("check-repair", {}),
+    ("compressed-writes", {"cache_size": 64 * 4096}),
 ]
 # fault points per workload and kind: every write and sync up to this many, a seeded
 # sample beyond (only the reftable-growth workload has more); QCOW2_FAULT_POINTS raises it

@@ -2,7 +2,8 @@
 concatenated) into a new qcow2 or raw image, as `qemu-img convert` does.
 
 Zero areas (4 KiB grains, qemu-img's default -S) are not written: they stay
-unallocated in a qcow2 target and holes in a raw one. Source ranges that the qcow2
+unallocated in a qcow2 target and holes in a raw one. With -c every qcow2 cluster that
+holds data is written compressed (or plain, if it does not compress). Source ranges that the qcow2
 metadata already says read as zeros are skipped without reading them. With -n the
 target exists already and is not assumed to be zeroed: zero areas are written as zeros.
 The output is flushed to the disk at the end (qemu-img's default cache mode for convert,
@@ -97,12 +98,17 @@ def _snapshot_view(img: Any, param: str) -> Any:
 class _Target:
     """The output: an open qcow2 image, or a raw file written through the storage layer."""
 
-    def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str]) -> None:
+    def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str],
+                 compress: bool = False) -> None:
         from . import open as qopen
         from .storage import FileBackend, Storage
 
         self.img: Any = None
         self.raw: Any = None
+        # with compress: the cluster being gathered (guest offset, bytes) before it is
+        # written compressed in one piece
+        self.compress = compress
+        self._cluster: tuple[int, bytearray] | None = None
         if not create and not os.path.exists(path):
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
         if fmt == "qcow2":
@@ -127,10 +133,36 @@ class _Target:
                 f"Target '{path}' is too small: {have} bytes for {size} bytes of input")
 
     def write(self, data: memoryview, offset: int) -> None:
-        if self.img is not None:
+        if self.compress:
+            self._gather(data, offset)
+        elif self.img is not None:
             self.img.pwrite(data, offset)
         else:
             self.raw.pwrite(data, offset, "data")
+
+    def _gather(self, data: memoryview, offset: int) -> None:
+        """Collect data (coming in increasing offsets) cluster by cluster; a cluster is
+        written compressed once the data moves past it. Parts never written are zeros
+        (the target is new)."""
+        cs = self.img.cluster_size
+        pos = 0
+        while pos < len(data):
+            at = offset + pos
+            start = at - at % cs
+            if self._cluster is not None and self._cluster[0] != start:
+                self._put_cluster()
+            if self._cluster is None:
+                self._cluster = (start, bytearray(min(cs, self.img.size - start)))
+            buf = self._cluster[1]
+            k = min(len(data) - pos, len(buf) - (at - start))
+            buf[at - start : at - start + k] = data[pos : pos + k]
+            pos += k
+
+    def _put_cluster(self) -> None:
+        assert self._cluster is not None
+        start, buf = self._cluster
+        self._cluster = None
+        self.img.write_compressed(start, buf)
 
     def zero(self, offset: int, n: int) -> None:
         if self.img is not None:
@@ -139,6 +171,8 @@ class _Target:
             self.raw.pwrite(bytes(n), offset, "data")
 
     def finish(self) -> None:
+        if self._cluster is not None:
+            self._put_cluster()
         if self.img is not None:
             self.img.flush()
         else:
@@ -215,11 +249,14 @@ def copy(sources: list[_Source], target: _Target, zero_target: bool, progress: A
 def cmd_convert(args: argparse.Namespace) -> int:
     if len(args.files) < 2:
         raise InvalidArgumentError("Must specify image file name")
-    if args.compress:
-        raise InvalidArgumentError("Compressed output is not supported by this implementation")
     out_fmt = args.out_fmt or "raw"  # qemu-img convert's default
     if out_fmt not in FORMATS:
         raise InvalidArgumentError(f"Unknown file format '{out_fmt}'")
+    if args.compress and out_fmt != "qcow2":
+        raise InvalidArgumentError("Compression not supported for this file format")
+    if args.compress and args.no_create:
+        raise InvalidArgumentError("Compression needs a new target image (not -n): compressed "
+                                   "clusters are written only where there is no data yet")
     if args.fmt is not None and args.fmt not in FORMATS:
         raise InvalidArgumentError(f"Unknown file format '{args.fmt}'")
     *inputs, output = args.files
@@ -235,7 +272,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sources.append(_Source(path, args.fmt, snapshot))
         size = sum(s.size for s in sources)
         create = not args.no_create
-        target = _Target(output, out_fmt, size, create, args.options)
+        target = _Target(output, out_fmt, size, create, args.options, args.compress)
         created = create
         try:
             from tqdm import tqdm
@@ -272,7 +309,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-s", dest="snapshot", metavar="SNAPSHOT", help="the same as -l ID_OR_NAME")
     p.add_argument("-n", dest="no_create", action="store_true",
                    help="write into an existing OUTPUT (not assumed to be zeroed)")
-    p.add_argument("-c", dest="compress", action="store_true", help="compress (not supported)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="write compressed clusters (qcow2 output; compression_type in -o)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("files", metavar="FILE", nargs="*", help="input images, then OUTPUT")

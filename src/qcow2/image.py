@@ -20,7 +20,7 @@ from .cluster import (
     ZERO,
     ClusterMap,
 )
-from .compress import decompress_cluster
+from .compress import compress_cluster, decompress_cluster
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -126,6 +126,9 @@ class Image(SnapshotMixin, CheckMixin):
         self.clusters.load_guard = self._l2_load_guard
         self._refblock_set: set[int] | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
+        # where the next compressed cluster may be packed: (next free byte, end of that
+        # host cluster), valid only from one write_compressed to the next (see there)
+        self._comp_tail: tuple[int, int] | None = None
         self._header_dirty = False
 
     def _make_refcounts(self) -> StandardRefcounts:
@@ -520,6 +523,7 @@ class Image(SnapshotMixin, CheckMixin):
                 return n
         # what follows may allocate (and so place metadata): forget what was checked
         cmap.owned.clear()
+        self._comp_tail = None
         mv = memoryview(data)
         if n <= _FAST_MAX and (offset + n - 1) >> cbits != first:
             # Fast path: overwriting clusters we own that are back to back on the host
@@ -719,6 +723,74 @@ class Image(SnapshotMixin, CheckMixin):
         if tail < end:
             self._read_into(mvb[tail:end], guest_base + tail)
 
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write one cluster at a cluster-aligned offset as a compressed cluster, as QEMU's
+        compressed writes (`qemu-io write -c`, `qemu-img convert -c`) do: only where this
+        image has no data cluster yet (unallocated or zero), one whole cluster (the last
+        cluster of an image whose size is not a multiple of it may be shorter: it is
+        zero-padded). Data that does not compress below a cluster is written as a normal
+        cluster. Consecutive compressed clusters are packed into shared host clusters.
+        Returns len(data)."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        self._check_range(offset, n)
+        cs = self.geo.cluster_size
+        if offset & (cs - 1) or not (n == cs or (0 < n < cs and offset + n == self.size)):
+            raise InvalidArgumentError(
+                "A compressed write must cover one whole cluster at a cluster-aligned offset")
+        gc = offset >> self._cbits
+        cmap = self.clusters
+        entry, _bitmap = cmap.get(gc)
+        if entry & (L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED):
+            raise InvalidArgumentError(
+                f"Compressed writes go only where there is no data yet: the cluster at guest "
+                f"offset {offset:#x} is allocated")
+        comp = compress_cluster(bytes(mv) + bytes(cs - n), self.header.compression_type)
+        if len(comp) >= cs:  # QEMU's rule: it must fit in cluster_size - 1 bytes
+            self.pwrite(mv, offset)
+            return n
+        cmap.owned.clear()  # what follows allocates
+        host = self._alloc_compressed(len(comp))
+        try:
+            self._guard(host, len(comp), "data")
+            self.storage.pwrite(comp, host, "data")
+        except BaseException:
+            self._comp_tail = None  # (the bytes taken leak; nothing points at them)
+            raise
+        self._compressed_cache = None
+        cmap.set(gc, QCOW_OFLAG_COMPRESSED | self.geo.compressed_descriptor(host, len(comp)))
+        return n
+
+    def _alloc_compressed(self, nbytes: int) -> int:
+        """Host bytes for compressed data: packed after the previous compressed cluster
+        when it fits in that host cluster (one more reference to it), else at the start of
+        fresh clusters. The packing position is forgotten by everything else that changes
+        the image (flush, other writes, discard, snapshots), so that it never points into
+        a cluster that was freed meanwhile."""
+        rc = self.refcounts
+        assert rc is not None
+        cs = self.geo.cluster_size
+        tail = self._comp_tail
+        self._comp_tail = None
+        if tail is not None and rc.get(tail[0] >> self._cbits) >= self.geo.refcount_max:
+            tail = None  # one more reference would overflow its refcount: start afresh
+        if tail is not None and tail[0] + nbytes <= tail[1]:
+            host = tail[0]
+            rc.add_reference(host >> self._cbits)
+        else:
+            host = rc.allocate(-(-nbytes // cs))
+            if tail is not None and host == tail[1] and nbytes < cs:
+                # the new cluster follows the packed one: continue into it, as QEMU does
+                # (the data then counts as a reference to both)
+                host = tail[0]
+                rc.add_reference(host >> self._cbits)
+        end = host + nbytes
+        cluster_end = ((end - 1) | (cs - 1)) + 1
+        if end < cluster_end:
+            self._comp_tail = (end, cluster_end)
+        return host
+
     # ------------------------------------------------------------------ zero / discard --
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros, without writing data where the
@@ -739,6 +811,7 @@ class Image(SnapshotMixin, CheckMixin):
         self._zero_or_discard(offset, length, discard=True)
 
     def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
+        self._comp_tail = None
         geo = self.geo
         cs = geo.cluster_size
         # QEMU discards whole clusters only, also with subclusters (partial ones are
@@ -832,6 +905,7 @@ class Image(SnapshotMixin, CheckMixin):
             raise Qcow2Error("I/O operation on a closed image")
         if not self.writable:
             return
+        self._comp_tail = None  # releases may free the cluster it points into
         rc = self.refcounts
         assert rc is not None
         cmap = self.clusters

@@ -55,6 +55,11 @@ class RefcountStrategy(abc.ABC):
         (see ensure_durable)."""
 
     @abc.abstractmethod
+    def add_reference(self, cluster: int) -> None:
+        """One more reference to an allocated host cluster (compressed data packed into
+        it); durable before any reachable metadata is written, as allocate's are."""
+
+    @abc.abstractmethod
     def release(self, host_offset: int, n: int = 1) -> None:
         """A reference to n clusters was dropped in (not yet durable) metadata."""
 
@@ -158,6 +163,7 @@ class StandardRefcounts(RefcountStrategy):
         self._pool: list[int] = []  # reserved cluster indexes, ascending runs
         self._pool_batch = POOL_MIN
         self._durable_after: int | None = None  # stats.syncs when a reservation was written
+        self._increments_pending = False  # add_reference updates not yet written
         self._releases: list[int] = []  # queued cluster indexes
         self._pending_frees: list[int] = []  # clusters to free after the reftable moved
         # Transaction state (begin_atomic .. commit_atomic): changed refcount blocks are
@@ -569,6 +575,11 @@ class StandardRefcounts(RefcountStrategy):
             self._pool.sort()
         return start
 
+    def add_reference(self, cluster: int) -> None:
+        self.update(np.array([cluster], dtype=np.int64), 1)
+        # written and synced by ensure_durable, before reachable metadata
+        self._increments_pending = True
+
     def release(self, host_offset: int, n: int = 1) -> None:
         c = host_offset >> self.geo.cluster_bits
         self._releases.extend(range(c, c + n))
@@ -581,14 +592,24 @@ class StandardRefcounts(RefcountStrategy):
 
     # -- durability ------------------------------------------------------------------
     def write_back(self) -> None:
-        self._blocks.flush()
+        self._flush_blocks()
         if self._reftable_dirty and not self._moved and not self._atomic:
             # In place: the blocks it points to must be durable first.
             self.storage.sync()
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self._reftable_dirty = False
 
+    def _flush_blocks(self) -> None:
+        """Write the dirty refcount blocks; add_reference increments among them are
+        durable after the next sync."""
+        self._blocks.flush()
+        if self._increments_pending:
+            self._increments_pending = False
+            self._durable_after = self.storage.stats.syncs
+
     def ensure_durable(self) -> None:
+        if self._increments_pending:
+            self._flush_blocks()
         mark = self._durable_after
         if mark is not None:
             if self.storage.stats.syncs <= mark:  # no sync since the reservation
@@ -599,7 +620,7 @@ class StandardRefcounts(RefcountStrategy):
         if self._atomic:
             raise RuntimeError("commit() inside a refcount transaction: use commit_atomic()")
         moved = self._moved
-        self._blocks.flush()
+        self._flush_blocks()
         if moved:
             self.storage.pwrite(encode_table(self.reftable), self.reftable_offset, "refcount")
             self.storage.sync()
