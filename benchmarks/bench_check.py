@@ -30,10 +30,8 @@ from common import (  # noqa: E402
     KiB,
     Result,
     best_of,
-    print_results,
     run_cmd,
-    save,
-    scale,
+    standalone,
     warm,
     workdir,
 )
@@ -188,13 +186,5 @@ def run(s: float) -> list[Result]:
     return out
 
 
-def main() -> int:
-    results = run(scale())
-    print_results(results)
-    path = save(results, name="check")
-    print(f"wrote {path} and {path.with_suffix('.json')}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone(run, "check"))

@@ -26,10 +26,8 @@ from common import (  # noqa: E402
     MiB,
     Result,
     best_of,
-    print_results,
     run_cmd,
-    save,
-    scale,
+    standalone,
     workdir,
 )
 
@@ -93,13 +91,5 @@ def run(s: float) -> list[Result]:
     return results
 
 
-def main() -> int:
-    results = run(scale())
-    print_results(results)
-    out = save(results, name=BENCH)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone(run, BENCH))

@@ -52,10 +52,8 @@ from common import (  # noqa: E402
     MiB,
     Result,
     best_of,
-    print_results,
     run_cmd,
-    save,
-    scale,
+    standalone,
     workdir,
 )
 
@@ -255,13 +253,5 @@ def run(s: float) -> list[Result]:
     return results
 
 
-def main() -> int:
-    results = run(scale())
-    print_results(results)
-    path = save(results, name="crash")
-    print(f"written: {path} and {path.with_suffix('.json')}")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(standalone(run, BENCH))

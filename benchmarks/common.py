@@ -286,3 +286,12 @@ def save(results: list[Result], name: str = "results", extra: dict[str, Any] | N
     path = OUT_DIR / f"{name}.md"
     path.write_text("\n".join(md))
     return path
+
+
+def standalone(run: Callable[[float], list[Result]], name: str) -> int:
+    """`python benchmarks/bench_NAME.py`: run at QCOW2_BENCH_SCALE, print, save."""
+    results = run(scale())
+    print_results(results)
+    out = save(results, name=name)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
