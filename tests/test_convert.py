@@ -128,12 +128,16 @@ def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
     (["convert", "{img}"], "Must specify image file name"),
     (["convert", "-l", "x", "{img}", "{img}", "{out}"], "concatenating multiple snapshot"),
     (["convert", "{img}", "{img}"], "is also an input"),
+    (["convert", "{dir}", "{out}"], "Could not open image"),
+    (["convert", "{img}", "{dir}"], "Is a directory"),
 ])
 def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
                                argv: list[str], message: str) -> None:
     img = tmp / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), str(MiB))
-    names = {"{img}": str(img), "{out}": str(tmp / "out.img"), "{missing}": str(tmp / "nope.qcow2")}
+    (tmp / "adir").mkdir()
+    names = {"{img}": str(img), "{out}": str(tmp / "out.img"), "{missing}": str(tmp / "nope.qcow2"),
+             "{dir}": str(tmp / "adir")}
     before = img.read_bytes()
     assert main([names.get(a, a) for a in argv]) == 1
     err = capsys.readouterr().err

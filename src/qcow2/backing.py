@@ -66,12 +66,12 @@ def resolve_backing_name(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def probe_format(path: str) -> str:
+def probe_format(path: str, what: str = "backing file") -> str:
     try:
         with open(path, "rb") as f:
             return "qcow2" if f.read(4) == MAGIC else "raw"
     except OSError as exc:
-        raise BackingFileError(f"Could not open backing file '{path}': {exc.strerror}") from exc
+        raise BackingFileError(f"Could not open {what} '{path}': {exc.strerror}") from exc
 
 
 def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, ...]) -> Readable:

@@ -37,7 +37,7 @@ class _Source:
 
         if not os.path.exists(path):
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
-        fmt = fmt or probe_format(path)
+        fmt = fmt or probe_format(path, what="image")
         if fmt not in FORMATS:
             raise InvalidArgumentError(f"Unknown file format '{fmt}'")
         self.raw: RawFile | None = None
