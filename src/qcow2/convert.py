@@ -1,13 +1,13 @@
 """Sub-command convert: copy the guest content of one or more images (qcow2 or raw,
 concatenated) into a new qcow2 or raw image, as `qemu-img convert` does.
 
-Zero areas (4 KiB grains, qemu-img's default -S) are not written: they stay
-unallocated in a qcow2 target and holes in a raw one. With -c every qcow2 cluster that
-holds data is written compressed (or plain, if it does not compress). Source ranges that the qcow2
-metadata already says read as zeros are skipped without reading them. With -n the
-target exists already and is not assumed to be zeroed: zero areas are written as zeros.
-The output is flushed to the disk at the end (qemu-img's default cache mode for convert,
-unsafe, skips that; a copy that may vanish in a power cut is no copy).
+Zero areas (4 KiB grains, qemu-img's default -S) are not written: they stay unallocated
+in a qcow2 target and holes in a raw one; source ranges that the qcow2 metadata already
+says read as zeros are not even read. With -c every qcow2 cluster that holds data is
+written compressed (or plain, if it does not compress). With -n the target exists
+already and is not assumed to be zeroed: zero areas are written as zeros. The output is
+flushed to the disk at the end (qemu-img's default cache mode for convert, unsafe, skips
+that; a copy that may vanish in a power cut is no copy).
 """
 
 from __future__ import annotations
