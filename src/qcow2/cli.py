@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import convert
 
     convert.register(sub)
+    from . import compare
+
+    compare.register(sub)
     return parser
 
 

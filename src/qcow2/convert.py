@@ -29,7 +29,7 @@ GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 FORMATS = ("qcow2", "raw")
 
 
-class _Source:
+class Source:
     """One input: a qcow2 image (or one of its snapshots) or a raw file."""
 
     def __init__(self, path: str, fmt: str | None, snapshot: str | None) -> None:
@@ -212,7 +212,7 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield s, e, bool(mask[s])
 
 
-def copy(sources: list[_Source], target: _Target, zero_target: bool, progress: Any = None) -> None:
+def copy(sources: list[Source], target: _Target, zero_target: bool, progress: Any = None) -> None:
     """Copy the concatenated sources into target. With zero_target (a new image), zero
     areas are left alone; otherwise they are written as zeros."""
     # one buffer for every chunk (a fresh one each time costs page faults), padded
@@ -265,11 +265,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("No support for concatenating multiple snapshot")
     if output in inputs:
         raise InvalidArgumentError(f"Output '{output}' is also an input")
-    sources: list[_Source] = []
+    sources: list[Source] = []
     created = False
     try:
         for path in inputs:
-            sources.append(_Source(path, args.fmt, snapshot))
+            sources.append(Source(path, args.fmt, snapshot))
         size = sum(s.size for s in sources)
         create = not args.no_create
         target = _Target(output, out_fmt, size, create, args.options, args.compress)
