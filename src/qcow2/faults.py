@@ -105,13 +105,13 @@ class Recording:
         return sum(1 for o in self.ops if o.kind == SYNC)
 
 
-class RecordingBackend:
-    """Passes every operation to `inner` and appends writes, truncates and syncs (in
-    program order) to `recording.ops`. Operations that fail are not recorded."""
+class _PassThrough:
+    """A backend that hands every operation to `inner`; the wrappers below override
+    what they watch. (Write-back hints are not passed on: they are not operations a
+    crash or a fault model needs, and the real file is not under them.)"""
 
-    def __init__(self, inner: Backend, recording: Recording | None = None) -> None:
+    def __init__(self, inner: Backend) -> None:
         self.inner = inner
-        self.recording = recording if recording is not None else Recording()
         self.path = getattr(inner, "path", "<image>")
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -119,6 +119,25 @@ class RecordingBackend:
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         return self.inner.preadv(buffers, offset)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def allocated_bytes(self) -> int:
+        fn = getattr(self.inner, "allocated_bytes", None)
+        return int(fn()) if fn else self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class RecordingBackend(_PassThrough):
+    """Passes every operation to `inner` and appends writes, truncates and syncs (in
+    program order) to `recording.ops`. Operations that fail are not recorded."""
+
+    def __init__(self, inner: Backend, recording: Recording | None = None) -> None:
+        super().__init__(inner)
+        self.recording = recording if recording is not None else Recording()
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> int:
         n = self.inner.pwrite(data, offset)
@@ -138,18 +157,8 @@ class RecordingBackend:
         self.inner.truncate(length)
         self.recording.ops.append(Op(TRUNCATE, length))
 
-    def size(self) -> int:
-        return self.inner.size()
 
-    def allocated_bytes(self) -> int:
-        fn = getattr(self.inner, "allocated_bytes", None)
-        return int(fn()) if fn else self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class FaultBackend:
+class FaultBackend(_PassThrough):
     """Passes operations to `inner`, failing the `fail_write`-th write (1-based, a
     pwritev counts once) and/or the `fail_sync`-th sync with OSError(err). With sticky,
     every later write and sync fails too (a device that went away); otherwise the
@@ -158,7 +167,7 @@ class FaultBackend:
     def __init__(self, inner: Backend, *, fail_write: int | None = None,
                  fail_sync: int | None = None, err: int = errno.EIO,
                  sticky: bool = False) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fail_write = fail_write
         self.fail_sync = fail_sync
         self.err = err
@@ -166,7 +175,6 @@ class FaultBackend:
         self.writes = 0
         self.syncs = 0
         self.tripped = 0  # faults raised so far
-        self.path = getattr(inner, "path", "<image>")
 
     def _fail(self) -> None:
         self.tripped += 1
@@ -176,12 +184,6 @@ class FaultBackend:
         if self.sticky and self.tripped:
             return True
         return target is not None and count == target
-
-    def pread(self, length: int, offset: int) -> bytes:
-        return self.inner.pread(length, offset)
-
-    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        return self.inner.preadv(buffers, offset)
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> int:
         self.writes += 1
@@ -205,13 +207,3 @@ class FaultBackend:
         if self.sticky and self.tripped:
             self._fail()
         self.inner.truncate(length)
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def allocated_bytes(self) -> int:
-        fn = getattr(self.inner, "allocated_bytes", None)
-        return int(fn()) if fn else self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()
