@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import qcow2
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -16,26 +21,89 @@ if QEMU_IMG is None or QEMU_IO is None:  # never skip interop: `make test` insta
     raise RuntimeError("qemu-img and qemu-io are required for the test suite (run `make test`)")
 
 
+# Every refcount mode; suites that use the `mode` fixture run once per mode.
+MODES = ("standard", "lazy-count")
+_MODE_BITS = {"lazy-count": 1 << 59}
+
+
+def image_mode(path: str | Path) -> str:
+    """The refcount mode of a qcow2 file ("standard" for anything else), from its header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(80)
+    except OSError:
+        return "standard"
+    if len(head) < 80 or head[:4] != b"QFI\xfb" or struct.unpack(">I", head[4:8])[0] < 3:
+        return "standard"
+    bits = struct.unpack(">Q", head[72:80])[0]
+    return next((m for m, b in _MODE_BITS.items() if bits & b), "standard")
+
+
+def standard_copy(path: str | Path) -> Path:
+    """QEMU reads only standard images: a standard copy of a non-standard one (beside
+    it, so relative backing file names resolve), converted by our library."""
+    path = Path(path)
+    if image_mode(path) == "standard":
+        return path
+    copy = path.with_name(f".std-{path.name}")
+    shutil.copyfile(path, copy)
+    with qcow2.open(copy, "r+", backing=False) as img:
+        img.set_refcount_mode("standard")
+    return copy
+
+
+@contextlib.contextmanager
+def as_standard(path: str | Path) -> Iterator[None]:
+    """Let QEMU modify a non-standard image: converted to standard in place, and back
+    to its mode afterwards (both conversions are part of what the tests prove)."""
+    mode = image_mode(path)
+    if mode != "standard":
+        with qcow2.open(path, "r+", backing=False) as img:
+            img.set_refcount_mode("standard")
+    try:
+        yield
+    finally:
+        if mode != "standard" and image_mode(path) == "standard":
+            with qcow2.open(path, "r+", backing=False) as img:
+                img.set_refcount_mode(mode)
+
+
+# qemu-img sub-commands that only read the images named on their command line
+_READING = {"check", "info", "map", "compare", "convert", "measure", "dd"}
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=check)
 
 
 def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(QEMU_IMG, *args, check=check)  # type: ignore[arg-type]
+    reading = bool(args) and (args[0] in _READING or (args[0] == "snapshot" and "-l" in args))
+    ours = [a for a in args[1:] if not a.startswith("-") and image_mode(a) != "standard"]
+    if not ours:
+        return run(QEMU_IMG, *args, check=check)  # type: ignore[arg-type]
+    if reading:
+        copies = {a: str(standard_copy(a)) for a in ours}
+        return run(QEMU_IMG, *[copies.get(a, a) for a in args], check=check)  # type: ignore[arg-type]
+    with contextlib.ExitStack() as stack:
+        for a in ours:
+            stack.enter_context(as_standard(a))
+        return run(QEMU_IMG, *args, check=check)  # type: ignore[arg-type]
 
 
 def qemu_io(path: str | Path, *commands: str, fmt: str = "qcow2", check: bool = True) -> str:
     args = [QEMU_IO, "-f", fmt]
     for c in commands:
         args += ["-c", c]
-    p = run(*args, str(path), check=check)  # type: ignore[arg-type]
+    with as_standard(path) if fmt == "qcow2" else contextlib.nullcontext():
+        p = run(*args, str(path), check=check)  # type: ignore[arg-type]
     if check and ("error" in p.stdout.lower() or "failed" in p.stdout.lower()):
         raise AssertionError(f"qemu-io failed: {p.stdout}{p.stderr}")
     return p.stdout
 
 
 def qemu_check(path: str | Path) -> dict:
-    """qemu-img check --output=json; returns the parsed report plus 'returncode'."""
+    """qemu-img check --output=json; returns the parsed report plus 'returncode'
+    (of a standard copy, for an image in another refcount mode)."""
     p = qemu_img("check", "--output=json", str(path), check=False)
     try:
         rep = json.loads(p.stdout)
@@ -68,3 +136,20 @@ def qemu_info(path: str | Path, *extra: str) -> dict:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per refcount mode: images the test makes with qcow2.create are
+    in that mode (v2 ones stay standard: the modes need compat 1.1)."""
+    name = request.param
+    if name != "standard":
+        real = qcow2.create
+
+        def create(*args: object, **kwargs: object) -> None:
+            if str(kwargs.get("compat", "1.1")) not in ("0.10", "v2"):
+                kwargs.setdefault("refcount_mode", name)
+            real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(qcow2, "create", create)
+    return name

@@ -61,6 +61,7 @@ from .format import (
     encode_table,
 )
 from .geometry import div_round_up
+from .modes import live_weight_of
 
 REPAIR_MODES = (None, "leaks", "all")
 MAX_MESSAGES = 10000  # detailed lines kept per check; the rest are only counted
@@ -369,6 +370,9 @@ class _Checker:
         self.nb_file = div_round_up(self.file_size, self.cs)
         self.rebuild = False
         self.changed = False
+        # what one live reference adds to a stored refcount in the image's mode
+        self.live_weight = live_weight_of(img.header)
+        self.live: np.ndarray | None = None
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> None:
@@ -513,6 +517,34 @@ class _Checker:
             refs.add_region(off, length)
         self._count_bitmaps()
         self._check_refblocks()
+        if self.live_weight != 1:
+            self._expect_without_live(act)
+
+    def _expect_without_live(self, act: np.ndarray) -> None:
+        """A mode whose stored counts leave out the live tree's references: count those
+        (the active L1 table, its L2 tables and their data) apart and take them off the
+        expected refcounts. What the scan already reported is not reported again."""
+        h = self.h
+        live = _Refs(self.file_size, self.cb, CheckResult())
+        live.add_region(h.l1_table_offset, h.l1_size * 8)
+        live.add_clusters(act.copy())
+        ext = self.geo.extended_l2
+        cm = self.geo.coffset_mask
+        for _offs, tables, w in self._active_batches(act):
+            ent = tables[:, 0::2] if ext else tables
+            comp = (ent & _U64(QCOW_OFLAG_COMPRESSED)) != 0
+            hoff = ent & _U64(L2E_OFFSET_MASK)
+            normal = (hoff != 0) & ~comp
+            live.add_clusters(hoff[normal].astype(np.int64), np.repeat(w, normal.sum(axis=1)))
+            if comp.any():
+                ce = ent[comp]
+                host = (ce & _U64(cm)).astype(np.int64)
+                nsec = ((ce >> _U64(self.geo.csize_shift)) & _U64(self.geo.csize_mask)).astype(np.int64) + 1
+                live.add_regions(host, nsec * 512 - (host & 511), np.repeat(w, comp.sum(axis=1)))
+        dense = live.dense[: len(self.refs.dense)]
+        self.refs.dense[: len(dense)] -= dense * (1 - self.live_weight)
+        np.maximum(self.refs.dense, 0, out=self.refs.dense)
+        self.live = dense
 
     def _scan_l1(self, offset: int, size: int) -> np.ndarray:
         """Check the active L1 table; count its L2 tables. Returns their offsets (exact,
@@ -1006,6 +1038,8 @@ class _Checker:
             self.highest = _last_nonzero(((stored != 0) | (ref != 0)) & ~unr)
         else:
             self.highest = max(_last_nonzero(stored), _last_nonzero(ref))
+        if self.live is not None:
+            self.highest = max(self.highest, _last_nonzero(self.live))
         mism = np.flatnonzero(diff)
         s_vals = stored[mism]
         r_vals = ref[mism]
@@ -1114,6 +1148,9 @@ class _Checker:
         # old refcounts say something is (a leaked cluster may hold data whose reference
         # a corruption lost), nor where those refcounts cannot be read.
         used = (refs.dense[:D] > 0) | (self.stored[:D] != 0)
+        if self.live is not None:  # clusters only the live state uses count 0
+            n = min(D, len(self.live))
+            used[:n] |= self.live[:n] > 0
         if self.unreadable_blocks.any():
             used |= np.repeat(self.unreadable_blocks, geo.refblock_entries)[:D]
         E = geo.refblock_entries
@@ -1192,8 +1229,11 @@ class _Checker:
         img = self.img
         h = img.header
         rc = img._make_refcounts()
+        if rc.needs_live_map:
+            rc.set_live(img._live_counts())
         try:
-            new = rc.allocate(div_round_up(len(blob), self.cs)) if blob else 0
+            new = rc.allocate_deferred(div_round_up(len(blob), self.cs)) if blob else 0
+            rc.commit()  # counted and durable before the header points at it
             if blob:
                 self.storage.pwrite(blob, new, "snapshot_table")
                 self.storage.sync()
@@ -1229,7 +1269,8 @@ class _Checker:
             return
         rc, ok = self._stored_many(l2off[idx] >> cb)
         copied = (l1[idx] & _U64(QCOW_OFLAG_COPIED)) != 0
-        bad = ok & ((rc == 1) != copied)
+        excl = self.live_weight  # the stored count of a cluster the live state has alone
+        bad = ok & ((rc == excl) != copied)
         if bad.any():
             n = int(bad.sum())
             for i, e, r in zip(idx[bad][:MAX_MESSAGES].tolist(), l1[idx][bad][:MAX_MESSAGES].tolist(),
@@ -1237,7 +1278,7 @@ class _Checker:
                 res.msg(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={r}")
             if repair:
                 fix_at = idx[bad]
-                l1[fix_at] = np.where(rc[bad] == 1, l1[fix_at] | _U64(QCOW_OFLAG_COPIED),
+                l1[fix_at] = np.where(rc[bad] == excl, l1[fix_at] | _U64(QCOW_OFLAG_COPIED),
                                       l1[fix_at] & ~_U64(QCOW_OFLAG_COPIED))
                 self.storage.pwrite(encode_table(l1), h.l1_table_offset, "l1")
                 self.storage.sync()
@@ -1249,7 +1290,7 @@ class _Checker:
         ext = self.geo.extended_l2
         dirty = False
         D = len(self.stored)
-        is1 = self.stored == 1
+        is1 = self.stored == excl
         quick_ok = D > 0 and not self.unreadable_blocks.any()
         for k, (offs, tables, w) in enumerate(self._active_batches(l2off[idx])):
             run = self._runs.get(k, -1) if self.active_tables is not None else -1
@@ -1273,7 +1314,7 @@ class _Checker:
             rows, cols = np.nonzero(normal)
             rc, ok = self._stored_many(clus[rows, cols])
             e = ent[rows, cols]
-            bad = ok & ((rc == 1) != ((e & _U64(QCOW_OFLAG_COPIED)) != 0))
+            bad = ok & ((rc == excl) != ((e & _U64(QCOW_OFLAG_COPIED)) != 0))
             if not bad.any():
                 continue
             weight = w[rows[bad]]
@@ -1282,7 +1323,7 @@ class _Checker:
             if not repair:
                 res.corruptions += int(weight.sum())
                 continue
-            fixed_val = np.where(rc[bad] == 1, e[bad] | _U64(QCOW_OFLAG_COPIED),
+            fixed_val = np.where(rc[bad] == excl, e[bad] | _U64(QCOW_OFLAG_COPIED),
                                  e[bad] & ~_U64(QCOW_OFLAG_COPIED))
             ent[rows[bad], cols[bad]] = fixed_val
             for r in np.unique(rows[bad]).tolist():
@@ -1379,8 +1420,7 @@ def _reload(img: Any) -> None:
     had_refcounts = img.refcounts is not None
     img._load(img._cache_tables * img.cluster_size, img._refcount_cache_tables * img.cluster_size)
     if had_refcounts:
-        img.refcounts = img._make_refcounts()
-        img.clusters.refcounts = img.refcounts
+        img._reopen_refcounts()
 
 
 def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:

@@ -113,11 +113,13 @@ _CREATE_OPTS: list[tuple[str, str, str | None, str]] = [
     ("backing_fmt", "str", None, "Image format of the base image"),
     ("lazy_refcounts", "bool", "off", "Postpone refcount updates"),
     ("refcount_bits", "num", "16", "Width of a reference count entry in bits"),
+    ("refcount_mode", "str", None,
+     "What refcounts count (allowed values: standard, lazy-count; not qemu-img's)"),
 ]
 _OPT_TYPES = {name: typ for name, typ, _, _ in _CREATE_OPTS}
 # the -o options that are qcow2.create() arguments of the same name
 CREATE_KWARGS = ("cluster_size", "extended_l2", "preallocation", "compression_type", "compat",
-                 "lazy_refcounts", "refcount_bits")
+                 "lazy_refcounts", "refcount_bits", "refcount_mode")
 # qemu-img knows these but this implementation does not create such images
 _UNSUPPORTED_OPTS = ("data_file", "data_file_raw", "encryption", "encrypt.format",
                      "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",

@@ -80,8 +80,17 @@ def create(
     backing_file: str | None = None,
     backing_format: str | None = None,
     preallocation: str = "off",
+    refcount_mode: str = "standard",
 ) -> None:
-    """Create a qcow2 image. Without a size, the backing file's size is used."""
+    """Create a qcow2 image. Without a size, the backing file's size is used.
+    refcount_mode "lazy-count" creates an image in that mode (see lazycount.py; it
+    needs compat 1.1, and QEMU cannot open it until it is converted back)."""
+    from .modes import check_mode_name
+
+    check_mode_name(refcount_mode)
+    if refcount_mode != "standard" and COMPAT_ALIASES.get(compat) == 2:
+        raise InvalidArgumentError(
+            "Refcount modes other than standard need compatibility level 1.1 (compat=1.1)")
     if compat not in COMPAT_ALIASES:
         raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
     version = COMPAT_ALIASES[compat]
@@ -180,6 +189,11 @@ def create(
         storage.close()
         raise
     storage.close()
+    if refcount_mode != "standard":
+        from .image import Image
+
+        with Image._open(path, writable=True, backing=False) as img:
+            img._set_refcount_mode(refcount_mode, fresh=True)
 
 
 def _write_prealloc_l2(storage: Storage, geo: Geometry, l2_off: int, l2_tables: int,

@@ -16,7 +16,12 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+# Ours (docs/format-extensions.md): the stored refcounts follow a non-standard refcount
+# mode, named by the refcount-mode header extension. A high bit, far from QEMU's.
+INCOMPAT_LAZY_COUNT = 1 << 59
+INCOMPAT_REFCOUNT_MODES = INCOMPAT_LAZY_COUNT
+INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
+                  | INCOMPAT_EXTL2 | INCOMPAT_REFCOUNT_MODES)
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
@@ -34,6 +39,12 @@ FEATURE_NAMES: dict[tuple[int, int], str] = {
     (2, 1): "raw external data",
 }
 
+# Our own features' names, written only into images that use them (cluster 0 of a
+# 512-byte-cluster image has no room to spare)
+OUR_FEATURE_NAMES: dict[tuple[int, int], str] = {
+    (0, 59): "lazy-count refcounts",
+}
+
 # Header extension types
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -41,6 +52,11 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+EXT_REFCOUNT_MODE = 0x52434D44  # ours: "RCMD"
+
+# refcount modes: name -> (incompatible bit, id in the refcount-mode extension)
+REFCOUNT_MODE_IDS = {"standard": 0, "lazy-count": 1}
+REFCOUNT_MODE_BITS = {"standard": 0, "lazy-count": INCOMPAT_LAZY_COUNT}
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -318,7 +334,29 @@ class ImageLayout:
     feature_table: dict[tuple[int, int], str] = field(default_factory=dict)
     bitmaps_ext: bytes | None = None
     crypto_ext: bytes | None = None
+    refcount_mode_ext: RefcountModeExt | None = None
     unknown_extensions: tuple[HeaderExtension, ...] = ()
+
+
+@dataclass(frozen=True)
+class RefcountModeExt:
+    """Our refcount-mode header extension (docs/format-extensions.md): which mode the
+    stored refcounts follow. Read only when a refcount-mode incompatible bit is set."""
+
+    mode_id: int
+    version: int = 1
+
+    _FMT = struct.Struct(">IIQ")
+
+    def pack(self) -> bytes:
+        return self._FMT.pack(self.mode_id, self.version, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> RefcountModeExt:
+        if len(data) < cls._FMT.size:
+            raise FormatError("Refcount mode header extension is truncated")
+        mode_id, version, _reserved = cls._FMT.unpack_from(data)
+        return cls(mode_id, version)
 
 
 # --- table encodings (numpy, big-endian on disk, native in memory) ---------------------

@@ -10,11 +10,13 @@ from .format import (
     EXT_CRYPTO,
     EXT_DATA_FILE,
     EXT_FEATURE_TABLE,
+    EXT_REFCOUNT_MODE,
     FEATURE_NAMES,
     INCOMPAT_COMPRESSION,
     INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
     INCOMPAT_KNOWN,
+    INCOMPAT_REFCOUNT_MODES,
     MAX_BACKING_FILE_NAME,
     MAX_CLUSTER_BITS,
     MAX_L1_SIZE_BYTES,
@@ -22,10 +24,14 @@ from .format import (
     MAX_REFTABLE_SIZE_BYTES,
     MAX_SNAPSHOTS,
     MIN_CLUSTER_BITS,
+    OUR_FEATURE_NAMES,
+    REFCOUNT_MODE_BITS,
+    REFCOUNT_MODE_IDS,
     V2_HEADER_LENGTH,
     Header,
     HeaderExtension,
     ImageLayout,
+    RefcountModeExt,
     pack_feature_table,
     unpack_extensions,
     unpack_feature_table,
@@ -87,6 +93,7 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
     feature_table: dict[tuple[int, int], str] = {}
     backing_format = data_file = None
     bitmaps = crypto = None
+    mode_ext: RefcountModeExt | None = None
     unknown: list[HeaderExtension] = []
     for e in exts:
         if e.type == EXT_BACKING_FORMAT:
@@ -99,6 +106,8 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
             crypto = e.data
         elif e.type == EXT_DATA_FILE:
             data_file = e.data.decode("utf-8", "replace")
+        elif e.type == EXT_REFCOUNT_MODE:
+            mode_ext = RefcountModeExt.unpack(e.data)
         else:
             unknown.append(e)
 
@@ -114,6 +123,16 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
         raise UnsupportedFeatureError(
             f"Unsupported encryption method: {h.crypt_method} (encrypted images are not supported)"
         )
+    mode_bits = h.incompatible_features & INCOMPAT_REFCOUNT_MODES
+    if mode_bits:
+        want = {bit: REFCOUNT_MODE_IDS[name] for name, bit in REFCOUNT_MODE_BITS.items()}
+        if mode_bits not in want:
+            raise FormatError("More than one refcount mode bit is set")
+        if mode_ext is None or mode_ext.mode_id != want[mode_bits]:
+            raise FormatError("Refcount mode bit set without a matching refcount mode extension")
+        if mode_ext.version != 1:
+            raise UnsupportedFeatureError(
+                f"Unsupported refcount mode extension version {mode_ext.version}")
     has_ctype_bit = bool(h.incompatible_features & INCOMPAT_COMPRESSION)
     if has_ctype_bit != (h.compression_type != 0):
         raise FormatError(
@@ -134,7 +153,7 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
     return ImageLayout(
         header=h, backing_file=backing_file, backing_format=backing_format, data_file=data_file,
         feature_table=feature_table, bitmaps_ext=bitmaps, crypto_ext=crypto,
-        unknown_extensions=tuple(unknown),
+        refcount_mode_ext=mode_ext, unknown_extensions=tuple(unknown),
     )
 
 
@@ -187,9 +206,14 @@ def pack_cluster0(layout: ImageLayout, cluster_size: int) -> bytes:
             exts.append(HeaderExtension(EXT_DATA_FILE, layout.data_file.encode()))
         if layout.crypto_ext is not None:
             exts.append(HeaderExtension(EXT_CRYPTO, layout.crypto_ext))
-        exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(FEATURE_NAMES)))
+        names = FEATURE_NAMES
+        if layout.refcount_mode_ext is not None:
+            names = {**FEATURE_NAMES, **OUR_FEATURE_NAMES}
+        exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(names)))
         if layout.bitmaps_ext is not None:
             exts.append(HeaderExtension(EXT_BITMAPS, layout.bitmaps_ext))
+        if layout.refcount_mode_ext is not None:
+            exts.append(HeaderExtension(EXT_REFCOUNT_MODE, layout.refcount_mode_ext.pack()))
         exts.extend(layout.unknown_extensions)
         for e in exts:
             out += e.pack()

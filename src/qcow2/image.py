@@ -43,6 +43,7 @@ from .format import (
 )
 from .geometry import Geometry
 from .header import read_layout
+from .modes import MODES, mode_of, set_refcount_mode
 from .refcount import RefcountStrategy, StandardRefcounts
 from .snapshot import SnapshotMixin
 from .storage import Backend, FileBackend, Stats, Storage
@@ -133,12 +134,35 @@ class Image(SnapshotMixin, CheckMixin):
 
     def _make_refcounts(self) -> StandardRefcounts:
         h = self.header
-        rc = StandardRefcounts(
+        rc = MODES[mode_of(h)](
             self.storage, self.geo, h.refcount_table_offset, h.refcount_table_clusters,
             self._reftable_moved, self._refcount_cache_tables,
         )
         rc.write_guard = self._guard
         return rc
+
+    def _reopen_refcounts(self) -> None:
+        """Refcounts (and, where the mode needs it, the live state's references) as the
+        header now names them: on open for writing, after a repair or a mode switch."""
+        rc = self._make_refcounts()
+        self.refcounts = rc
+        self.clusters.refcounts = rc
+        self.clusters.owned.clear()
+        if rc.needs_live_map:
+            with rc.bulk(-(-self.storage.size() // self.geo.cluster_size)):
+                rc.set_live(self._live_counts())
+
+    @property
+    def refcount_mode(self) -> str:
+        """The image's refcount mode: "standard" (plain qcow2) or "lazy-count"."""
+        return mode_of(self.header)
+
+    def set_refcount_mode(self, mode: str) -> None:
+        """Convert the image to another refcount mode in place (crash-atomic)."""
+        set_refcount_mode(self, mode)
+
+    def _set_refcount_mode(self, mode: str, fresh: bool) -> None:
+        set_refcount_mode(self, mode, fresh=fresh)
 
     def _metadata_at(self, host: int, length: int, refblocks: bool = True,
                      l2_tables: bool = False) -> str:
@@ -254,8 +278,7 @@ class Image(SnapshotMixin, CheckMixin):
                 raise CorruptImageError("Image is dirty (refcounts may be stale); repair it first")
             self._repair_dirty()
             h = self.header
-        self.refcounts = self._make_refcounts()
-        self.clusters.refcounts = self.refcounts
+        self._reopen_refcounts()
         if h.autoclear_features:
             # We maintain none of the auto-clear features (e.g. persistent bitmaps):
             # clearing the bits tells other readers that their data may be stale.
@@ -773,7 +796,7 @@ class Image(SnapshotMixin, CheckMixin):
         cs = self.geo.cluster_size
         tail = self._comp_tail
         self._comp_tail = None
-        if tail is not None and rc.get(tail[0] >> self._cbits) >= self.geo.refcount_max:
+        if tail is not None and not rc.may_pack(tail[0] >> self._cbits):
             tail = None  # one more reference would overflow its refcount: start afresh
         if tail is not None and tail[0] + nbytes <= tail[1]:
             host = tail[0]

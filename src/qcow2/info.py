@@ -27,6 +27,7 @@ from .format import (
     MAX_SNAPSHOTS,
     SnapshotEntry,
 )
+from .modes import mode_of
 
 # ----------------------------------------------------------------------------- sizes --
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -248,6 +249,9 @@ def image_info(img: Any, filename: str | None = None) -> dict[str, Any]:
     if h.version == 3:
         data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
         data["extended-l2"] = bool(h.incompatible_features & INCOMPAT_EXTL2)
+        mode = mode_of(h)
+        if mode != "standard":  # ours; a standard image shows exactly qemu-img's fields
+            data["refcount-mode"] = mode
     info["format-specific"] = {"type": "qcow2", "data": data}
     return info
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import numpy as np
 
@@ -44,9 +45,19 @@ POOL_GROWTH = 8
 
 
 class RefcountStrategy(abc.ABC):
-    """How an image counts references and finds free clusters."""
+    """How an image counts references and finds free clusters: the refcount policy the
+    write path, the snapshot operations and check ask (never a mode name).
 
-    name: str = "abstract"
+    `live_weight` is what one reference from the live state (the active L1 table, its
+    L2 tables and data) adds to a stored refcount: 1 in standard qcow2, 0 in lazy-count
+    mode. A cluster only the live state references therefore has the stored count
+    `live_weight`, and the COPIED flag (written in place) means exactly that.
+    """
+
+    mode: ClassVar[str] = "standard"
+    live_weight: ClassVar[int] = 1
+    # whether the allocator needs the live state's references as a map (see set_live)
+    needs_live_map: ClassVar[bool] = False
 
     @abc.abstractmethod
     def allocate(self, n: int = 1) -> int:
@@ -120,6 +131,36 @@ class RefcountStrategy(abc.ABC):
     def abort_atomic(self) -> None:  # noqa: B027 - optional hook
         """Forget the transaction's changes (the refcounts on disk are still current)."""
 
+    # -- policy (standard qcow2 here; other modes override) ---------------------------
+    def may_pack(self, cluster: int) -> bool:
+        """Whether one more compressed cluster may be packed into this host cluster
+        (one more reference must not overflow its refcount)."""
+        return self.get(cluster) < self.geo.refcount_max  # type: ignore[attr-defined]
+
+    def tx_allocate(self, n: int, live: bool) -> int:
+        """n contiguous clusters inside a transaction, for the live state (its L1 or L2
+        tables) or for other metadata (snapshot tables, VM state)."""
+        return self.allocate_deferred(n)
+
+    def tx_drop(self, clusters: np.ndarray, live: bool) -> None:
+        """Inside a transaction: the live state (or other metadata) lets go of these."""
+        self.update(clusters, -1)
+
+    def update_live(self, clusters: np.ndarray, sign: int) -> None:
+        """References of the live tree gained (+1) or lost (-1) in a transaction."""
+        self.update(clusters, sign)
+
+    def snapshot_takes_over(self, clusters: np.ndarray) -> None:  # noqa: B027 - a hook
+        """Inside a transaction: tables only the live state used now belong to a new
+        snapshot instead (the live state gets copies)."""
+
+    def set_live(self, counts: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """The live state's references per host cluster (for modes that need them)."""
+
+    def in_use_many(self, clusters: np.ndarray) -> np.ndarray:
+        """Whether each host cluster is in use (referenced by anything)."""
+        return self.get_many(clusters) != 0
+
     @abc.abstractmethod
     def commit(self) -> None:
         """Write every in-memory refcount change and make it durable."""
@@ -134,7 +175,7 @@ class RefcountStrategy(abc.ABC):
 
 
 class StandardRefcounts(RefcountStrategy):
-    name = "standard"
+    """Standard qcow2 refcounts: every reference counts, the live state's included."""
 
     def __init__(
         self,
@@ -454,14 +495,7 @@ class StandardRefcounts(RefcountStrategy):
                 # Nothing is described from here on, and a run this long cannot fit
                 # between self-describing refblocks: place it after its own refblocks.
                 return self._tail_run(b, n)
-            if block is None:
-                # block's first cluster will hold the block itself
-                used = np.zeros(entries, dtype=bool)
-                used[0] = True
-            else:
-                used = block != 0
-                if self._tx_freed and b in self._tx_freed:
-                    used |= self._tx_freed[b]  # still in use in the image on disk
+            used = self._used(b, block)
             i = c - base
             while i < entries:
                 if used[i]:
@@ -485,6 +519,18 @@ class StandardRefcounts(RefcountStrategy):
                 run_len += span
                 i += span
             c = base + entries
+
+    def _used(self, b: int, block: np.ndarray | None) -> np.ndarray:
+        """Which clusters of refcount block b's range are taken (not allocatable)."""
+        if block is None:
+            # block's first cluster will hold the block itself
+            used = np.zeros(self.geo.refblock_entries, dtype=bool)
+            used[0] = True
+            return used
+        used = block != 0
+        if self._tx_freed and b in self._tx_freed:
+            used |= self._tx_freed[b]  # still in use in the image on disk
+        return used
 
     def _top_block(self) -> int:
         """1 + the index of the last refcount block in the table (none is described above)."""

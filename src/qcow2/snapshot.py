@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -481,7 +481,7 @@ class SnapshotMixin:
             if len(has) and len(copied):
                 dirty = np.sort(copied)
                 pos = np.minimum(np.searchsorted(dirty, l2[has]), len(dirty) - 1)
-                own[has] = (rc.get_many(l2[has] >> cbits) == 1) & (dirty[pos] == l2[has])
+                own[has] = (rc.get_many(l2[has] >> cbits) == rc.live_weight) & (dirty[pos] == l2[has])
             shared = has[~own[has]]
             rc.update(l2[shared] >> cbits, +1)  # the snapshot takes the others over
             new_l1 = old_l1 & _COPIED_MASK_CLEAR
@@ -490,20 +490,23 @@ class SnapshotMixin:
             sn_l1[:vm_index] = disk & _COPIED_MASK_CLEAR
             if len(vm):
                 sn_l1[vm_index:] = self._write_vm_state(vm)
-            # one run of new clusters: the table copies, both L1 tables, the snapshot
-            # table (its size does not depend on the offsets written into it)
+            # two runs of new clusters: the live state's (table copies, new active L1)
+            # and the snapshot's (its L1 table, the snapshot table, whose size does not
+            # depend on the offsets written into it)
             xi = np.flatnonzero(own)
+            rc.snapshot_takes_over(l2[xi] >> cbits)
             n_sn = div_round_up(sn_l1_size * 8, cs)
             n_l1 = div_round_up(len(new_l1) * 8, cs)
             n_tab = div_round_up(len(pack_snapshot_table([*entries, new])), cs)
-            first = rc.allocate_deferred(len(xi) + n_sn + n_l1 + n_tab)
+            first = rc.tx_allocate(len(xi) + n_l1, live=True) if len(xi) + n_l1 else 0
             if len(xi):
                 dests = np.int64(first) + np.arange(len(xi), dtype=np.int64) * cs
                 self._copy_tables(l2[xi], dests, None)
                 new_l1[xi] = dests.astype(np.uint64) | np.uint64(QCOW_OFLAG_COPIED)
-            sn_off = first + len(xi) * cs if n_sn else 0
-            l1_off = first + (len(xi) + n_sn) * cs if n_l1 else 0
-            t_off = first + (len(xi) + n_sn + n_l1) * cs
+            l1_off = first + len(xi) * cs if n_l1 else 0
+            second = rc.tx_allocate(n_sn + n_tab, live=False)
+            sn_off = second if n_sn else 0
+            t_off = second + n_sn * cs
             if n_sn:
                 self.storage.pwrite(encode_table(sn_l1), sn_off, "l1")
             if n_l1:
@@ -511,7 +514,7 @@ class SnapshotMixin:
             new = replace(new, l1_table_offset=sn_off)
             table = pack_snapshot_table([*entries, new])
             self.storage.pwrite(table, t_off, "snapshot_table")
-            self._free_tables(cmap.l1_offset, len(old_l1) * 8)
+            self._free_tables(cmap.l1_offset, len(old_l1) * 8, live=True)
             self._free_tables(self.header.snapshots_offset, self._table_size())
             n = len(entries) + 1
             rc.commit_atomic(lambda rt: self._update_header(
@@ -547,9 +550,9 @@ class SnapshotMixin:
         rc.begin_atomic()
         try:
             # drop the current tree first, so that shared clusters cannot overflow
-            self._apply_tree(cmap.l1, -1)
-            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8)
-            copied = self._apply_tree(new_l1, +1, want_copied=True)
+            self._apply_tree(cmap.l1, -1, live=True)
+            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8, live=True)
+            copied = self._apply_tree(new_l1, +1, want_copied=True, live=True)
             # Everything the new active tree reaches is shared with the snapshot: no
             # COPIED flag anywhere. Tables with stale flags belong to snapshots only
             # (the active tree's flags were right), so clearing them in place is safe.
@@ -559,7 +562,7 @@ class SnapshotMixin:
                 pos = np.minimum(np.searchsorted(cur, stale), len(cur) - 1)
                 stale = stale[cur[pos] != stale]
             self._clear_copied(stale)
-            l1_off = self._write_new_table(new_l1, "l1")
+            l1_off = self._write_new_table(new_l1, "l1", live=True)
             rc.commit_atomic(lambda rt: self._update_header(
                 **rt, size=disk, l1_table_offset=l1_off, l1_size=vm_index))
         except BaseException:
@@ -568,6 +571,8 @@ class SnapshotMixin:
             raise
         self._switch_l1(new_l1, l1_off)
         self._snapshot_gen += 1
+        if rc.needs_live_map:  # the whole live tree changed: count it again
+            rc.set_live(self._live_counts())
 
     def delete_snapshot(self, name_or_id: str) -> None:
         """Delete a snapshot (as `qemu-img snapshot -d`): remove its entry, then release
@@ -602,8 +607,8 @@ class SnapshotMixin:
             # COPIED flags of the active tree as the new refcounts want them; tables whose
             # flags change are rewritten as copies (the old image keeps its tables).
             new_l1 = self._recompute_copied(cmap.l1, cache)
-            l1_off = self._write_new_table(new_l1, "l1")
-            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8)
+            l1_off = self._write_new_table(new_l1, "l1", live=True)
+            self._free_tables(cmap.l1_offset, len(cmap.l1) * 8, live=True)
             rc.commit_atomic(lambda rt: self._update_header(
                 **rt, l1_table_offset=l1_off, nb_snapshots=len(rest), snapshots_offset=t_off))
         except BaseException:
@@ -638,25 +643,27 @@ class SnapshotMixin:
         cmap.l2cache.drop_all()
         self._compressed_cache = None
 
-    def _write_new_bytes(self, data: bytes, kind: str) -> int:
-        """Write data to newly allocated clusters (inside a refcount transaction)."""
+    def _write_new_bytes(self, data: bytes, kind: str, live: bool = False) -> int:
+        """Write data to newly allocated clusters (inside a refcount transaction), for
+        the live state (its L1 table) or not."""
         n = div_round_up(len(data), self.geo.cluster_size)
         if not n:
             return 0
-        off = self._rc().allocate_deferred(n)
+        off = self._rc().tx_allocate(n, live)
         self.storage.pwrite(data, off, kind)
         return off
 
-    def _write_new_table(self, table: np.ndarray, kind: str) -> int:
-        return self._write_new_bytes(encode_table(table), kind) if len(table) else 0
+    def _write_new_table(self, table: np.ndarray, kind: str, live: bool = False) -> int:
+        return self._write_new_bytes(encode_table(table), kind, live) if len(table) else 0
 
-    def _free_tables(self, offset: int, nbytes: int) -> None:
-        """Drop the reference to the clusters of [offset, offset + nbytes)."""
+    def _free_tables(self, offset: int, nbytes: int, live: bool = False) -> None:
+        """Drop the reference to the clusters of [offset, offset + nbytes) (the live
+        state's, or another holder's)."""
         if not offset or not nbytes:
             return
         cs = self.geo.cluster_size
         first = offset // cs
-        self._rc().update(np.arange(first, first + div_round_up(nbytes, cs), dtype=np.int64), -1)
+        self._rc().tx_drop(np.arange(first, first + div_round_up(nbytes, cs), dtype=np.int64), live)
 
     def _write_vm_state(self, vm: memoryview) -> np.ndarray:
         """Write VM state into fresh clusters with their own L2 tables; returns the L1
@@ -823,17 +830,23 @@ class SnapshotMixin:
         return comp
 
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
-                    count_l2: bool = True, cache: _TreeCache | None = None) -> np.ndarray:
+                    count_l2: bool = True, cache: _TreeCache | None = None,
+                    live: bool = False,
+                    sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
         """Add sign x every reference the tree under this L1 table holds to the
         refcounts: data clusters, compressed clusters by byte range and (with count_l2)
         the L2 tables, one per L1 entry. Applied chunk by chunk (memory stays bounded;
         inside a refcount transaction, an error midway is undone by its abort). Returns
         the L2 tables that hold entries with the COPIED flag when asked. Tables that
-        cache wants are stored in it as they pass."""
+        cache wants are stored in it as they pass. live: the tree is the live state's
+        (the mode decides what its references count); sink: receives the references
+        instead of the refcounts."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
-        rc = self._rc()
+        if sink is None:
+            rc = self._rc()
+            sink = rc.update_live if live else rc.update
         file_clusters = div_round_up(self.storage.size(), cs)
         l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
         l2 = l2[l2 != 0]
@@ -866,10 +879,26 @@ class SnapshotMixin:
                 # an L2 table that several L1 entries share (rare): count it again
                 row = out[r][out[r] != 0].astype(np.int64)
                 refs.append(np.tile(row, int(mult[t + r]) - 1))
-            rc.update(refs[0] if len(refs) == 1 else np.concatenate(refs), sign)
+            sink(refs[0] if len(refs) == 1 else np.concatenate(refs), sign)
         if count_l2 and len(l2):
-            rc.update(l2 >> cbits, sign)
+            sink(l2 >> cbits, sign)
         return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
+
+    def _live_counts(self) -> np.ndarray:
+        """References the live state holds, per host cluster of the file: its L1 table,
+        its L2 tables (one per L1 entry) and their data and compressed clusters."""
+        cs = self.geo.cluster_size
+        cmap = self.clusters
+        counts = np.zeros(div_round_up(self.storage.size(), cs) + 1, dtype=np.int64)
+
+        def add(refs: np.ndarray, _sign: int) -> None:
+            np.add.at(counts, refs, 1)
+
+        self._apply_tree(cmap.l1, +1, sink=add)
+        if len(cmap.l1) and cmap.l1_offset:
+            first = cmap.l1_offset // cs
+            counts[first : first + div_round_up(len(cmap.l1) * 8, cs)] += 1
+        return counts
 
     def _tree_cache(self, l1: np.ndarray) -> _TreeCache | None:
         """A cache for the L2 tables of this L1 table, or None when they would take more
@@ -955,12 +984,12 @@ class SnapshotMixin:
             alloc = out != 0
             if counts is not None:
                 # a gather (unallocated entries read cluster 0's count, masked below)
-                one = (counts[out.view(np.int64)] == 1) & alloc
+                one = (counts[out.view(np.int64)] == rc.live_weight) & alloc
             else:
                 one = np.zeros(out.shape, dtype=bool)
                 flat = out[alloc].view(np.int64)
                 if len(flat):
-                    one[alloc] = rc.get_many(flat) == 1
+                    one[alloc] = rc.get_many(flat) == rc.live_weight
             cur = b0 >= _B0_COPIED
             fix = (one != cur) & (alloc | cur)  # compressed/unallocated: clear only
             rows = np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1))
@@ -972,7 +1001,7 @@ class SnapshotMixin:
             src = np.concatenate(fix_offs)
             flips = np.concatenate(fix_rows)
             del fix_rows
-            first = rc.allocate_deferred(len(src))
+            first = rc.tx_allocate(len(src), live=True)
             dests = np.int64(first) + np.arange(len(src), dtype=np.int64) * cs
 
             def flip(b0: np.ndarray, c0: int) -> None:
@@ -985,10 +1014,10 @@ class SnapshotMixin:
             moved = has[hit]
             new_l1[moved] = (dests[pos[hit]].astype(np.uint64)
                              | (l1[moved] & ~np.uint64(L1E_OFFSET_MASK)))
-            rc.update(l2[moved] >> cbits, -1)  # the active image lets go of the originals
-        # L1 flags: a table with refcount 1 is the active image's alone
+            rc.tx_drop(l2[moved] >> cbits, live=True)  # the active image lets go of the originals
+        # L1 flags: a table with only the live state's count is the active image's alone
         tbl = (new_l1[has] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-        one = rc.get_many(tbl >> cbits) == 1
+        one = rc.get_many(tbl >> cbits) == rc.live_weight
         new_l1[has] = np.where(one, new_l1[has] | np.uint64(QCOW_OFLAG_COPIED),
                                new_l1[has] & _COPIED_MASK_CLEAR)
         return new_l1
