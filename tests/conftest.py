@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -68,6 +69,25 @@ def as_standard(path: str | Path) -> Iterator[None]:
                 img.set_refcount_mode(mode)
 
 
+def _backing_chain(path: str | Path) -> list[Path]:
+    """The qcow2 backing files below an image (by our library, without opening them)."""
+    chain: list[Path] = []
+    cur = Path(path)
+    for _ in range(16):
+        try:
+            with qcow2.open(cur, backing=False) as img:
+                name = img.backing_file
+        except qcow2.Qcow2Error:
+            break
+        if not name:
+            break
+        cur = (cur.parent / name) if not os.path.isabs(name) else Path(name)
+        if not cur.exists():
+            break
+        chain.append(cur)
+    return chain
+
+
 # qemu-img sub-commands that only read the images named on their command line
 _READING = {"check", "info", "map", "compare", "convert", "measure", "dd"}
 
@@ -78,13 +98,17 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     reading = bool(args) and (args[0] in _READING or (args[0] == "snapshot" and "-l" in args))
-    ours = [a for a in args[1:] if not a.startswith("-") and image_mode(a) != "standard"]
-    if not ours:
+    files = [a for a in args[1:] if not a.startswith("-") and os.path.isfile(a)]
+    below = [b for a in files for b in _backing_chain(a) if image_mode(b) != "standard"]
+    ours = [a for a in files if image_mode(a) != "standard"]
+    if not ours and not below:
         return run(QEMU_IMG, *args, check=check)  # type: ignore[arg-type]
-    if reading:
-        copies = {a: str(standard_copy(a)) for a in ours}
-        return run(QEMU_IMG, *[copies.get(a, a) for a in args], check=check)  # type: ignore[arg-type]
     with contextlib.ExitStack() as stack:
+        for b in dict.fromkeys(below):  # QEMU opens backing files itself: convert in place
+            stack.enter_context(as_standard(b))
+        if reading:
+            copies = {a: str(standard_copy(a)) for a in ours}
+            return run(QEMU_IMG, *[copies.get(a, a) for a in args], check=check)  # type: ignore[arg-type]
         for a in ours:
             stack.enter_context(as_standard(a))
         return run(QEMU_IMG, *args, check=check)  # type: ignore[arg-type]
@@ -94,7 +118,10 @@ def qemu_io(path: str | Path, *commands: str, fmt: str = "qcow2", check: bool = 
     args = [QEMU_IO, "-f", fmt]
     for c in commands:
         args += ["-c", c]
-    with as_standard(path) if fmt == "qcow2" else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if fmt == "qcow2":
+            for b in [*_backing_chain(path), Path(path)]:
+                stack.enter_context(as_standard(b))
         p = run(*args, str(path), check=check)  # type: ignore[arg-type]
     if check and ("error" in p.stdout.lower() or "failed" in p.stdout.lower()):
         raise AssertionError(f"qemu-io failed: {p.stdout}{p.stderr}")
@@ -153,3 +180,16 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
         monkeypatch.setattr(qcow2, "create", create)
     return name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked standard_only (they edit standard metadata by hand or count standard
+    refcounts) run in the standard mode only: deselected, not skipped, elsewhere."""
+    keep, drop = [], []
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        m = cs.params.get("mode", "standard") if cs is not None else "standard"
+        (drop if m != "standard" and item.get_closest_marker("standard_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -381,6 +381,16 @@ def initial_model(path: Path) -> tuple[bytes, dict[str, SnapExpect]]:
         for s in img.snapshots:
             view = img.snapshot(s.name)
             snaps[s.name] = SnapExpect(view.pread(view.size, 0), img.read_vm_state(s.name))
+        mode = img.refcount_mode
+    if mode != "standard":  # QEMU reads a standard copy
+        copy = path.with_name(f".std-{path.name}")
+        shutil.copyfile(path, copy)
+        _to_standard(copy)
+        try:
+            initial_model(copy)  # QEMU agrees with us on the copy...
+        finally:
+            copy.unlink()
+        return content, snaps  # ...and our reading of the original is the same
     if qemu_raw(path) != content:
         raise CrashSimError(f"{path}: QEMU and our library read different guest data")
     if sorted(qemu_snapshot_names(path)) != sorted(snaps):
@@ -601,6 +611,10 @@ def qemu_verdicts(states: list[CrashState], workdir: Path, convert_every: int = 
 
     def one(n: int) -> str | None:
         st, p = states[n], paths[n]
+        try:
+            _to_standard(p)
+        except Qcow2Error as exc:
+            return f"{st.label}: conversion to standard for QEMU failed: {exc}"
         rep = qemu_check(p)
         if rep["returncode"] not in (0, 3) or rep.get("corruptions", 0) or rep.get("check-errors", 0):
             return f"{st.label}: qemu-img check: {rep}"
@@ -621,6 +635,16 @@ def qemu_verdicts(states: list[CrashState], workdir: Path, convert_every: int = 
             p.unlink(missing_ok=True)
     if errors:
         raise CrashSimError(f"{len(errors)} states failed; first: {errors[0]}")
+
+
+def _to_standard(path: Path) -> None:
+    """QEMU reads standard images only: a state in another refcount mode is converted
+    (by our library, which is part of what is checked) before qemu-img sees it."""
+    with qcow2.open(path, "r", backing=False) as img:
+        if img.refcount_mode == "standard":
+            return
+    with qcow2.open(path, "r+", backing=False) as img:
+        img.set_refcount_mode("standard")
 
 
 @dataclass
@@ -706,11 +730,20 @@ class Workload:
     weight: float = 1.0  # share of the state budget (slow-to-check images get less)
     open_options: dict[str, Any] = field(default_factory=dict)  # for qcow2.open
 
-    def record(self, directory: Path, seed: int = 1) -> Run:
+    def record(self, directory: Path, seed: int = 1, mode: str = "standard") -> Run:
+        """Set up (QEMU-made images are converted to the refcount mode by our library,
+        where the mode allows it), then run and record the body."""
         directory.mkdir(parents=True, exist_ok=True)
         path = self.setup(directory)
+        model = initial_model(path)  # QEMU's reading, before any conversion
+        if mode != "standard":
+            with qcow2.open(path, "r", backing=False) as img:
+                v3 = img.header.version >= 3
+            if v3:
+                with qcow2.open(path, "r+", backing=False) as img:
+                    img.set_refcount_mode(mode)
         return record(self.name, path, lambda d: self.body(d, random.Random(seed)),
-                      **self.open_options)
+                      model, **self.open_options)
 
 
 def _random_writes(d: Driver, rng: random.Random, n: int, cluster: int, flush_every: int) -> None:
@@ -925,6 +958,20 @@ def _body_compressed(d: Driver, rng: random.Random) -> None:
     d.write(order[41] * cs, rng.randbytes(cs))
 
 
+def _body_mode_switch(d: Driver, rng: random.Random) -> None:
+    """Writes around in-place conversions to the other refcount mode and back."""
+    first = d.img.refcount_mode
+    other = "lazy-count" if first == "standard" else "standard"
+    cs = d.img.cluster_size
+    _random_writes(d, rng, 12, cs, 4)
+    d.flush()
+    d.img.set_refcount_mode(other)
+    _random_writes(d, rng, 12, cs, 4)
+    d.flush()
+    d.img.set_refcount_mode(first)
+    _random_writes(d, rng, 6, cs, 3)
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -939,6 +986,7 @@ WORKLOADS: list[Workload] = [
     Workload("check-repair", _setup_leaky, _body_check),
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
+    Workload("refcount-mode-switch", _setup_snapshotted, _body_mode_switch),
 ]
 
 

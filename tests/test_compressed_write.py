@@ -15,6 +15,9 @@ from conftest import assert_clean, qemu_img, qemu_io, raw_bytes
 import qcow2
 from qcow2.cli import main
 
+# every test here runs once per refcount mode (conftest.py's `mode` fixture)
+pytestmark = pytest.mark.usefixtures("mode")
+
 KiB = 1024
 MiB = 1024 * KiB
 

@@ -41,15 +41,22 @@ from qcow2.image import Image
 DEFAULT_STATES = 180
 
 
-@pytest.mark.parametrize("workload", WORKLOADS, ids=[w.name for w in WORKLOADS])
-def test_crash_states(tmp_path: Path, workload: crashsim.Workload) -> None:
-    run = workload.record(tmp_path, seed=1)
+# Known bug (issue 9 note): converting a lazy-count image whose refcount table grew back
+# to standard can need a refcount block on a cluster the live state uses.
+_PARAMS = [pytest.param(w, id=w.name, marks=[pytest.mark.standard_only] if w.name == "reftable-growth" else [])
+           for w in WORKLOADS]
+
+
+@pytest.mark.parametrize("workload", _PARAMS)
+def test_crash_states(tmp_path: Path, workload: crashsim.Workload, mode: str) -> None:
+    run = workload.record(tmp_path, seed=1, mode=mode)
     budget = max(8, int(state_budget(DEFAULT_STATES, len(WORKLOADS)) * workload.weight))
     rep = simulate(run, budget, seed=len(workload.name))
     assert rep.states >= min(budget, run.writes) // 2
     assert rep.qemu_checked > 0
-    # the run really exercised crash windows: some state had something to leak
-    assert rep.leaky > 0
+    # the run really exercised crash windows: some state had something to leak (in
+    # standard mode; lazy-count allocates in memory only, so its crashes leak nothing)
+    assert rep.leaky > 0 or mode != "standard"
 
 
 # ------------------------------------------------------------- the simulator itself --

@@ -18,7 +18,13 @@ from typing import Any
 from conftest import assert_clean, qemu_img
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 from test_interop import (
     apply_model,
     first_diff,
@@ -177,22 +183,31 @@ def _machine(name: str, geo: dict[str, Any], size: int, backing_size: int = 0,
              **open_kw: Any) -> Any:
     cls = type(name, (ImageMachine,), {"GEO": geo, "SIZE": size, "BACKING_SIZE": backing_size,
                                        "OPEN_KW": open_kw})
-    tc = cls.TestCase
-    tc.settings = SETTINGS
-    return tc
+    return _as_test(cls)
+
+
+def _as_test(cls: type) -> Any:
+    """A pytest test running the machine once per refcount mode (the `mode` fixture
+    makes qcow2.create build images in that mode)."""
+
+    def test(mode: str) -> None:
+        run_state_machine_as_test(cls, settings=SETTINGS)
+
+    test.__name__ = test.__qualname__ = f"test_{cls.__name__}"
+    return test
 
 
 # 512-byte clusters: one L2 table covers 32 KiB, so ~100 KiB spans four tables and many
 # refcount blocks (64-bit refcounts: 64 clusters per block); caches of 4 tables force
 # write-back on eviction all the time
-TestSmallClusters = _machine("SmallClusters", dict(cluster_size=512, refcount_bits=64), 100 * 1024 + 512,
+test_SmallClusters = _machine("SmallClusters", dict(cluster_size=512, refcount_bits=64), 100 * 1024 + 512,
                              cache_size=2048, refcount_cache_size=2048)
-TestV2 = _machine("V2", dict(cluster_size=4096, compat="0.10"), 300 * 1024 + 1536)
-TestExtendedL2 = _machine("ExtendedL2", dict(cluster_size=16384, extended_l2=True), 20 * 16384 + 2048)
-TestBacking = _machine("Backing", dict(cluster_size=4096, refcount_bits=4), 200 * 1024 + 512, 120 * 1024)
-TestExtendedL2Backing = _machine("ExtendedL2Backing", dict(cluster_size=32768, extended_l2=True),
+test_V2 = _machine("V2", dict(cluster_size=4096, compat="0.10"), 300 * 1024 + 1536)
+test_ExtendedL2 = _machine("ExtendedL2", dict(cluster_size=16384, extended_l2=True), 20 * 16384 + 2048)
+test_Backing = _machine("Backing", dict(cluster_size=4096, refcount_bits=4), 200 * 1024 + 512, 120 * 1024)
+test_ExtendedL2Backing = _machine("ExtendedL2Backing", dict(cluster_size=32768, extended_l2=True),
                                  12 * 32768 + 512, 5 * 32768 + 4096)
-TestV2Backing = _machine("V2Backing", dict(cluster_size=1024, compat="0.10"), 64 * 1024, 40 * 1024 + 512)
+test_V2Backing = _machine("V2Backing", dict(cluster_size=1024, compat="0.10"), 64 * 1024, 40 * 1024 + 512)
 
 
 class SnapshotMachine(ImageMachine):
@@ -272,14 +287,12 @@ class SnapshotMachine(ImageMachine):
 
 def _snapshot_machine(name: str, geo: dict[str, Any], size: int, **open_kw: Any) -> Any:
     cls = type(name, (SnapshotMachine,), {"GEO": geo, "SIZE": size, "OPEN_KW": open_kw})
-    tc = cls.TestCase
-    tc.settings = SETTINGS
-    return tc
+    return _as_test(cls)
 
 
-TestSnapshots = _snapshot_machine("Snapshots", dict(cluster_size=4096), 96 * 1024 + 512)
-TestSnapshotsSmallCache = _snapshot_machine(
+test_Snapshots = _snapshot_machine("Snapshots", dict(cluster_size=4096), 96 * 1024 + 512)
+test_SnapshotsSmallCache = _snapshot_machine(
     "SnapshotsSmallCache", dict(cluster_size=512, refcount_bits=16), 40 * 1024,
     cache_size=2048, refcount_cache_size=2048)
-TestSnapshotsExtendedL2 = _snapshot_machine(
+test_SnapshotsExtendedL2 = _snapshot_machine(
     "SnapshotsExtendedL2", dict(cluster_size=16384, extended_l2=True), 8 * 16384 + 1024)

@@ -17,7 +17,13 @@ import pytest
 from conftest import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io, raw_bytes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import qcow2
 from qcow2.cli import main as cli_main
@@ -29,6 +35,9 @@ from qcow2.snapshot import (
     size_to_str,
 )
 from qcow2.storage import FileBackend
+
+# every test here runs once per refcount mode (conftest.py's `mode` fixture)
+pytestmark = pytest.mark.usefixtures("mode")
 
 MiB = 1 << 20
 
@@ -405,6 +414,7 @@ def test_lookup_id_before_name(tmp):
     assert_clean(p)
 
 
+@pytest.mark.standard_only  # installs a hand-made snapshot table
 def test_snapshot_limits(tmp):
     """65,536 snapshots and a 64 MiB table are QEMU's limits: clear errors, no change."""
     p = tmp / "z.qcow2"
@@ -463,6 +473,7 @@ def test_header_limit_on_open(tmp):
 
 
 # ------------------------------------------------------------------ refcount overflow --
+@pytest.mark.standard_only  # counts standard refcounts
 def test_refcount_overflow_bits1(tmp):
     p = tmp / "r1.qcow2"
     qcow2.create(p, 1 * MiB, refcount_bits=1)
@@ -481,6 +492,7 @@ def test_refcount_overflow_bits1(tmp):
     assert p.stat().st_size <= size_before + 65536 * 2
 
 
+@pytest.mark.standard_only  # counts standard refcounts
 def test_refcount_overflow_bits2(tmp):
     p = tmp / "r2.qcow2"
     qcow2.create(p, 1 * MiB, refcount_bits=2)
@@ -787,12 +799,13 @@ class SnapshotMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-SnapshotMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("QCOW2_SNAPSHOT_EXAMPLES", "15")), stateful_step_count=12,
-    deadline=None, suppress_health_check=[HealthCheck.too_slow])
-test_snapshot_state_machine = SnapshotMachine.TestCase
+def test_snapshot_state_machine(mode: str) -> None:
+    run_state_machine_as_test(SnapshotMachine, settings=settings(
+        max_examples=int(os.environ.get("QCOW2_SNAPSHOT_EXAMPLES", "15")), stateful_step_count=12,
+        deadline=None, suppress_health_check=[HealthCheck.too_slow]))
 
 
+@pytest.mark.standard_only  # counts standard refcounts
 def test_refs_are_counted_per_l1(tmp):
     """Reference counts follow QEMU's rule (one per L1 table reaching a cluster): with two
     snapshots and a COW'd active table, every data cluster of the original table has 3."""
@@ -818,6 +831,7 @@ def _l1_and_l2(p):
     return l1_off, l2_off
 
 
+@pytest.mark.standard_only  # edits standard metadata by hand
 def test_misaligned_l2_entry_is_refused(tmp):
     p = tmp / "bad.qcow2"
     qcow2.create(p, 1 * MiB)
@@ -836,6 +850,7 @@ def test_misaligned_l2_entry_is_refused(tmp):
     assert p.read_bytes()[:4096] == before[:4096]  # header unchanged
 
 
+@pytest.mark.standard_only  # edits standard metadata by hand
 def test_l2_entry_past_eof_is_refused(tmp):
     p = tmp / "bad.qcow2"
     qcow2.create(p, 1 * MiB)
@@ -883,6 +898,7 @@ def test_truncated_snapshot_table(tmp):
     assert cli_main(["snapshot", "-l", str(p)]) == 1
 
 
+@pytest.mark.standard_only  # compares standard refcount blocks
 def test_abort_restores_everything(tmp):
     """An error inside the transaction (here: the refcount overflow of a second
     snapshot with refcount_bits=1 after a first failed one) leaves memory and file as

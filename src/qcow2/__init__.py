@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .amend import amend
 from .create import create
 from .errors import (
     BackingFileError,
@@ -24,7 +25,7 @@ from .image import Image, ImageFile
 from .storage import Stats
 
 __all__ = [
-    "open", "create", "Image", "ImageFile", "Stats",
+    "open", "create", "amend", "Image", "ImageFile", "Stats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "ReadOnlyError", "BackingFileError", "SnapshotError", "SnapshotNotFoundError",
     "RefcountOverflowError", "NoSpaceError", "InvalidArgumentError", "Qcow2IOError",

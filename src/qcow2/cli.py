@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import compare
 
     compare.register(sub)
+    from .amend import register as register_amend  # (qcow2.amend is the function)
+
+    register_amend(sub)
     return parser
 
 

@@ -194,8 +194,9 @@ def _check_table(what: str, offset: int, nbytes: int, cs: int, file_size: int) -
             raise FormatError(f"{what} is truncated: it runs past the end of the file")
 
 
-def pack_cluster0(layout: ImageLayout, cluster_size: int) -> bytes:
-    """Header, extensions and backing file name, as QEMU lays them out."""
+def pack_cluster0(layout: ImageLayout, cluster_size: int, feature_table: bool = True) -> bytes:
+    """Header, extensions and backing file name, as QEMU lays them out (feature_table:
+    with the feature name table, which is optional)."""
     h = layout.header
     out = bytearray(h.pack())
     if h.version == 3:
@@ -209,7 +210,8 @@ def pack_cluster0(layout: ImageLayout, cluster_size: int) -> bytes:
         names = FEATURE_NAMES
         if layout.refcount_mode_ext is not None:
             names = {**FEATURE_NAMES, **OUR_FEATURE_NAMES}
-        exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(names)))
+        if feature_table:
+            exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(names)))
         if layout.bitmaps_ext is not None:
             exts.append(HeaderExtension(EXT_BITMAPS, layout.bitmaps_ext))
         if layout.refcount_mode_ext is not None:

@@ -55,6 +55,9 @@ class LazyCountRefcounts(StandardRefcounts):
             raise CorruptImageError(
                 f"A host cluster is referenced more than {LIVE_MAX} times by the active tables")
         self.live = counts.astype(np.uint16)
+        if self._pool:  # reserved for the live state, not yet reachable: still taken
+            self._grow_live(self._pool[-1] + 1)
+            self.live[np.array(self._pool, dtype=np.int64)] += 1
         self._free_hint = 0
 
     def live_count(self, cluster: int) -> int:

@@ -24,7 +24,7 @@ from .format import (
     Header,
     RefcountModeExt,
 )
-from .header import pack_cluster0
+from .header import pack_cluster0, read_layout
 from .lazycount import LazyCountRefcounts
 from .refcount import StandardRefcounts
 
@@ -93,17 +93,24 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
         # until the switch sets the bit.
         ext = RefcountModeExt(REFCOUNT_MODE_IDS[new_mode])
         if layout.refcount_mode_ext != ext:
-            try:
-                if not fresh:
-                    raise FormatError("in use")
-                # a new image: cluster 0 written whole, with our feature's name
-                data = pack_cluster0(replace(layout, refcount_mode_ext=ext), img.geo.cluster_size)
-            except FormatError:  # (or no room for the name: 512-byte clusters)
+            data = None
+            if fresh:
+                # a new image: cluster 0 written whole, with our feature's name, or
+                # without the (optional) name table where there is no room for it
+                for names in (True, False):
+                    try:
+                        data = pack_cluster0(replace(layout, refcount_mode_ext=ext),
+                                             img.geo.cluster_size, feature_table=names)
+                        break
+                    except FormatError:
+                        continue
+            if data is None:
                 _append_extension(img, ext)
             else:
                 img.storage.pwrite(data, 0, "header")
                 img.storage.sync()
-                img.layout = replace(layout, refcount_mode_ext=ext)
+                img.layout = read_layout(img.storage)  # (the backing name may have moved)
+                img.header = img.layout.header
     bits = (img.header.incompatible_features & ~INCOMPAT_REFCOUNT_MODES) | REFCOUNT_MODE_BITS[new_mode]
     with rc.bulk(len(live)):
         rc.begin_atomic()
@@ -144,6 +151,9 @@ def _append_extension(img: Any, ext: RefcountModeExt) -> None:
         st.sync()
     else:
         need_end = pos + len(blob) + 8
+        if need_end > cs:
+            raise UnsupportedFeatureError(
+                "No room in the first cluster for the refcount mode header extension")
         if h.backing_file_offset and h.backing_file_offset < need_end:
             name = bytes(raw[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
             far = (cs - len(name)) & ~7
@@ -157,4 +167,5 @@ def _append_extension(img: Any, ext: RefcountModeExt) -> None:
         st.sync()
         st.pwrite(blob + bytes(8), pos, "header")
         st.sync()
-    img.layout = replace(img.layout, header=img.header, refcount_mode_ext=ext)
+    img.layout = read_layout(st)
+    img.header = img.layout.header
