@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .amend import register as register_amend  # (qcow2.amend is the function)
 
     register_amend(sub)
+    from . import measure
+
+    measure.register(sub)
     return parser
 
 
