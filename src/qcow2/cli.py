@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import compare
 
     compare.register(sub)
+    from . import nbd
+
+    nbd.register(sub)
     return parser
 
 
