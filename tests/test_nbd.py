@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import crashsim
 import pytest
 from conftest import assert_clean, qemu_img, qemu_io, raw_bytes
 
@@ -559,3 +560,90 @@ def test_load_several_clients_then_check(tmp: Path) -> None:
     assert not errors, errors
     assert_clean(img)
     assert raw_bytes(img, tmp) == bytes(model)
+
+
+# ------------------------------------------------------------------ crashes --
+class _OverNBD:
+    """What the crash simulator's Driver calls on its image, sent through an NBD client
+    to the server that holds the (recording) image; the rest is the image's own."""
+
+    def __init__(self, h: nbd.NBD, img: qcow2.Image) -> None:
+        self._h, self._img = h, img
+
+    def pwrite(self, data: bytes, off: int) -> None:
+        self._h.pwrite(data, off)
+
+    def write_zeroes(self, off: int, n: int) -> None:
+        self._h.zero(n, off)
+
+    def discard(self, off: int, n: int) -> None:
+        self._h.trim(n, off)
+
+    def flush(self) -> None:
+        self._h.flush()
+
+    def pread(self, n: int, off: int) -> bytes:
+        return self._h.pread(n, off)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._img, name)
+
+
+def _body_over_nbd(d: crashsim.Driver, rng: random.Random) -> None:
+    img = d.img
+    sock = Path(img.path).with_suffix(".sock")
+    listener = qnbd.listen_unix(str(sock))
+    t = threading.Thread(target=qnbd.serve, args=(qnbd.Export(img),),
+                         kwargs={"sock": listener, "socket_path": str(sock),
+                                 "handle_signals": False})
+    t.start()  # it stops when the client below leaves (and flushes the image then)
+    try:
+        h = handle(sock)
+        d.img = _OverNBD(h, img)
+        for i in range(24):
+            off, k = crashsim._sizes(rng, d.size, 4096)
+            r = rng.random()
+            if r < 0.7:
+                d.write(off, rng.randbytes(k))
+            elif r < 0.85:
+                d.write_zeroes(off, k)
+            else:
+                d.discard(off, k)
+            if i % 6 == 5:
+                d.flush()
+        d.write(0, rng.randbytes(3000))  # acknowledged, never flushed by the client
+        h.shutdown()
+    finally:
+        t.join(timeout=60)
+        d.img = img
+    assert not t.is_alive()
+
+
+def test_crash_states_through_the_server(tmp: Path) -> None:
+    """Every crash state of a workload of writes, zeroing, trims and flushes sent over
+    NBD opens, checks clean and holds everything a completed FLUSH covered."""
+    def setup(directory: Path) -> Path:
+        p = directory / "served.qcow2"
+        qcow2.create(p, 4 << 20, cluster_size=4096)
+        return p
+
+    workload = crashsim.Workload("over-nbd", setup, _body_over_nbd)
+    run = workload.record(tmp, seed=3)
+    rep = crashsim.simulate(run, crashsim.state_budget(40), seed=3)
+    assert rep.states >= min(40, run.writes) // 2 and rep.qemu_checked > 0
+
+
+def test_shared_limit_queues_clients(tmp: Path) -> None:
+    """-e 1 (the default): a second client waits for the first to leave, as with qemu-nbd."""
+    img = make_image(tmp / "a.qcow2")
+    with server(img, "-t") as sock:
+        h = handle(sock)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        s.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            s.recv(1)  # no greeting while the first client is served
+        h.shutdown()
+        s.settimeout(20)
+        assert struct.unpack(">Q", _recv(s, 8))[0] == qnbd.NBDMAGIC
+        s.close()

@@ -778,8 +778,8 @@ class NBDServer:
             pass
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(writer.wait_closed())
+            # the bookkeeping comes before the last await: a stop() cancelling this task
+            # there must still find it gone
             self._clients.discard(task)
             if not self._clients and (self.stopping or (not self.persistent and self._served)):
                 self.stopping = True
@@ -787,6 +787,8 @@ class NBDServer:
                     self._server.close()
                 assert self._done is not None
                 self._done.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer.wait_closed()
 
     async def _serve_client(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
