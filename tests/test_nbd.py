@@ -252,7 +252,7 @@ def test_libnbd_reads_writes_errors(tmp: Path, structured: bool) -> None:
         h.set_strict_mode(0)  # let libnbd send what a broken client would
         cases = [
             (lambda: h.pread(4096, size - 100), "EINVAL"),
-            (lambda: h.pwrite(b"a" * 4096, size - 100), "ENOSPC"),
+            (lambda: h.pwrite(b"a" * 4096, size - 100), "EINVAL"),
             (lambda: h.pread(48 * MiB, 0), "EINVAL"),  # over the maximum block size
             (lambda: h.pwrite(bytes(40 * MiB), 0), "EINVAL"),  # payload read and dropped
             (lambda: h.trim(4096, size), "EINVAL"),
@@ -269,6 +269,33 @@ def test_libnbd_reads_writes_errors(tmp: Path, structured: bool) -> None:
         h.shutdown()
     assert_clean(img)
     assert raw_bytes(img, tmp) == bytes(model)
+
+
+def _bad_requests(h: nbd.NBD) -> list[str | None]:
+    h.set_strict_mode(0)
+    size = h.get_size()
+    cases = [lambda: h.pread(4096, size - 100), lambda: h.pwrite(b"a" * 4096, size - 100),
+             lambda: h.trim(4096, size), lambda: h.zero(4096, size - 100),
+             lambda: h.pread(512, 0, nbd.CMD_FLAG_NO_HOLE), lambda: h.pread(48 * MiB, 0),
+             lambda: h.zero(1000, 300, nbd.CMD_FLAG_FAST_ZERO), lambda: h.pread(0, size + 1)]
+    out: list[str | None] = []
+    for fn in cases:
+        try:
+            fn()
+            out.append(None)
+        except nbd.Error as exc:
+            out.append(exc.errno)
+    return out
+
+
+def test_bad_requests_answered_as_qemu_nbd_does(tmp: Path) -> None:
+    img = make_image(tmp / "a.qcow2")
+    ref_img = tmp / "ref.qcow2"  # two writers never share a file
+    shutil.copyfile(img, ref_img)
+    with server(img, "-t", name="d") as ours, qemu_nbd(ref_img, name="d") as ref:
+        got = _bad_requests(handle(ours, "d"))
+        want = _bad_requests(handle(ref, "d"))
+    assert got == want and all(got[:7]), got
 
 
 def test_structured_read_chunks_and_block_status(tmp: Path) -> None:
@@ -482,7 +509,7 @@ def test_socket_activation_and_fork(tmp: Path) -> None:
             time.sleep(0.05)
 
 
-def test_io_error_reaches_client_as_eio(tmp: Path) -> None:
+def test_io_error_reaches_client_as_eio(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The library server in a thread over an image whose file fails: EIO and ENOSPC with
     the errno kept, and the connection goes on being served."""
     from qcow2.faults import FaultBackend
@@ -499,7 +526,7 @@ def test_io_error_reaches_client_as_eio(tmp: Path) -> None:
     t.start()  # not persistent: it stops once the client below has left
     try:
         h = handle(sock)
-        for err, name in ((5, "EIO"), (28, "ENOSPC")):
+        for err, name in ((5, "EIO"), (28, "ENOSPC"), (5, "EIO")):
             backend.err = err
             backend.fail_write, backend.fail_sync = backend.writes + 1, backend.syncs + 1
             with pytest.raises(nbd.Error) as ei:
@@ -513,6 +540,9 @@ def test_io_error_reaches_client_as_eio(tmp: Path) -> None:
         t.join(timeout=30)
     assert not t.is_alive() and not sock.exists()
     assert_clean(img_path)
+    # each kind of error is logged once, however often it happens
+    logged = [r.getMessage() for r in caplog.records if r.name == "qcow2.nbd"]
+    assert len(logged) == 2 and "(EIO)" in logged[0] and "(ENOSPC)" in logged[1], logged
 
 
 # ------------------------------------------------------------------ load --

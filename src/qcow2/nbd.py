@@ -626,9 +626,8 @@ class _Client:
             if length == 0:
                 raise NBDError(errno.EINVAL, "BLOCK_STATUS of length 0")
         if offset > exp.size or length > exp.size - offset:
-            # as qemu-nbd: a write past the end is "no space", anything else invalid
-            err = errno.ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
-            raise NBDError(err, "request beyond the end of the export")
+            # EINVAL for every command, writes too, as qemu-nbd answers
+            raise NBDError(errno.EINVAL, "request beyond the end of the export")
 
     def _command(self, exp: Export, cmd: int, flags: int, offset: int, length: int,
                  payload: bytes | None) -> None:
