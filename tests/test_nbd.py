@@ -677,3 +677,48 @@ def test_shared_limit_queues_clients(tmp: Path) -> None:
         s.settimeout(20)
         assert struct.unpack(">Q", _recv(s, 8))[0] == qnbd.NBDMAGIC
         s.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_replies_costs_bounded_memory(tmp: Path) -> None:
+    """400 pipelined 1 MiB reads and nothing read back: the server stops reading requests
+    once its reply buffer is full, instead of holding 400 MiB of replies."""
+    img = tmp / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), str(64 * MiB))
+    qemu_io(img, "write -P 0x61 0 64M")
+    pid_file = tmp / "pid"
+    with server(img, "-t", "--pid-file", str(pid_file)) as sock:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = int(pid_file.read_text())
+        before = _rss(pid)
+        s = _connect(sock, cflags=1)
+        s.sendall(struct.pack(">QII", qnbd.IHAVEOPT, qnbd.OPT_EXPORT_NAME, 0))
+        _recv(s, 10 + 124)
+        s.setblocking(False)
+        reqs = b"".join(struct.pack(">IHHQQI", qnbd.REQUEST_MAGIC, 0, qnbd.CMD_READ, i,
+                                    (i % 64) * MiB, MiB) for i in range(400))
+        sent = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # send what the server takes in 3 s
+            try:
+                sent += s.send(reqs[sent:])
+            except BlockingIOError:
+                time.sleep(0.05)
+            if sent == len(reqs):
+                time.sleep(0.5)
+                break
+        grown = _rss(pid) - before
+        s.close()
+        # a few replies in the socket and transport buffers, not 400 MiB
+        assert grown < 96 * MiB, grown
+        h = handle(sock)  # and it still serves the next client
+        assert h.pread(4, 0) == b"aaaa"
+        h.shutdown()
