@@ -722,3 +722,38 @@ def test_client_that_never_reads_replies_costs_bounded_memory(tmp: Path) -> None
         h = handle(sock)  # and it still serves the next client
         assert h.pread(4, 0) == b"aaaa"
         h.shutdown()
+
+
+def test_tcp_on_loopback(tmp: Path) -> None:
+    img = make_image(tmp / "a.qcow2")
+    with socket.socket() as probe:  # a free port (the tiny race with others is harmless)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qcow2", "nbd", "-r", "-b", "127.0.0.1",
+                             "-p", str(port), "-x", "d", str(img)], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break  # this probe was the one client: the server now waits for a new one
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        assert proc.wait(timeout=20) == 0  # it served its (only) client and left
+    proc = subprocess.Popen([sys.executable, "-m", "qcow2", "nbd", "-r", "-t", "-b", "127.0.0.1",
+                             "-p", str(port), "-x", "d", str(img)], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            p = nbdinfo("--size", f"nbd://127.0.0.1:{port}/d", check=False)
+            if p.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert p.stdout.strip() == str(64 * MiB), p.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
