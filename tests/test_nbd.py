@@ -757,3 +757,37 @@ def test_tcp_on_loopback(tmp: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def test_unexpected_failure_is_eio_and_the_server_goes_on(tmp: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(qnbd.RawImage):
+        def pread(self, n: int, offset: int) -> bytes:
+            if offset == 0:
+                raise ValueError("boom")
+            return super().pread(n, offset)
+
+    raw = tmp / "d.raw"
+    raw.write_bytes(b"r" * MiB)
+    sock = tmp / "b.sock"
+    t = threading.Thread(target=qnbd.serve, args=(qnbd.Export(Broken(str(raw), False),
+                                                              close_image=True),),
+                         kwargs={"socket_path": str(sock), "handle_signals": False,
+                                 "shared": 0})
+    t.start()  # it stops when both clients below have left
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        handles = [handle(sock, structured=structured) for structured in (True, False)]
+        for h in handles:
+            with pytest.raises(nbd.Error) as ei:
+                h.pread(512, 0)
+            assert ei.value.errno == "EIO"
+            assert h.pread(512, 512) == b"r" * 512
+        for h in handles:
+            h.shutdown()
+    finally:
+        t.join(timeout=30)
+    assert not t.is_alive()
+    assert any("ValueError: boom" in r.getMessage() for r in caplog.records)

@@ -275,7 +275,8 @@ class Export:
         e = _errno_of(exc)
         if e not in self._logged:
             self._logged.add(e)
-            log.error("export '%s': %s", self.name, exc)
+            what = exc if isinstance(exc, (Qcow2Error, OSError)) else f"{type(exc).__name__}: {exc}"
+            log.error("export '%s': %s", self.name, what)
 
     # the image calls (on the loop thread only) ----------------------------------------
     def read_chunks(self, offset: int, length: int, holes: bool) -> list[tuple[int, Any]]:
@@ -594,9 +595,9 @@ class _Client:
                 else:
                     self._command(exp, cmd, flags, offset, length, payload)
                     await self._simple(cookie, 0)
-            except (Qcow2Error, OSError) as exc:
-                if isinstance(exc, ConnectionError):
-                    raise
+            except ConnectionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure is this request's EIO
                 if not isinstance(exc, (NBDError, InvalidArgumentError)):
                     exp.log_error(exc)
                 err = _errno_of(exc)
