@@ -819,14 +819,26 @@ class NBDServer:
 # ------------------------------------------------------------------ listening sockets --
 def listen_unix(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bound and listening under a temporary name, then renamed: whoever waits for the
+    # path to appear can connect at once (no window between bind and listen)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+    if len(os.fsencode(tmp)) > 107:  # sun_path limit: then bind the name itself
+        tmp = path
     try:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)  # a stale socket of an earlier run, as qemu-nbd does
-        s.bind(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        s.bind(tmp)
         s.listen(128)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as exc:
         s.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise Qcow2Error(f"Failed to bind socket to {path}: {exc.strerror}") from None
     return s
 
