@@ -106,7 +106,7 @@ def run(s: float) -> list[Result]:
         out.append(Result(BENCH, f"1 MiB sequential reads, nbdcopy ({size // MiB} MiB)", "MiB/s",
                           ours=size / MiB / t["ours"], qemu=size / MiB / t["qemu"], goal=0.5,
                           commands=[" ".join([*copy[1:], "URI", "null:"])],
-                          notes="fully written image, Unix socket"))
+                          notes="fully written image, Unix socket; the qemu column is qemu-nbd on the same file"))
 
         # sequential writes into a fresh image each run (timed: the copy only)
         def write_run(side: str) -> float:
@@ -121,7 +121,7 @@ def run(s: float) -> list[Result]:
                           "image)", "MiB/s", ours=size / MiB / t["ours"],
                           qemu=size / MiB / t["qemu"], goal=0.5,
                           commands=[" ".join([*copy[1:], "--flush", "RAW", "URI"])],
-                          notes="durable at the end on both sides (NBD_CMD_FLUSH)"))
+                          notes="durable at the end on both sides (NBD_CMD_FLUSH); qemu column: qemu-nbd"))
 
         # 4K random-ish IOPS with qemu-img bench as the client
         for write in (False, True):
@@ -137,7 +137,7 @@ def run(s: float) -> list[Result]:
             out.append(Result(BENCH, f"4K random {what}, qemu-img bench over NBD ({count} requests)",
                               "IOPS", ours=count / t["ours"], qemu=count / t["qemu"], goal=0.5,
                               commands=[" ".join([*bench[1:], "URI"])],
-                              notes="depth 1, overwrites of allocated clusters, strided offsets"))
+                              notes="depth 1, overwrites of allocated clusters, strided offsets; qemu column: qemu-nbd"))
     return out
 
 
