@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import measure
 
     measure.register(sub)
+    from . import nbd
+
+    nbd.register(sub)
     return parser
 
 
