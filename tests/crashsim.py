@@ -282,6 +282,39 @@ class Driver:
         self.content = bytearray(new)
         self._durable()
 
+    def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+        """qcow2.resize.resize_image. Until it completes a crash may show the old size
+        or the new one; past the new end of a shrink, old content or zeros."""
+        from qcow2.resize import resize_image
+
+        old = len(self.content)
+        if size < old:
+            self.pending.append((size, bytes(old - size)))
+        self.sizes.add(size)
+        self._mark()
+        try:
+            resize_image(self.img, size, shrink=shrink, preallocation=preallocation)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            now = self.img.size
+            got = self.img.pread(now, 0)
+            keep = min(old, size)
+            tail_ok = (got[old:] == bytes(now - old)) if now > old else \
+                old_or_new(got[keep:], bytes(self.content[keep:now]), bytes(now - keep))
+            if now not in (old, size) or got[:keep] != bytes(self.content[:keep]) or not tail_ok:
+                raise CrashSimError("after a failed resize the image is neither the old "
+                                    "nor the new size with its content") from exc
+            self.content = bytearray(got)
+            self._mark()
+            return
+        if size < old:
+            del self.content[size:]
+        else:
+            self.content.extend(bytes(size - old))
+        self._durable()  # resize flushes and commits with the header write
+
     def check_repair(self, repair: str = "all") -> Any:
         try:
             res = self.img.check(repair=repair)
@@ -925,6 +958,26 @@ def _body_compressed(d: Driver, rng: random.Random) -> None:
     d.write(order[41] * cs, rng.randbytes(cs))
 
 
+def _setup_resize(tmp: Path) -> Path:
+    # 512-byte clusters: an L1 entry covers 32 KiB, an L1 cluster 2 MiB of disk, so
+    # growing from 1 MiB to 3 MiB moves the L1 table to a larger home
+    p = tmp / "resize.qcow2"
+    random_image(p, 1 << 20, 29, opts="cluster_size=512", fill=0.7)
+    return p
+
+
+def _body_resize(d: Driver, rng: random.Random) -> None:
+    d.write(1000, rng.randbytes(3000))
+    d.resize(3 << 20)  # L1 growth
+    d.write((2 << 20) + 777, rng.randbytes(40000))
+    d.flush()
+    d.resize((1 << 20) + 1536, shrink=True)  # discards, L2 tables dropped, tail zeroed
+    d.write(1 << 20, rng.randbytes(1000))
+    d.resize(2 << 20)
+    d.resize((2 << 20) + 65536, preallocation="metadata")
+    d.write((2 << 20) + 100, rng.randbytes(700))
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -939,6 +992,7 @@ WORKLOADS: list[Workload] = [
     Workload("check-repair", _setup_leaky, _body_check),
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
+    Workload("resize", _setup_resize, _body_resize, weight=0.7),
 ]
 
 

@@ -32,6 +32,7 @@ CASES = [
     ("snapshots", {}),
     ("check-repair", {}),
     ("compressed-writes", {"cache_size": 64 * 4096}),
+    ("resize", {"cache_size": 4 * 512}),
 ]
 # fault points per workload and kind: every write and sync up to this many, a seeded
 # sample beyond (only the reftable-growth workload has more); QCOW2_FAULT_POINTS raises it

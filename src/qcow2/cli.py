@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import measure
 
     measure.register(sub)
+    from . import resize
+
+    resize.register(sub)
     return parser
 
 
