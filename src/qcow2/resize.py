@@ -28,7 +28,6 @@ from .commands import INT64_MAX, SizeRangeError, parse_size
 from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
-_CHUNK = 8 << 20  # bytes of zeros written at a time
 
 
 def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False,
@@ -70,20 +69,23 @@ def resize_raw(path: str, size: int, preallocation: str = "off") -> None:
     """Truncate or extend a raw file; falloc/full allocate the grown range."""
     if preallocation == "metadata":
         raise UnsupportedFeatureError("Unsupported preallocation mode: metadata")
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    from .create import _fallocate, _write_zeros
+    from .storage import FileBackend, Storage
+
     try:
-        old = os.fstat(fd).st_size
-        os.ftruncate(fd, size)
+        st = Storage(FileBackend(path, writable=True), writable=True)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from exc
+    try:
+        old = st.size()
+        st.truncate(size)
         if size > old and preallocation == "falloc":
-            os.posix_fallocate(fd, old, size - old)
+            _fallocate(st, old, size - old)
         elif size > old and preallocation == "full":
-            zeros = bytes(min(_CHUNK, size - old))
-            pos = old
-            while pos < size:
-                pos += os.pwrite(fd, zeros[: size - pos], pos)
-        os.fsync(fd)
+            _write_zeros(st, old, size - old)
+        st.sync()
     finally:
-        os.close(fd)
+        st.close()
 
 
 def resize_image(img: Any, size: int, *, shrink: bool = False,
