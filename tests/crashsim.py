@@ -315,6 +315,39 @@ class Driver:
             self.content.extend(bytes(size - old))
         self._durable()  # resize flushes and commits with the header write
 
+    def amend(self, **options: Any) -> None:
+        """qcow2.amend.amend_image (no size change): the guest content stays as it is
+        at every point, flushed by the amend."""
+        from qcow2.amend import amend_image
+
+        self._mark()
+        try:
+            amend_image(self.img, options)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            if self.img.pread(self.size, 0) != bytes(self.content):
+                raise CrashSimError("a failed amend changed the guest content") from exc
+            return
+        self._durable()
+
+    def rebase(self, backing_file: str, backing_format: str | None) -> None:
+        """qcow2.rebase.rebase_image, safe mode: the guest content never changes."""
+        from qcow2.rebase import rebase_image
+
+        self._mark()
+        try:
+            rebase_image(self.img, backing_file, backing_format)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            if self.img.pread(self.size, 0) != bytes(self.content):
+                raise CrashSimError("a failed rebase changed the guest content") from exc
+            return
+        self._durable()
+
     def check_repair(self, repair: str = "all") -> Any:
         try:
             res = self.img.check(repair=repair)
@@ -978,6 +1011,56 @@ def _body_resize(d: Driver, rng: random.Random) -> None:
     d.write((2 << 20) + 100, rng.randbytes(700))
 
 
+def _setup_amend(tmp: Path) -> Path:
+    rng = random.Random(31)
+    raw = tmp / "amend-backing.raw"
+    raw.write_bytes(rng.randbytes(2 << 20))
+    p = tmp / "amend.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16k", "-b", "amend-backing.raw",
+             "-F", "raw", str(p))
+    qemu_img("snapshot", "-c", "base", str(p))
+    return p
+
+
+def _body_amend(d: Driver, rng: random.Random) -> None:
+    d.write(5000, rng.randbytes(40000))
+    d.write_zeroes(1 << 20, 5 * 16384)  # zero flags over the backing file
+    d.flush()
+    d.write(300000, rng.randbytes(20000))
+    d.write_zeroes(300000, 16384)  # a zero flag that keeps its cluster
+    d.amend(compat=2)  # zero clusters expanded, then the v2 header
+    d.write(1 << 19, rng.randbytes(9000))
+    d.amend(compat=3, lazy_refcounts=True)
+    d.write_zeroes(0, 16384)
+    d.amend(lazy_refcounts=False)
+
+
+def _setup_rebase(tmp: Path) -> Path:
+    rng = random.Random(37)
+    old = rng.randbytes(2 << 20)
+    (tmp / "old.raw").write_bytes(old)
+    new = bytearray(old)
+    for i in range(0, len(new), 5 * 16384):  # every fifth cluster differs
+        new[i : i + 700] = rng.randbytes(700)
+    new[1 << 20 : (1 << 20) + 65536] = bytes(65536)
+    (tmp / "new.raw").write_bytes(bytes(new))
+    p = tmp / "rebase.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16k", "-b", "old.raw", "-F", "raw",
+             str(p))
+    return p
+
+
+def _body_rebase(d: Driver, rng: random.Random) -> None:
+    d.write(3000, rng.randbytes(20000))
+    d.write_zeroes(1 << 19, 32768)
+    d.flush()
+    d.write(900000, rng.randbytes(5000))
+    d.rebase("new.raw", "raw")  # differing clusters copied, then the header switch
+    d.write(1 << 20, rng.randbytes(3000))
+    d.rebase("", None)  # flattened
+    d.write(100, rng.randbytes(100))
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -993,6 +1076,8 @@ WORKLOADS: list[Workload] = [
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
     Workload("resize", _setup_resize, _body_resize, weight=0.7),
+    Workload("amend", _setup_amend, _body_amend, weight=0.7),
+    Workload("rebase", _setup_rebase, _body_rebase, weight=0.7),
 ]
 
 

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import resize
 
     resize.register(sub)
+    from . import amend
+
+    amend.register(sub)
+    from . import rebase
+
+    rebase.register(sub)
     return parser
 
 
