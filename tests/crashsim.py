@@ -1033,6 +1033,10 @@ def _body_amend(d: Driver, rng: random.Random) -> None:
     d.amend(compat=3, lazy_refcounts=True)
     d.write_zeroes(0, 16384)
     d.amend(lazy_refcounts=False)
+    d.amend(refcount_bits=4)  # new refcount structures, one header switch
+    d.write(200000, rng.randbytes(30000))
+    d.amend(refcount_bits=64)
+    d.write(7, rng.randbytes(7))
 
 
 def _setup_rebase(tmp: Path) -> Path:

@@ -165,8 +165,30 @@ def test_library_options(tmp: Path) -> None:
     amend(p, {"lazy_refcounts": True})
     with qcow2.open(p) as img:
         assert img.lazy_refcounts
-    # restating the backing file (none) and the current refcount width changes nothing
-    with pytest.raises(UnsupportedFeatureError):
-        amend(p, {"refcount_bits": 8})
-    amend(p, {"refcount_bits": 16})
+    amend(p, {"refcount_bits": 16})  # the current width: nothing to do
+    amend(p, {"refcount_bits": 8})
+    with qcow2.open(p) as img:
+        assert img.geo.refcount_bits == 8
     assert_clean(p)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4k", "cluster_size=512,refcount_bits=64"])
+def test_refcount_width_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,
+                                  opts: str) -> None:
+    p = _img(tmp, "w.qcow2", opts, "write -P 1 0 3M", "write -c -P 2 3M 4k", size="8M")
+    qemu_img("snapshot", "-c", "s", str(p))
+    qemu_io(p, "write -P 3 1M 1M", "write -z 2M 512k")
+    for o in ("refcount_bits=1", "refcount_bits=2", "refcount_bits=8", "refcount_bits=64",
+              "refcount_bits=4,lazy_refcounts=on", "refcount_bits=16"):
+        rc, ref = _both(capsys, p, "-o", o, str(p))  # (the same exit code as qemu-img's)
+        # shared clusters need 2 bits at least, packed compressed ones more
+        assert rc == 1 if o == "refcount_bits=1" else rc == 0 or o.startswith(
+            ("refcount_bits=2", "refcount_bits=4")), o
+        if rc == 0:
+            _same_image(tmp, p, ref)
+    v2 = _img(tmp, "w2.qcow2", "compat=0.10,cluster_size=4k", "write -P 1 0 1M")
+    for o in ("refcount_bits=8,compat=1.1", "compat=0.10", "compat=0.10,refcount_bits=16"):
+        rc, ref = _both(capsys, v2, "-o", o, str(v2))
+        assert rc == (1 if o == "compat=0.10" else 0), o
+        if rc == 0:
+            _same_image(tmp, v2, ref)

@@ -1,9 +1,9 @@
 """Sub-command amend: change the options of an existing qcow2 image (`qemu-img amend`).
 
-What can change: compat (0.10 <-> 1.1), lazy_refcounts, size (a resize, shrinking
-allowed as qemu-img amend allows it). backing_file/backing_fmt may only be restated
-(qemu-img points to rebase for a change), refcount_bits only to its current width here,
-creation-only options get qemu-img's refusal.
+What can change: compat (0.10 <-> 1.1), refcount_bits (the refcount structures are
+rewritten), lazy_refcounts, size (a resize, shrinking allowed as qemu-img amend allows
+it). backing_file/backing_fmt may only be restated (qemu-img points to rebase for a
+change); creation-only options get qemu-img's refusal.
 
 Crash safety: every change ends in one switch of cluster 0 that a power cut leaves
 either old or new. A downgrade to v2 first rewrites what v2 cannot express: zero-flag
@@ -113,8 +113,8 @@ def parse_amend_options(text: str) -> dict[str, Any]:
 def amend(path: str | os.PathLike[str], options: dict[str, Any],
           progress: Progress | None = None) -> None:
     """Change the options of the qcow2 image at path. options: compat ("0.10"/"1.1" or
-    2/3), lazy_refcounts (bool), size (int), refcount_bits (int, its current width
-    only), backing_file/backing_fmt (their current values only)."""
+    2/3), lazy_refcounts (bool), size (int), refcount_bits (int), backing_file/backing_fmt
+    (their current values only)."""
     from . import open as qopen
 
     opts = dict(options)
@@ -141,15 +141,11 @@ def amend_image(img: Any, opts: dict[str, Any], progress: Progress | None = None
             raise InvalidArgumentError(
                 "Cannot amend the backing file (you can use 'qcow2 rebase' instead)")
     # the checks qemu-img makes before changing anything
-    if bits is not None and bits != h.refcount_bits:
-        if new_version < 3:
-            raise InvalidArgumentError(
-                "Refcount widths other than 16 bits require compatibility level 1.1 or "
-                "above (use compat=1.1 or greater)")
-        raise UnsupportedFeatureError(
-            f"Changing the refcount width ({h.refcount_bits} to {bits} bits) is not "
-            "supported yet")
-    if new_version < 3 and h.refcount_bits != 16:
+    if bits is not None and bits != 16 and new_version < 3:
+        raise InvalidArgumentError(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or "
+            "above (use compat=1.1 or greater)")
+    if new_version < 3 and (bits or h.refcount_bits) != 16:
         raise InvalidArgumentError("compat=0.10 requires refcount_bits=16")
     if lazy and new_version < 3:
         raise InvalidArgumentError(
@@ -168,6 +164,8 @@ def amend_image(img: Any, opts: dict[str, Any], progress: Progress | None = None
     img.flush()  # what was written before is durable before the header changes
     if new_version > old_version:
         _switch_cluster0(img, _upgraded(img))
+    if bits is not None and bits != img.header.refcount_bits:
+        change_refcount_width(img, bits, progress)
     if lazy is not None and img.header.version >= 3:
         from .format import COMPAT_LAZY_REFCOUNTS
 
@@ -184,6 +182,89 @@ def amend_image(img: Any, opts: dict[str, Any], progress: Progress | None = None
     img.flush()
     if progress:
         progress(100.0)
+
+
+# ------------------------------------------------------------------ refcount width --
+def change_refcount_width(img: Any, bits: int, progress: Progress | None = None) -> None:
+    """Rewrite the refcount table and blocks with bits-wide entries. The new structures
+    go past the end of the file (nothing can overlap them) and are durable before one
+    header write switches refcount_order and the table together; the old structures
+    are then unreferenced (free) clusters."""
+    import numpy as np
+
+    from .check import CheckResult, _Checker, _quiesce, _reload
+    from .errors import CorruptImageError
+    from .format import encode_refblock, encode_table
+
+    if bits < 1 or bits > 64 or bits & (bits - 1):
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits")
+    if img.header.version < 3:
+        raise InvalidArgumentError(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above "
+            "(use compat=1.1 or greater)")
+    _quiesce(img)
+    res = CheckResult(filename=img.path)
+    checker = _Checker(img, None, res)
+    checker.run()  # the exact reference count of every cluster, as check computes them
+    if res.corruptions or res.check_errors or res.failure:
+        raise CorruptImageError("The image has corruptions: run 'qcow2 check -r all' before "
+                                "changing the refcount width")
+    refs = checker.refs.dense[: checker.refs.nb].astype(np.int64)
+    if bits < 64:
+        over = np.flatnonzero(refs > (1 << bits) - 1)
+        if len(over):
+            c = int(over[0])
+            raise InvalidArgumentError(
+                f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset "
+                f"{c * img.geo.cluster_size:#x} has a refcount of {int(refs[c])}")
+    # the old table and blocks are not referenced by the new structures
+    h = img.header
+    cs = img.geo.cluster_size
+    first = h.refcount_table_offset // cs
+    old_table = decode_table_clusters(img, h.refcount_table_offset, h.refcount_table_clusters)
+    for c in [*range(first, first + h.refcount_table_clusters), *old_table]:
+        if c < len(refs):
+            refs[c] = max(0, refs[c] - 1)
+    order = bits.bit_length() - 1
+    per_block = cs * 8 // bits
+    start = -(-img.storage.size() // cs)  # the first cluster past the end of the file
+    blocks = table = 0
+    while True:
+        total = start + blocks + table
+        nb = -(-total // per_block)
+        nt = max(1, -(-nb * 8 // cs))
+        if (nb, nt) == (blocks, table):
+            break
+        blocks, table = nb, nt
+    vals = np.zeros(blocks * per_block, dtype=np.uint64)
+    vals[: len(refs)] = refs.astype(np.uint64)
+    vals[start : start + blocks + table] = 1
+    st = img.storage
+    reftable = np.zeros(table * cs // 8, dtype=np.uint64)
+    for b in range(blocks):
+        off = (start + b) * cs
+        st.pwrite(encode_refblock(vals[b * per_block : (b + 1) * per_block], order), off,
+                  "refcount")
+        reftable[b] = off
+        if progress:
+            progress(90.0 * (b + 1) / blocks)
+    table_off = (start + blocks) * cs
+    st.pwrite(encode_table(reftable), table_off, "refcount")
+    st.sync()
+    img._update_header(refcount_order=order, refcount_table_offset=table_off,
+                       refcount_table_clusters=table)
+    _reload(img)
+
+
+def decode_table_clusters(img: Any, offset: int, clusters: int) -> list[int]:
+    """Cluster numbers of the refcount blocks a refcount table points at."""
+    import numpy as np
+
+    from .format import decode_table
+
+    cs = img.geo.cluster_size
+    t = decode_table(img.storage.pread(clusters * cs, offset)) & np.uint64(~(cs - 1) & (2**64 - 1))
+    return (t[t != 0] // np.uint64(cs)).astype(np.int64).tolist()
 
 
 # ------------------------------------------------------------------ version switch --
@@ -409,7 +490,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "amend", help="change the options of an existing image",
-        description="Change image options (qemu-img amend): compat, lazy_refcounts, size.",
+        description="Change image options (qemu-img amend): compat, refcount_bits, "
+        "lazy_refcounts, size.",
         usage="qcow2 amend [-p] [-q] [-f qcow2] -o OPTIONS FILE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="options to change ('-o help' lists them)")
