@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import rebase
 
     rebase.register(sub)
+    from . import dd
+
+    dd.register(sub)
     return parser
 
 
