@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import dd
 
     dd.register(sub)
+    from . import bench
+
+    bench.register(sub)
     return parser
 
 
