@@ -71,7 +71,7 @@ def main() -> int:
                 p = d / f"{mode}.qcow2"
                 shutil.copyfile(base, p)
                 if mode != "standard":
-                    qcow2.amend(p, refcount_mode=mode)
+                    qcow2.amend(p, {"refcount_mode": mode})
                 r = rows.setdefault(mode, {})
                 with qcow2.open(p, "r+") as img:
                     r.setdefault("create", []).append(_timed(lambda: img.create_snapshot("s1")))

@@ -282,6 +282,72 @@ class Driver:
         self.content = bytearray(new)
         self._durable()
 
+    def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+        """qcow2.resize.resize_image. Until it completes a crash may show the old size
+        or the new one; past the new end of a shrink, old content or zeros."""
+        from qcow2.resize import resize_image
+
+        old = len(self.content)
+        if size < old:
+            self.pending.append((size, bytes(old - size)))
+        self.sizes.add(size)
+        self._mark()
+        try:
+            resize_image(self.img, size, shrink=shrink, preallocation=preallocation)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            now = self.img.size
+            got = self.img.pread(now, 0)
+            keep = min(old, size)
+            tail_ok = (got[old:] == bytes(now - old)) if now > old else \
+                old_or_new(got[keep:], bytes(self.content[keep:now]), bytes(now - keep))
+            if now not in (old, size) or got[:keep] != bytes(self.content[:keep]) or not tail_ok:
+                raise CrashSimError("after a failed resize the image is neither the old "
+                                    "nor the new size with its content") from exc
+            self.content = bytearray(got)
+            self._mark()
+            return
+        if size < old:
+            del self.content[size:]
+        else:
+            self.content.extend(bytes(size - old))
+        self._durable()  # resize flushes and commits with the header write
+
+    def amend(self, **options: Any) -> None:
+        """qcow2.amend.amend_image (no size change): the guest content stays as it is
+        at every point, flushed by the amend."""
+        from qcow2.amend import amend_image
+
+        self._mark()
+        try:
+            amend_image(self.img, options)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            if self.img.pread(self.size, 0) != bytes(self.content):
+                raise CrashSimError("a failed amend changed the guest content") from exc
+            return
+        self._durable()
+
+    def rebase(self, backing_file: str, backing_format: str | None) -> None:
+        """qcow2.rebase.rebase_image, safe mode: the guest content never changes."""
+        from qcow2.rebase import rebase_image
+
+        self._mark()
+        try:
+            rebase_image(self.img, backing_file, backing_format)
+        except Qcow2Error as exc:
+            if not self.tolerate:
+                raise
+            self._failed(exc)
+            if self.img.pread(self.size, 0) != bytes(self.content):
+                raise CrashSimError("a failed rebase changed the guest content") from exc
+            return
+        self._durable()
+
     def check_repair(self, repair: str = "all") -> Any:
         try:
             res = self.img.check(repair=repair)
@@ -972,6 +1038,80 @@ def _body_mode_switch(d: Driver, rng: random.Random) -> None:
     _random_writes(d, rng, 6, cs, 3)
 
 
+def _setup_resize(tmp: Path) -> Path:
+    # 512-byte clusters: an L1 entry covers 32 KiB, an L1 cluster 2 MiB of disk, so
+    # growing from 1 MiB to 3 MiB moves the L1 table to a larger home
+    p = tmp / "resize.qcow2"
+    random_image(p, 1 << 20, 29, opts="cluster_size=512", fill=0.7)
+    return p
+
+
+def _body_resize(d: Driver, rng: random.Random) -> None:
+    d.write(1000, rng.randbytes(3000))
+    d.resize(3 << 20)  # L1 growth
+    d.write((2 << 20) + 777, rng.randbytes(40000))
+    d.flush()
+    d.resize((1 << 20) + 1536, shrink=True)  # discards, L2 tables dropped, tail zeroed
+    d.write(1 << 20, rng.randbytes(1000))
+    d.resize(2 << 20)
+    d.resize((2 << 20) + 65536, preallocation="metadata")
+    d.write((2 << 20) + 100, rng.randbytes(700))
+
+
+def _setup_amend(tmp: Path) -> Path:
+    rng = random.Random(31)
+    raw = tmp / "amend-backing.raw"
+    raw.write_bytes(rng.randbytes(2 << 20))
+    p = tmp / "amend.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16k", "-b", "amend-backing.raw",
+             "-F", "raw", str(p))
+    qemu_img("snapshot", "-c", "base", str(p))
+    return p
+
+
+def _body_amend(d: Driver, rng: random.Random) -> None:
+    d.write(5000, rng.randbytes(40000))
+    d.write_zeroes(1 << 20, 5 * 16384)  # zero flags over the backing file
+    d.flush()
+    d.write(300000, rng.randbytes(20000))
+    d.write_zeroes(300000, 16384)  # a zero flag that keeps its cluster
+    d.amend(compat=2)  # zero clusters expanded, then the v2 header
+    d.write(1 << 19, rng.randbytes(9000))
+    d.amend(compat=3, lazy_refcounts=True)
+    d.write_zeroes(0, 16384)
+    d.amend(lazy_refcounts=False)
+    d.amend(refcount_bits=4)  # new refcount structures, one header switch
+    d.write(200000, rng.randbytes(30000))
+    d.amend(refcount_bits=64)
+    d.write(7, rng.randbytes(7))
+
+
+def _setup_rebase(tmp: Path) -> Path:
+    rng = random.Random(37)
+    old = rng.randbytes(2 << 20)
+    (tmp / "old.raw").write_bytes(old)
+    new = bytearray(old)
+    for i in range(0, len(new), 5 * 16384):  # every fifth cluster differs
+        new[i : i + 700] = rng.randbytes(700)
+    new[1 << 20 : (1 << 20) + 65536] = bytes(65536)
+    (tmp / "new.raw").write_bytes(bytes(new))
+    p = tmp / "rebase.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16k", "-b", "old.raw", "-F", "raw",
+             str(p))
+    return p
+
+
+def _body_rebase(d: Driver, rng: random.Random) -> None:
+    d.write(3000, rng.randbytes(20000))
+    d.write_zeroes(1 << 19, 32768)
+    d.flush()
+    d.write(900000, rng.randbytes(5000))
+    d.rebase("new.raw", "raw")  # differing clusters copied, then the header switch
+    d.write(1 << 20, rng.randbytes(3000))
+    d.rebase("", None)  # flattened
+    d.write(100, rng.randbytes(100))
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -987,6 +1127,9 @@ WORKLOADS: list[Workload] = [
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
     Workload("refcount-mode-switch", _setup_snapshotted, _body_mode_switch),
+    Workload("resize", _setup_resize, _body_resize, weight=0.7),
+    Workload("amend", _setup_amend, _body_amend, weight=0.7),
+    Workload("rebase", _setup_rebase, _body_rebase, weight=0.7),
 ]
 
 

@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     from . import nbd
 
     nbd.register(sub)
+    from . import resize
+
+    resize.register(sub)
+    from . import rebase
+
+    rebase.register(sub)
+    from . import dd
+
+    dd.register(sub)
+    from . import bench
+
+    bench.register(sub)
     return parser
 
 
