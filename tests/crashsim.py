@@ -703,6 +703,16 @@ def qemu_verdicts(states: list[CrashState], workdir: Path, convert_every: int = 
         raise CrashSimError(f"{len(errors)} states failed; first: {errors[0]}")
 
 
+def to_mode(path: Path, mode: str) -> None:
+    """Convert a (QEMU-made) v3 image to a refcount mode with our library; v2 images
+    stay standard (the modes need compat 1.1)."""
+    with qcow2.open(path, "r", backing=False) as img:
+        if img.header.version < 3 or img.refcount_mode == mode:
+            return
+    with qcow2.open(path, "r+", backing=False) as img:
+        img.set_refcount_mode(mode)
+
+
 def _to_standard(path: Path) -> None:
     """QEMU reads standard images only: a state in another refcount mode is converted
     (by our library, which is part of what is checked) before qemu-img sees it."""
@@ -802,12 +812,7 @@ class Workload:
         directory.mkdir(parents=True, exist_ok=True)
         path = self.setup(directory)
         model = initial_model(path)  # QEMU's reading, before any conversion
-        if mode != "standard":
-            with qcow2.open(path, "r", backing=False) as img:
-                v3 = img.header.version >= 3
-            if v3:
-                with qcow2.open(path, "r+", backing=False) as img:
-                    img.set_refcount_mode(mode)
+        to_mode(path, mode)
         return record(self.name, path, lambda d: self.body(d, random.Random(seed)),
                       model, **self.open_options)
 

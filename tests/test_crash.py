@@ -41,10 +41,8 @@ from qcow2.image import Image
 DEFAULT_STATES = 180
 
 
-# standard only: reftable-growth, a known bug (issue 9 note: converting a lazy-count image
-# whose refcount table grew back to standard can need a refcount block on a cluster the
-# live state uses); amend, which downgrades to v2 (refcount modes need v3)
-_STANDARD_ONLY = ("reftable-growth", "amend")
+# standard only: amend, which downgrades to v2 (refcount modes need compat 1.1)
+_STANDARD_ONLY = ("amend",)
 _PARAMS = [pytest.param(w, id=w.name,
                         marks=[pytest.mark.standard_only] if w.name in _STANDARD_ONLY else [])
            for w in WORKLOADS]

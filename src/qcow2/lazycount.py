@@ -95,13 +95,20 @@ class LazyCountRefcounts(StandardRefcounts):
             used[: len(seg)] |= seg != 0
         return used
 
-    def _create_block(self, b: int) -> np.ndarray:
-        first = b << self.geo.refblock_bits
-        if self.live_count(first) and self._block(b) is None:
-            # the allocator never hands that cluster out: only a damaged image gets here
+    def _block_slot(self, b: int) -> int:
+        # A range no block describes may still hold live clusters (they need no count),
+        # e.g. after a conversion from standard dropped their counts to 0 and the block
+        # was not kept, or after a crash: the block goes to the first cluster of its
+        # range that is neither live nor reserved, and describes itself there.
+        base = b << self.geo.refblock_bits
+        if not self.live_count(base):
+            return 0
+        used = self._used(b, None)
+        free = np.flatnonzero(~used)
+        if not len(free):
             raise CorruptImageError(
-                f"Cluster {first} is used by the active tables but must hold a refcount block")
-        return super()._create_block(b)
+                f"No free cluster for the refcount block of clusters {base}..: all are live")
+        return int(free[0])
 
     # -- allocation for the live state: no refcount change, nothing to sync ---------------
     def _reserve(self, n: int, extra: int) -> int:
@@ -111,6 +118,15 @@ class LazyCountRefcounts(StandardRefcounts):
             self._pool.extend(range(start, start + n))
             self._pool.sort()
         return start
+
+    def write_back(self) -> None:
+        # Standard mode commits a grown refcount table with its next reservation; here
+        # reservations write nothing, so the flush does it (before the L2 tables that
+        # point into the clusters the new blocks describe).
+        if self._moved and not self._atomic:
+            self.commit(final_sync=False)
+            return
+        super().write_back()
 
     def return_pool(self) -> None:
         if self._pool:

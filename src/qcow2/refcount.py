@@ -436,14 +436,20 @@ class StandardRefcounts(RefcountStrategy):
             existing = self._block(b)
             if existing is not None:
                 return existing
+        slot = self._block_slot(b)
         values = np.zeros(self.geo.refblock_entries, dtype=np.uint64)
-        values[0] = 1
-        off = first * self.geo.cluster_size
+        values[slot] = 1
+        off = (first + slot) * self.geo.cluster_size
         self._blocks.put(off, values, dirty=True)
         self.reftable[b] = off
         self.refblock_clusters.add(off >> self.geo.cluster_bits)
         self._reftable_dirty = True
         return values
+
+    def _block_slot(self, b: int) -> int:
+        """Where in its own range a new refcount block for index b goes: the first
+        cluster (free, since no block described the range and all use is counted)."""
+        return 0
 
     def _grow_reftable(self, min_entries: int) -> None:
         """Move the refcount table to a larger home; written out by commit()."""
