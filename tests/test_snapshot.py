@@ -915,3 +915,15 @@ def test_abort_restores_everything(tmp):
         assert img.pread(512, 70000) == b"w" * 512
     assert_clean(p)
     assert p.read_bytes()[:4096] == before[:4096]
+
+
+def test_list_pads_names_by_bytes_as_qemu(tmp):
+    """A non-ASCII tag: qemu-img pads by bytes (printf), so its column is one space
+    narrower per extra byte; `qcow2 snapshot -l` must print the same."""
+    p = tmp / "u.qcow2"
+    qcow2.create(p, 1 << 20)
+    with qcow2.open(p, "r+") as img:
+        img.create_snapshot("é1")
+        img.create_snapshot("plain")
+    with qcow2.open(p) as img:
+        assert format_snapshot_list(img.snapshots) == _qemu_list(p)

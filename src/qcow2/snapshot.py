@@ -204,20 +204,20 @@ def size_to_str(value: int) -> str:
 
 
 def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
-    """`qemu-img snapshot -l` text (empty when there is no snapshot)."""
+    """`qemu-img snapshot -l` text (empty when there is no snapshot): the table
+    `qemu-img info` prints too, from the one printer (names padded by bytes, as C's
+    printf pads them)."""
     if not entries:
         return ""
-    lines = ["Snapshot list:",
-             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    from .info import snapshot_info, snapshot_table_lines
+
+    recs = []
     for e in entries:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.date_sec))
-        secs = e.vm_clock_nsec // 1_000_000_000
-        ms = (e.vm_clock_nsec // 1_000_000) % 1000
-        clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{ms:03d}"
-        icount = "" if e.icount is None else str(e.icount if e.icount < (1 << 63) else e.icount - (1 << 64))
-        lines.append(f"{e.id:<9} {e.name:<16} {size_to_str(e.vm_state_size):>8}{date:>20}"
-                     f"{clock:>13}{icount:>11}")
-    return "\n".join(lines) + "\n"
+        d = snapshot_info(e)
+        if "icount" in d and d["icount"] >= 1 << 63:
+            d["icount"] -= 1 << 64  # QEMU prints it signed
+        recs.append(d)
+    return "\n".join(["Snapshot list:", *snapshot_table_lines(recs)]) + "\n"
 
 
 # ===================================================================== tree scans ==
