@@ -1,10 +1,11 @@
 """Bounded write-back cache of metadata tables (L2 tables, refcount blocks).
 
 Tables are numpy uint64 arrays in native byte order. A dirty table is written back on
-eviction or on flush. Ordering constraints between kinds (refcounts durable before the
-L2 entries that point at new clusters) are kept by the callers: refcount increases are
-committed and synced before a cluster is handed out, so any dirty L2 table may be written
-back at any time.
+eviction or on flush. Ordering constraints between kinds are kept by the callers, not
+here: before a reachable L2 or L1 table is written, the cluster map asks the refcount
+policy to make the refcounts of what it hands out durable (`ensure_durable`: standard
+mode syncs its batched reservations lazily, at that point; lazy-count has nothing to
+sync), and tables no on-disk L1 entry reaches yet may go out at any time.
 """
 
 from __future__ import annotations
@@ -55,9 +56,6 @@ class TableCache:
     def mark_dirty(self, offset: int) -> None:
         self._dirty.add(offset)
 
-    def is_dirty(self, offset: int) -> bool:
-        return offset in self._dirty
-
     def cached(self, offset: int) -> np.ndarray | None:
         return self._tables.get(offset)
 
@@ -79,10 +77,6 @@ class TableCache:
             self._dirty.discard(offset)
             n += 1
         return n
-
-    def clear(self) -> None:
-        self.flush()
-        self._tables.clear()
 
     def drop_all(self) -> None:
         """Forget everything without writing (after a failed operation)."""

@@ -11,9 +11,6 @@ def div_round_up(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def align_up(a: int, b: int) -> int:
-    return div_round_up(a, b) * b
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -32,11 +29,6 @@ class Geometry:
     @property
     def refcount_max(self) -> int:
         return (1 << self.refcount_bits) - 1
-
-    @property
-    def l2_entry_size(self) -> int:
-        """Bytes per L2 entry: 8, or 16 with extended L2."""
-        return 16 if self.extended_l2 else 8
 
     @property
     def l2_bits(self) -> int:
@@ -64,10 +56,6 @@ class Geometry:
     def subcluster_size(self) -> int:
         return self.cluster_size // SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else self.cluster_size
 
-    @property
-    def subcluster_bits(self) -> int:
-        return self.cluster_bits - 5 if self.extended_l2 else self.cluster_bits
-
     # Compressed cluster descriptor: offset in bits 0..x-1, sector count in x..61
     @property
     def csize_shift(self) -> int:
@@ -83,18 +71,6 @@ class Geometry:
 
     def l1_size_for(self, virtual_size: int) -> int:
         return div_round_up(virtual_size, self.l1_coverage)
-
-    def l1_index(self, guest_offset: int) -> int:
-        return guest_offset >> (self.cluster_bits + self.l2_bits)
-
-    def l2_index(self, guest_offset: int) -> int:
-        return (guest_offset >> self.cluster_bits) & (self.l2_entries - 1)
-
-    def reftable_index(self, host_cluster: int) -> int:
-        return host_cluster >> self.refblock_bits
-
-    def refblock_index(self, host_cluster: int) -> int:
-        return host_cluster & (self.refblock_entries - 1)
 
     def compressed_range(self, l2_entry: int) -> tuple[int, int]:
         """(host offset, byte length) of the compressed data an L2 entry describes."""

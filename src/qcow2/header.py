@@ -187,7 +187,7 @@ def _check_table(what: str, offset: int, nbytes: int, cs: int, file_size: int) -
         raise FormatError(f"{what} offset invalid: {offset:#x} is not cluster aligned")
     if offset == 0:
         raise FormatError(f"{what} offset invalid: it overlaps the header")
-    if offset + nbytes > MAX_HOST_OFFSET or offset + nbytes > max(file_size, 0) + cs * 0:
+    if offset + nbytes > MAX_HOST_OFFSET or offset + nbytes > max(file_size, 0):
         if offset >= file_size:
             raise FormatError(f"{what} offset invalid: {offset:#x} is past the end of the file")
         if offset + nbytes > file_size:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import backing as _backing
-from .check import CheckMixin
+from .check import CheckMixin, check_image
 from .cluster import (
     BITMAP_ALLOC_ALL,
     BITMAP_ZERO_ALL,
@@ -130,7 +130,6 @@ class Image(SnapshotMixin, CheckMixin):
         # where the next compressed cluster may be packed: (next free byte, end of that
         # host cluster), valid only from one write_compressed to the next (see there)
         self._comp_tail: tuple[int, int] | None = None
-        self._header_dirty = False
 
     def _make_refcounts(self) -> StandardRefcounts:
         h = self.header
@@ -285,8 +284,6 @@ class Image(SnapshotMixin, CheckMixin):
             self._update_header(autoclear_features=0)
 
     def _repair_dirty(self) -> None:
-        from .check import check_image  # noqa: PLC0415 - only needed for dirty images
-
         check_image(self, repair="all", from_dirty_open=True)
 
     # ------------------------------------------------------------------ header --
@@ -940,7 +937,7 @@ class Image(SnapshotMixin, CheckMixin):
         # at them; (4) a sync; (5) only then are the dropped references released.
         cmap.flush_l2(fresh_only=True)
         rc.write_back()
-        if ((cmap.l1_dirty or self._header_dirty) and st.unsynced_writes) or \
+        if (cmap.l1_dirty and st.unsynced_writes) or \
                 (st.unsynced_data_writes and cmap.reachable_dirty):
             st.sync()
         cmap.flush_l2()

@@ -279,9 +279,6 @@ class StandardRefcounts(RefcountStrategy):
             out[sel] = block[clusters[sel] & mask]
         return out
 
-    def covered_clusters(self) -> int:
-        return len(self.reftable) << self.geo.refblock_bits
-
     def get_range(self, start: int, n: int) -> np.ndarray:
         """Refcounts of clusters start .. start + n - 1 (uint64 array)."""
         out = np.zeros(n, dtype=np.uint64)

@@ -16,8 +16,6 @@ from typing import Any, Protocol
 
 from .errors import Qcow2Error, Qcow2IOError
 
-WRITE_KINDS = ("data", "l1", "l2", "refcount", "header", "snapshot_table")
-
 
 class Backend(Protocol):
     def pread(self, length: int, offset: int) -> bytes: ...
