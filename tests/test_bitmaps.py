@@ -10,6 +10,7 @@ from conftest import qemu_img, qemu_info, qemu_io
 
 import qcow2
 from qcow2.bitmaps import BitmapEntry, BitmapsExtension, read_directory
+from qcow2.info import image_info
 
 
 def _expected_runs(ops: list[tuple[int, int]], gran: int, size: int) -> list[tuple[int, int]]:
@@ -57,7 +58,7 @@ def test_info_lists_bitmaps_as_qemu(tmp: Path) -> None:
     qemu_img("bitmap", "--add", "-g", "4k", str(p), "b0")
     qemu_img("bitmap", "--add", "--disable", str(p), "name with spaces ü")
     with qcow2.open(p) as img:
-        ours = qcow2.info.image_info(img)["format-specific"]["data"]["bitmaps"]
+        ours = image_info(img)["format-specific"]["data"]["bitmaps"]
     assert ours == qemu_info(p)["format-specific"]["data"]["bitmaps"]
 
 
@@ -91,3 +92,17 @@ def test_truncated_directory_is_an_error(tmp: Path) -> None:
         _ = img.bitmaps
     with qcow2.open(p) as img:
         assert img.check().corruptions >= 1
+
+
+def test_check_finds_a_bad_entry(tmp: Path) -> None:
+    p = tmp / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1G")
+    qemu_img("bitmap", "--add", str(p), "b0")
+    with qcow2.open(p) as img:
+        assert img.check().corruptions == 0
+        ext = BitmapsExtension.unpack(img.layout.bitmaps_ext)
+    with open(p, "r+b") as f:  # granularity_bits 40: QEMU refuses the bitmap
+        f.seek(ext.directory_offset + 17)
+        f.write(bytes([40]))
+    with qcow2.open(p) as img:
+        assert img.check().corruptions == 1

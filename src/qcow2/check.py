@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .bitmaps import read_directory
+from .bitmaps import read_directory, validate_entry
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2Error, ReadOnlyError
 from .format import (
     AUTOCLEAR_BITMAPS,
@@ -833,6 +833,11 @@ class _Checker:
                 res.corruptions += 1
                 res.msg(f"ERROR bitmap table at {t_off:#x} is invalid")
                 continue
+            try:
+                validate_entry(bm, self.h.size, cs, self.file_size)
+            except Qcow2Error as e:
+                res.corruptions += 1
+                res.msg(f"ERROR {e}")
             table = _read_u64(self.storage, t_off, t_size, self.file_size)
             bad = ((table & _U64(0xFF000000000001FE)) != 0) | (
                 ((table & _U64(L2E_OFFSET_MASK)) & _U64(cs - 1)) != 0)
