@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .bitmaps import read_directory, validate_entry
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2Error, ReadOnlyError
 from .format import (
     AUTOCLEAR_BITMAPS,
@@ -850,21 +851,25 @@ class _Checker:
             res.corruptions += 1
             res.msg("ERROR bitmap directory is invalid")
             return
-        d = self.storage.pread(dir_size, dir_off)
-        pos = 0
-        ent = struct.Struct(">QIIBBHI")
-        for _ in range(min(nb_bitmaps, 65535)):
-            if pos + ent.size > len(d):
-                res.corruptions += 1
-                res.msg("ERROR bitmap directory is truncated")
-                return
-            t_off, t_size, _flags, _typ, _gran, name_len, extra = ent.unpack_from(d, pos)
-            pos += (ent.size + extra + name_len + 7) & ~7
+        try:
+            _ext, entries = read_directory(self.storage, ext, self.h.autoclear_features,
+                                           self.file_size)
+        except Qcow2Error as e:
+            res.corruptions += 1
+            res.msg(f"ERROR bitmap directory: {e}")
+            return
+        for bm in entries:
+            t_off, t_size = bm.table_offset, bm.table_size
             refs.add_region(t_off, t_size * 8)
             if t_off % cs or t_size * 8 > 64 * 1024 * 1024 or t_off + t_size * 8 > self.file_size:
                 res.corruptions += 1
                 res.msg(f"ERROR bitmap table at {t_off:#x} is invalid")
                 continue
+            try:
+                validate_entry(bm, self.h.size, cs, self.file_size)
+            except Qcow2Error as e:
+                res.corruptions += 1
+                res.msg(f"ERROR {e}")
             table = _read_u64(self.storage, t_off, t_size, self.file_size)
             bad = ((table & _U64(0xFF000000000001FE)) != 0) | (
                 ((table & _U64(L2E_OFFSET_MASK)) & _U64(cs - 1)) != 0)

@@ -340,6 +340,20 @@ class Image(SnapshotMixin, CheckMixin):
     def compression_type(self) -> str:
         return COMPRESSION_NAMES[self.header.compression_type]
 
+    @property
+    def bitmaps(self) -> list[Any]:
+        """Persistent dirty bitmaps (bitmaps.BitmapEntry: name, granularity, flags)."""
+        from .bitmaps import read_directory  # noqa: PLC0415 - bitmaps.py owns the format
+
+        return read_directory(self.storage, self.layout.bitmaps_ext,
+                              self.header.autoclear_features, self.storage.size())[1]
+
+    def dirty_ranges(self, name: str) -> Any:
+        """(offset, length) runs of guest data marked dirty in bitmap name."""
+        from .bitmaps import dirty_ranges  # noqa: PLC0415 - bitmaps.py owns the format
+
+        return dirty_ranges(self, name)
+
     # ------------------------------------------------------------------ reading --
     def _check_range(self, offset: int, length: int, size: int | None = None) -> None:
         if self.closed:

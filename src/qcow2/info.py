@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .backing import RawFile
+from .bitmaps import info_dict, read_directory
 from .errors import FormatError
 from .format import (
-    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     INCOMPAT_CORRUPT,
@@ -177,37 +176,10 @@ def snapshot_info(rec: Any) -> dict[str, Any]:
 
 
 def _bitmaps(img: Any) -> list[dict[str, Any]]:
-    """Persistent dirty bitmaps listed in the bitmaps extension (QEMU ignores the
-    extension unless the autoclear bit says it is consistent)."""
-    ext = img.layout.bitmaps_ext
-    if ext is None or not img.header.autoclear_features & AUTOCLEAR_BITMAPS or len(ext) < 24:
-        return []
-    nb, _reserved, dir_size, dir_off = struct.unpack_from(">IIQQ", ext)
-    if not nb:
-        return []
-    if nb > 65535 or dir_size > 64 * 1024 * 1024 or dir_off + dir_size > img.storage.size():
-        raise FormatError("Invalid bitmap directory in the bitmaps extension")
-    buf = img.storage.pread(dir_size, dir_off)
-    out = []
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(buf):
-            raise FormatError("Bitmap directory is truncated")
-        _tab, _tab_size, flags, _type, gbits, name_len, extra = struct.unpack_from(
-            ">QIIBBHI", buf, pos)
-        pos += 24 + extra
-        if pos + name_len > len(buf) or gbits > 63:
-            raise FormatError("Bitmap directory is truncated")
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
-        pos += name_len
-        pos += (-pos) % 8
-        names = []
-        if flags & 1:
-            names.append("in-use")
-        if flags & 2:
-            names.append("auto")
-        out.append({"name": name, "granularity": 1 << gbits, "flags": names})
-    return out
+    """Persistent dirty bitmaps listed in the bitmaps extension."""
+    _ext, entries = read_directory(img.storage, img.layout.bitmaps_ext,
+                                   img.header.autoclear_features, img.storage.size())
+    return [info_dict(e) for e in entries]
 
 
 def image_info(img: Any, filename: str | None = None) -> dict[str, Any]:
