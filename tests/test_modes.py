@@ -5,10 +5,11 @@ every snapshot)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import image_mode, qemu_img, qemu_io
+from conftest import QEMU_IMG, image_mode, qemu_img, qemu_io
 
 import qcow2
 from qcow2.cli import main as cli_main
@@ -46,9 +47,6 @@ def test_amend_round_trip_keeps_every_snapshot(tmp: Path) -> None:
 def test_qemu_refuses_lazy_count_and_names_it(tmp: Path) -> None:
     p = tmp / "l.qcow2"
     qcow2.create(p, 1 << 20, refcount_mode="lazy-count")
-    import subprocess
-
-    from conftest import QEMU_IMG
     r = subprocess.run([QEMU_IMG, "info", str(p)], capture_output=True, text=True)
     assert r.returncode != 0 and "lazy-count refcounts" in r.stderr
 

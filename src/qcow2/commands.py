@@ -26,6 +26,22 @@ class SizeRangeError(ValueError):
     """The number is well formed but does not fit in 64 bits."""
 
 
+def parse_image_size(text: str) -> int:
+    """An image size argument, with qemu-img's messages for a malformed or too large one."""
+    try:
+        size = parse_size(text)
+    except SizeRangeError:
+        size = INT64_MAX + 1
+    except ValueError:
+        raise InvalidArgumentError(
+            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    if size > INT64_MAX:
+        raise InvalidArgumentError(
+            f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+    return size
+
+
 def parse_size(text: str) -> int:
     """A size with an optional k/M/G/T/P/E suffix (powers of 1024) or b for bytes, like
     qemu_strtosz: "64k", "1.5G", "0x1000", "512". Raises ValueError (SizeRangeError when
@@ -242,17 +258,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"{filename}: {exc}") from None
     size: int | None = None
     if args.size is not None:
-        try:
-            size = parse_size(args.size)
-        except SizeRangeError:
-            size = INT64_MAX + 1
-        except ValueError:
-            raise InvalidArgumentError(
-                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
-                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
-        if size > INT64_MAX:
-            raise InvalidArgumentError(
-                f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+        size = parse_image_size(args.size)
         if "size" in opts:
             raise InvalidArgumentError(f"{filename}: The image size must be specified only once")
         opts["size"] = (args.size, size)

@@ -191,9 +191,10 @@ def create(
     storage.close()
     if refcount_mode != "standard":
         from .image import Image
+        from .modes import set_refcount_mode
 
         with Image._open(path, writable=True, backing=False) as img:
-            img._set_refcount_mode(refcount_mode, fresh=True)
+            set_refcount_mode(img, refcount_mode, fresh=True)
 
 
 def _write_prealloc_l2(storage: Storage, geo: Geometry, l2_off: int, l2_tables: int,

@@ -160,9 +160,6 @@ class Image(SnapshotMixin, CheckMixin):
         """Convert the image to another refcount mode in place (crash-atomic)."""
         set_refcount_mode(self, mode)
 
-    def _set_refcount_mode(self, mode: str, fresh: bool) -> None:
-        set_refcount_mode(self, mode, fresh=fresh)
-
     def _metadata_at(self, host: int, length: int, refblocks: bool = True,
                      l2_tables: bool = False) -> str:
         """Which metadata [host, host + length) overlaps: the header, the active L1

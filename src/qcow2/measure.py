@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .commands import (
-    INT64_MAX,
-    SizeRangeError,
     is_help_list,
     options_help,
     parse_create_options,
-    parse_size,
+    parse_image_size,
     valid_option_list,
 )
 from .errors import InvalidArgumentError, Qcow2Error
@@ -268,17 +266,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("Either --size N or one filename must be specified.")
     options = _parse_options(args.options) if args.out_fmt == "qcow2" else {}
     if args.size is not None:
-        try:
-            size = parse_size(args.size)
-        except SizeRangeError:
-            size = INT64_MAX + 1
-        except ValueError:
-            raise InvalidArgumentError(
-                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
-                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
-        if size > INT64_MAX:
-            raise InvalidArgumentError(
-                f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+        size = parse_image_size(args.size)
         result = measure(size=size, fmt=args.out_fmt, options=options)
     else:
         result = _measure_file(args.filename, args.src_fmt, args.snapshot, args.out_fmt, options)

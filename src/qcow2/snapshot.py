@@ -846,6 +846,8 @@ class SnapshotMixin:
         cbits = geo.cluster_bits
         if sink is None:
             rc = self._rc()
+            if live and not rc.live_weight and not want_copied:
+                return np.zeros(0, dtype=np.int64)  # the mode stores no live references
             sink = rc.update_live if live else rc.update
         file_clusters = div_round_up(self.storage.size(), cs)
         l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
