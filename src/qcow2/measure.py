@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +28,6 @@ from .commands import (
 from .errors import InvalidArgumentError, Qcow2Error
 
 MAX_L1_BYTES = 32 * 1024 * 1024  # QEMU's QCOW_MAX_L1_SIZE
-AUTOCLEAR_BITMAPS = 1
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # fixed part of a bitmap directory entry
 
 
 @dataclass
@@ -164,32 +161,23 @@ def _data_bytes(source: Any, cluster_size: int) -> int:
 def bitmaps_size(img: Any, cluster_size: int) -> int:
     """Room the persistent dirty bitmaps of a qcow2 image take in a target with this
     cluster size: every bitmap fully allocated, its table, and the directory."""
+    from .bitmaps import BitmapEntry, read_directory
+
     layout = img.layout
-    ext = layout.bitmaps_ext
-    if ext is None or len(ext) < 24 or not layout.header.autoclear_features & AUTOCLEAR_BITMAPS:
-        # (QEMU ignores bitmaps that a program without bitmap support may have made stale)
-        return 0
-    nb, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext)
-    if dir_size > 64 * 1024 * 1024:
-        raise Qcow2Error("Bitmap directory is too large")
-    raw = img.storage.pread(dir_size, dir_offset) if dir_size else b""
+    # (QEMU ignores bitmaps that a program without bitmap support may have made stale)
+    _ext, entries = read_directory(img.storage, layout.bitmaps_ext,
+                                   layout.header.autoclear_features, img.storage.size())
     size = img.size // 512 * 512
     total = 0
     dir_bytes = 0
-    pos = 0
-    for _ in range(nb):
-        if pos + _BITMAP_DIR_ENTRY.size > len(raw):
-            raise Qcow2Error("Bitmap directory is truncated")
-        (_tbl_off, _tbl_size, _flags, _type, gran_bits, name_size,
-         extra_size) = _BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        if gran_bits > 63:
+    fixed = BitmapEntry._S.size
+    for ent in entries:
+        if ent.granularity_bits > 63:
             raise Qcow2Error("Bitmap granularity is invalid")
-        entry = _round_up(_BITMAP_DIR_ENTRY.size + name_size + extra_size, 8)
-        pos += entry
-        nbytes = _div_up(_div_up(size, 1 << gran_bits), 8)
+        nbytes = _div_up(_div_up(size, 1 << ent.granularity_bits), 8)
         clusters = _div_up(nbytes, cluster_size)
         total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)
-        dir_bytes += _round_up(_BITMAP_DIR_ENTRY.size + name_size, 8)
+        dir_bytes += _round_up(fixed + len(ent.name.encode()), 8)
     return total + _round_up(dir_bytes, cluster_size)
 
 
