@@ -1030,14 +1030,16 @@ def _body_compressed(d: Driver, rng: random.Random) -> None:
 
 
 def _body_mode_switch(d: Driver, rng: random.Random) -> None:
-    """Writes around in-place conversions to the other refcount mode and back."""
+    """Writes around in-place conversions through every other refcount mode and back."""
+    from qcow2.modes import MODES
+
     first = d.img.refcount_mode
-    other = "lazy-count" if first == "standard" else "standard"
     cs = d.img.cluster_size
     _random_writes(d, rng, 12, cs, 4)
-    d.flush()
-    d.img.set_refcount_mode(other)
-    _random_writes(d, rng, 12, cs, 4)
+    for other in [m for m in MODES if m != first]:
+        d.flush()
+        d.img.set_refcount_mode(other)
+        _random_writes(d, rng, 8, cs, 4)
     d.flush()
     d.img.set_refcount_mode(first)
     _random_writes(d, rng, 6, cs, 3)

@@ -1430,7 +1430,10 @@ def _reload(img: Any) -> None:
 
 def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
     res = CheckResult(filename=img.path)
-    checker = _Checker(img, fix, res)
+    from .modes import MODES, mode_of  # noqa: PLC0415 - modes imports the strategies
+
+    special = MODES[mode_of(img.header)].checker()
+    checker = (special or _Checker)(img, fix, res)
     try:
         checker.run()
     except Qcow2Error as exc:  # I/O errors while checking

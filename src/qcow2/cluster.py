@@ -30,6 +30,7 @@ from .storage import Storage
 UNALLOCATED, NORMAL, ZERO, COMPRESSED = 0, 1, 2, 3
 
 BITMAP_ALLOC_ALL = 0xFFFFFFFF
+_CLEAR_COPIED = ~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
 BITMAP_ZERO_ALL = 0xFFFFFFFF << 32
 
 
@@ -122,9 +123,12 @@ class ClusterMap:
             self.l2_offset(l1i)  # raises the corruption error
         table = self.l2cache.get(off)
         i = guest_cluster & self._l2_mask
-        if self._ext:
-            return table.item(2 * i), table.item(2 * i + 1)
-        return table.item(i), 0
+        e = table.item(2 * i) if self._ext else table.item(i)
+        if not l1.item(l1i) & QCOW_OFLAG_COPIED:
+            # a table the live state does not own: its entries' COPIED flags speak for
+            # the table's owner (owner mode keeps them after a snapshot), not for us
+            e &= _CLEAR_COPIED
+        return (e, table.item(2 * i + 1)) if self._ext else (e, 0)
 
     def contiguous_host(self, guest_cluster: int, count: int, owned: bool) -> int:
         """Host offset of guest_cluster if it and the count - 1 clusters after it are
@@ -139,9 +143,12 @@ class ClusterMap:
         l1 = self.l1
         if l1i >= len(l1):
             return -1
-        off = l1.item(l1i) & L1E_OFFSET_MASK
+        l1e = l1.item(l1i)
+        off = l1e & L1E_OFFSET_MASK
         if not off or off & self._cmask:
             return -1
+        if owned and not l1e & QCOW_OFLAG_COPIED:
+            return -1  # (see get: the entries' flags are the table owner's)
         table = self.l2cache.get(off)
         i = guest_cluster & self._l2_mask
         e0 = table.item(i)
@@ -215,8 +222,13 @@ class ClusterMap:
         assert self.refcounts is not None
         new = self.refcounts.allocate(1)
         if old:
-            # Shared with a snapshot: copy it; the old one loses our reference.
+            # Shared with a snapshot: copy it; the old one loses our reference. The
+            # copy's data is not ours either: no entry of it is COPIED.
             table = self.l2cache.get(old).copy()
+            if self._ext:
+                table[0::2] &= np.uint64(_CLEAR_COPIED)
+            else:
+                table &= np.uint64(_CLEAR_COPIED)
         else:
             table = np.zeros(self.geo.cluster_size // 8, dtype=np.uint64)
         self._fresh.add(new)

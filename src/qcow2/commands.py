@@ -130,7 +130,7 @@ _CREATE_OPTS: list[tuple[str, str, str | None, str]] = [
     ("lazy_refcounts", "bool", "off", "Postpone refcount updates"),
     ("refcount_bits", "num", "16", "Width of a reference count entry in bits"),
     ("refcount_mode", "str", None,
-     "What refcounts count (allowed values: standard, lazy-count; not qemu-img's)"),
+     "What refcounts count (allowed values: standard, lazy-count, owner; not qemu-img's)"),
 ]
 _OPT_TYPES = {name: typ for name, typ, _, _ in _CREATE_OPTS}
 # the -o options that are qcow2.create() arguments of the same name

@@ -83,11 +83,17 @@ def create(
     refcount_mode: str = "standard",
 ) -> None:
     """Create a qcow2 image. Without a size, the backing file's size is used.
-    refcount_mode "lazy-count" creates an image in that mode (see lazycount.py; it
-    needs compat 1.1, and QEMU cannot open it until it is converted back)."""
+    refcount_mode "lazy-count" or "owner" creates an image in that mode (see lazycount.py,
+    owner.py; they need compat 1.1, and QEMU cannot open them until converted back)."""
     from .modes import check_mode_name
 
     check_mode_name(refcount_mode)
+    from .modes import MODES
+
+    if refcount_bits < MODES[refcount_mode].min_refcount_bits:
+        raise InvalidArgumentError(
+            f"refcount_mode={refcount_mode} needs refcount_bits of at least "
+            f"{MODES[refcount_mode].min_refcount_bits}")
     if refcount_mode != "standard" and COMPAT_ALIASES.get(compat) == 2:
         raise InvalidArgumentError(
             "Refcount modes other than standard need compatibility level 1.1 (compat=1.1)")

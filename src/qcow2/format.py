@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import ClassVar
 
 from .errors import FormatError
 
@@ -19,7 +20,8 @@ INCOMPAT_EXTL2 = 1 << 4
 # Ours (docs/format-extensions.md): the stored refcounts follow a non-standard refcount
 # mode, named by the refcount-mode header extension. A high bit, far from QEMU's.
 INCOMPAT_LAZY_COUNT = 1 << 59
-INCOMPAT_REFCOUNT_MODES = INCOMPAT_LAZY_COUNT
+INCOMPAT_OWNER = 1 << 58
+INCOMPAT_REFCOUNT_MODES = INCOMPAT_LAZY_COUNT | INCOMPAT_OWNER
 INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
                   | INCOMPAT_EXTL2 | INCOMPAT_REFCOUNT_MODES)
 COMPAT_LAZY_REFCOUNTS = 1 << 0
@@ -42,6 +44,7 @@ FEATURE_NAMES: dict[tuple[int, int], str] = {
 # 512-byte-cluster image has no room to spare)
 OUR_FEATURE_NAMES: dict[tuple[int, int], str] = {
     (0, 59): "lazy-count refcounts",
+    (0, 58): "owner refcounts",
 }
 
 # Header extension types
@@ -54,8 +57,8 @@ EXT_DATA_FILE = 0x44415441
 EXT_REFCOUNT_MODE = 0x52434D44  # ours: "RCMD"
 
 # refcount modes: name -> (incompatible bit, id in the refcount-mode extension)
-REFCOUNT_MODE_IDS = {"standard": 0, "lazy-count": 1}
-REFCOUNT_MODE_BITS = {"standard": 0, "lazy-count": INCOMPAT_LAZY_COUNT}
+REFCOUNT_MODE_IDS = {"standard": 0, "lazy-count": 1, "owner": 2}
+REFCOUNT_MODE_BITS = {"standard": 0, "lazy-count": INCOMPAT_LAZY_COUNT, "owner": INCOMPAT_OWNER}
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -335,6 +338,40 @@ class ImageLayout:
     crypto_ext: bytes | None = None
     refcount_mode_ext: RefcountModeExt | None = None
     unknown_extensions: tuple[HeaderExtension, ...] = ()
+
+
+@dataclass(frozen=True)
+class SnapshotNode:
+    """Owner mode (docs/format-extensions.md): a snapshot's place in the snapshot tree,
+    the first 16 bytes of its entry's extra data past the standard fields. node_id is
+    the owner id its clusters carry in the refcount blocks; parent_id 0 means a root."""
+
+    node_id: int
+    parent_id: int = 0
+    flags: int = 0
+
+    HIDDEN: ClassVar[int] = 1  # deleted, kept while it has several children
+    LIVE_PARENT: ClassVar[int] = 2  # the live state is a child of this node
+    _FMT: ClassVar[struct.Struct] = struct.Struct(">IIII")
+    SIZE: ClassVar[int] = 16
+
+    def pack(self) -> bytes:
+        return self._FMT.pack(self.node_id, self.parent_id, self.flags, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> SnapshotNode:
+        if len(data) < cls.SIZE:
+            raise FormatError("Snapshot entry lacks its owner-mode node record")
+        node_id, parent_id, flags, _reserved = cls._FMT.unpack_from(data)
+        return cls(node_id, parent_id, flags)
+
+    @property
+    def hidden(self) -> bool:
+        return bool(self.flags & self.HIDDEN)
+
+    @property
+    def live_parent(self) -> bool:
+        return bool(self.flags & self.LIVE_PARENT)
 
 
 @dataclass(frozen=True)

@@ -147,13 +147,11 @@ class Image(SnapshotMixin, CheckMixin):
         self.refcounts = rc
         self.clusters.refcounts = rc
         self.clusters.owned.clear()
-        if rc.needs_live_map:
-            with rc.bulk(-(-self.storage.size() // self.geo.cluster_size)):
-                rc.set_live(self._live_counts())
+        rc.attach(self)
 
     @property
     def refcount_mode(self) -> str:
-        """The image's refcount mode: "standard" (plain qcow2) or "lazy-count"."""
+        """The image's refcount mode: "standard" (plain qcow2), "lazy-count" or "owner"."""
         return mode_of(self.header)
 
     def set_refcount_mode(self, mode: str) -> None:
@@ -655,7 +653,7 @@ class Image(SnapshotMixin, CheckMixin):
             host, length = self.geo.compressed_range(old_entry)
             first = host >> self.geo.cluster_bits
             last = (host + length - 1) >> self.geo.cluster_bits
-            rc.release(first << self.geo.cluster_bits, last - first + 1)
+            rc.release_compressed(first << self.geo.cluster_bits, last - first + 1)
             return
         host = old_entry & L2E_OFFSET_MASK
         if host:
@@ -811,6 +809,7 @@ class Image(SnapshotMixin, CheckMixin):
             rc.add_reference(host >> self._cbits)
         else:
             host = rc.allocate(-(-nbytes // cs))
+            rc.note_compressed(host, -(-nbytes // cs))
             if tail is not None and host == tail[1] and nbytes < cs:
                 # the new cluster follows the packed one: continue into it, as QEMU does
                 # (the data then counts as a reference to both)

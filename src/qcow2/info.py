@@ -26,7 +26,7 @@ from .format import (
     MAX_SNAPSHOTS,
     SnapshotEntry,
 )
-from .modes import mode_of
+from .modes import MODES, mode_of
 
 # ----------------------------------------------------------------------------- sizes --
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -208,6 +208,11 @@ def image_info(img: Any, filename: str | None = None) -> dict[str, Any]:
     snaps = _snapshot_records(img)
     if snaps:
         info["snapshots"] = [snapshot_info(s) for s in snaps]
+        parents = MODES[mode_of(h)].parents(img)
+        if parents:  # a mode with a snapshot tree (owner): each snapshot's parent
+            for d in info["snapshots"]:
+                if d["id"] in parents:
+                    d["parent"] = parents[d["id"]]
     data: dict[str, Any] = {
         "compat": "1.1" if h.version == 3 else "0.10",
         "compression-type": COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),

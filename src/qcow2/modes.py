@@ -26,11 +26,13 @@ from .format import (
 )
 from .header import pack_cluster0, read_layout
 from .lazycount import LazyCountRefcounts
+from .owner import OwnerRefcounts
 from .refcount import StandardRefcounts
 
 MODES: dict[str, type[StandardRefcounts]] = {
     "standard": StandardRefcounts,
     "lazy-count": LazyCountRefcounts,
+    "owner": OwnerRefcounts,
 }
 
 
@@ -79,6 +81,21 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
     img.flush()
     rc = img.refcounts
     rc.close()  # pool returned, releases applied: the stored counts are exact
+    leave, enter = MODES[old_mode].leave, MODES[new_mode].enter
+    if leave is not None or enter is not None:
+        # a mode that is not a count of references converts through standard
+        if leave is not None:
+            leave(img)
+        elif old_mode != "standard":
+            set_refcount_mode(img, "standard")
+        if new_mode == "standard":
+            return
+        _put_extension(img, new_mode, fresh)
+        if enter is not None:
+            enter(img)
+        else:
+            set_refcount_mode(img, new_mode)
+        return
     delta = MODES[new_mode].live_weight - MODES[old_mode].live_weight
     live = img._live_counts()
     if delta < 0:
@@ -87,30 +104,8 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
             bad = int(np.flatnonzero(stored < live)[0])
             raise CorruptImageError(
                 f"Refcount of cluster {bad} is lower than its references: run 'qcow2 check -r all'")
-    layout = img.layout
     if new_mode != "standard":
-        # The extension goes in first, with the bit still clear: a reader ignores it
-        # until the switch sets the bit.
-        ext = RefcountModeExt(REFCOUNT_MODE_IDS[new_mode])
-        if layout.refcount_mode_ext != ext:
-            data = None
-            if fresh:
-                # a new image: cluster 0 written whole, with our feature's name, or
-                # without the (optional) name table where there is no room for it
-                for names in (True, False):
-                    try:
-                        data = pack_cluster0(replace(layout, refcount_mode_ext=ext),
-                                             img.geo.cluster_size, feature_table=names)
-                        break
-                    except FormatError:
-                        continue
-            if data is None:
-                _append_extension(img, ext)
-            else:
-                img.storage.pwrite(data, 0, "header")
-                img.storage.sync()
-                img.layout = read_layout(img.storage)  # (the backing name may have moved)
-                img.header = img.layout.header
+        _put_extension(img, new_mode, fresh)
     bits = (img.header.incompatible_features & ~INCOMPAT_REFCOUNT_MODES) | REFCOUNT_MODE_BITS[new_mode]
     with rc.bulk(len(live)):
         rc.begin_atomic()
@@ -122,6 +117,33 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
             rc.abort_atomic()
             raise
     img._reopen_refcounts()
+
+
+def _put_extension(img: Any, new_mode: str, fresh: bool) -> None:
+    """The extension goes in first, with the bit still clear: a reader ignores it
+    until the switch sets the bit."""
+    layout = img.layout
+    ext = RefcountModeExt(REFCOUNT_MODE_IDS[new_mode])
+    if layout.refcount_mode_ext == ext:
+        return
+    data = None
+    if fresh:
+        # a new image: cluster 0 written whole, with our feature's name, or
+        # without the (optional) name table where there is no room for it
+        for names in (True, False):
+            try:
+                data = pack_cluster0(replace(layout, refcount_mode_ext=ext),
+                                     img.geo.cluster_size, feature_table=names)
+                break
+            except FormatError:
+                continue
+    if data is None:
+        _append_extension(img, ext)
+    else:
+        img.storage.pwrite(data, 0, "header")
+        img.storage.sync()
+        img.layout = read_layout(img.storage)  # (the backing name may have moved)
+        img.header = img.layout.header
 
 
 def _append_extension(img: Any, ext: RefcountModeExt) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -58,6 +58,8 @@ class RefcountStrategy(abc.ABC):
     live_weight: ClassVar[int] = 1
     # whether the allocator needs the live state's references as a map (see set_live)
     needs_live_map: ClassVar[bool] = False
+    # the narrowest refcount entries the mode can store its values in
+    min_refcount_bits: ClassVar[int] = 1
 
     @abc.abstractmethod
     def allocate(self, n: int = 1) -> int:
@@ -73,6 +75,14 @@ class RefcountStrategy(abc.ABC):
     @abc.abstractmethod
     def release(self, host_offset: int, n: int = 1) -> None:
         """A reference to n clusters was dropped in (not yet durable) metadata."""
+
+    def release_compressed(self, host_offset: int, n: int = 1) -> None:
+        """release() for the host clusters of a compressed cluster (which other
+        compressed clusters may share)."""
+        self.release(host_offset, n)
+
+    def note_compressed(self, host_offset: int, n: int) -> None:  # noqa: B027 - a hook
+        """n fresh clusters now hold one compressed cluster."""
 
     @abc.abstractmethod
     def apply_releases(self) -> None:
@@ -160,6 +170,45 @@ class RefcountStrategy(abc.ABC):
     def in_use_many(self, clusters: np.ndarray) -> np.ndarray:
         """Whether each host cluster is in use (referenced by anything)."""
         return self.get_many(clusters) != 0
+
+    # -- how the mode organizes snapshots (owner mode has its own tree operations) -------
+    @staticmethod
+    def visible(entry: Any) -> bool:
+        """Whether a snapshot table entry is a snapshot users see (owner mode keeps
+        deleted nodes that still have several children)."""
+        return True
+
+    def attach(self, img: Any) -> None:
+        """The image opened for writing with these refcounts: load what the mode keeps
+        in memory about the live tree."""
+        if self.needs_live_map:
+            with self.bulk(-(-img.storage.size() // self.geo.cluster_size)):  # type: ignore[attr-defined]
+                self.set_live(img._live_counts())
+
+    def snapshot_create(self, img: Any, *args: Any) -> Any:
+        return img._create(*args)
+
+    def snapshot_apply(self, img: Any, entry: Any, disk: int, vm_index: int,
+                       sn_l1: np.ndarray) -> None:
+        img._apply(disk, vm_index, sn_l1)
+
+    def snapshot_delete(self, img: Any, entries: list[Any], i: int) -> None:
+        img._delete(entries, i, img._snapshot_l1(entries[i]))
+
+    # conversion in and out of the mode, when counting refcounts cannot express it
+    # (modes.set_refcount_mode): class methods taking the image, or None
+    enter: ClassVar[Callable[[Any], None] | None] = None
+    leave: ClassVar[Callable[[Any], None] | None] = None
+
+    @staticmethod
+    def parents(img: Any) -> dict[str, str] | None:
+        """Snapshot id -> parent snapshot id, for modes that keep a snapshot tree."""
+        return None
+
+    @classmethod
+    def checker(cls) -> type | None:
+        """The check pass for this mode, when the counting one does not apply."""
+        return None
 
     @abc.abstractmethod
     def commit(self) -> None:

@@ -59,6 +59,7 @@ from .format import (
     encode_table,
 )
 from .geometry import div_round_up
+from .modes import MODES, mode_of
 
 if TYPE_CHECKING:
     from .cluster import ClusterMap
@@ -349,15 +350,23 @@ class SnapshotMixin:
         vm_clock, vm_clock_nsec, vm_state_size, disk_size, icount)."""
         if self.closed:
             raise Qcow2Error("I/O operation on a closed image")
-        return list(self._snapshot_entries())
+        visible = MODES[mode_of(self.header)].visible
+        return [e for e in self._snapshot_entries() if visible(e)]
+
+    def _find_index(self, name_or_id: str) -> int:
+        """Index in the table of the snapshot with this id, else of the first one with
+        this name (entries users do not see are not found)."""
+        entries = self._snapshot_entries()
+        visible = MODES[mode_of(self.header)].visible
+        shown = [i for i, e in enumerate(entries) if visible(e)]
+        i = find_snapshot([entries[k] for k in shown], str(name_or_id))
+        if i < 0:
+            raise SnapshotNotFoundError(f"Snapshot '{name_or_id}' not found")
+        return shown[i]
 
     def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
         """The snapshot with this id, else the first one with this name."""
-        entries = self._snapshot_entries()
-        i = find_snapshot(entries, str(name_or_id))
-        if i < 0:
-            raise SnapshotNotFoundError(f"Snapshot '{name_or_id}' not found")
-        return entries[i]
+        return self._snapshot_entries()[self._find_index(name_or_id)]
 
     def _vm_state_index(self, disk_size: int) -> int:
         """First L1 index past the disk: where the VM state starts (qcow2_vm_state_offset)."""
@@ -453,7 +462,7 @@ class SnapshotMixin:
 
         self.flush()
         with self._bulk():
-            return self._create(entries, new, vm, vm_index, sn_l1_size)
+            return self._rc().snapshot_create(self, entries, new, vm, vm_index, sn_l1_size)
 
     def _create(self, entries: list[SnapshotEntry], new: SnapshotEntry, vm: memoryview,
                 vm_index: int, sn_l1_size: int) -> SnapshotEntry:
@@ -537,7 +546,7 @@ class SnapshotMixin:
         sn_l1 = self._snapshot_l1(e)
         self.flush()
         with self._bulk():
-            self._apply(disk, vm_index, sn_l1)
+            self._rc().snapshot_apply(self, e, disk, vm_index, sn_l1)
 
     def _apply(self, disk: int, vm_index: int, sn_l1: np.ndarray) -> None:
         rc = self._rc()
@@ -579,13 +588,11 @@ class SnapshotMixin:
         what its L1 table reached, then fix the COPIED flags of the active tree."""
         self._check_writable()
         entries = self._snapshot_entries()
-        i = find_snapshot(entries, str(name_or_id))
-        if i < 0:
-            raise SnapshotNotFoundError(f"Snapshot '{name_or_id}' not found")
-        sn_l1 = self._snapshot_l1(entries[i])
+        i = self._find_index(str(name_or_id))
+        self._snapshot_l1(entries[i])  # validated before anything changes
         self.flush()
         with self._bulk():
-            self._delete(entries, i, sn_l1)
+            self._rc().snapshot_delete(self, entries, i)
 
     def _delete(self, entries: list[SnapshotEntry], i: int, sn_l1: np.ndarray) -> None:
         rc = self._rc()
@@ -639,6 +646,7 @@ class SnapshotMixin:
         cmap = self.clusters
         cmap.l1 = l1
         cmap.l1_offset = offset
+        cmap.owned.clear()  # the in-place memo speaks for the old tree
         cmap._l1_dirty_lo = cmap._l1_dirty_hi = -1
         cmap.l2cache.drop_all()
         self._compressed_cache = None
@@ -1140,6 +1148,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="apply a snapshot (revert the disk to it)")
     p.add_argument("-d", dest="ops", action=_Op, const="d", metavar="NAME", help="delete a snapshot")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("--tree", action="store_true",
+                   help="with -l: draw the snapshot tree (refcount_mode=owner), deleted nodes "
+                   "kept for their children included")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
                    help="accepted for compatibility")
     p.add_argument("-f", dest="fmt", default=None, help="image format (qcow2 only)")
@@ -1171,6 +1182,15 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     try:
         with img:
             if op == "l":
+                if args.tree:
+                    if MODES[mode_of(img.header)].parents(img) is None:
+                        print("qcow2: --tree needs an image with a snapshot tree "
+                              "(refcount_mode=owner)", file=sys.stderr)
+                        return 1
+                    from .owner import tree_lines
+
+                    sys.stdout.write("".join(line + "\n" for line in tree_lines(img)))
+                    return 0
                 sys.stdout.write(format_snapshot_list(img.snapshots))
                 return 0
             if op == "c":

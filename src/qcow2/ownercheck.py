@@ -1,0 +1,338 @@
+"""`qcow2 check` for owner mode (owner.py): the structure checks of the counting check,
+then the owner invariant instead of a count comparison.
+
+For every host cluster: the nodes whose trees reference it (snapshots, hidden nodes,
+the live state) must all descend from its owner (or be it), each one's path up to the
+owner must reference it too, and the owner must reference it unless it is a hidden
+node. Image metadata (header, refcount table and blocks, snapshot table, bitmaps) is
+owned by META. An unreferenced cluster with an owner is a leak; anything else is a
+corruption. `-r leaks` frees leaks; `-r all` also rebuilds owners from reachability
+(the referencing node nearest the root, where that satisfies the invariant) and clears
+COPIED flags of the live tree that claim clusters the live state does not own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .check import MAX_MESSAGES, _Checker, _last_nonzero, _read_u64
+from .errors import Qcow2Error
+from .format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    REFT_OFFSET_MASK,
+    decode_table,
+    encode_refblock,
+    encode_table,
+)
+from .owner import FIRST_NODE, META, node_of, node_refs
+
+_U64 = np.uint64
+_MAX_NODES_CHECKED = 4096  # the ancestor matrix is nodes x nodes booleans
+
+
+class OwnerChecker(_Checker):
+    def _calculate(self, snapshots: Any, snap_size: int) -> None:
+        self.snap_size = snap_size
+        super()._calculate(snapshots, snap_size)
+
+    def _metadata(self, n: int) -> np.ndarray:
+        """Which of the first n clusters are image metadata (owned by META)."""
+        cs, h = self.cs, self.img.header
+        meta = np.zeros(n, dtype=bool)
+
+        def mark(offset: int, length: int) -> None:
+            if length > 0:
+                meta[offset // cs : min(n, -(-(offset + length) // cs))] = True
+
+        mark(0, cs)
+        mark(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        offs = self.reftable & _U64(REFT_OFFSET_MASK)
+        blocks = (offs[(offs != 0) & (offs % _U64(cs) == 0)] // _U64(cs)).astype(np.int64)
+        meta[blocks[blocks < n]] = True
+        if h.nb_snapshots:
+            mark(h.snapshots_offset, self.snap_size)
+        try:
+            from .owner import _bitmap_clusters
+
+            bm = np.array(_bitmap_clusters(self.img), dtype=np.int64)
+            meta[bm[(bm >= 0) & (bm < n)]] = True
+        except Qcow2Error:
+            pass  # reported by the bitmap checks
+        return meta
+
+    def _compare(self, fix: bool) -> None:
+        res, refs = self.res, self.refs
+        self._load_stored()
+        stored = self.stored
+        D = len(stored)
+        ref = refs.dense[:D]
+        self.highest = max(_last_nonzero(stored), _last_nonzero(ref))
+        self.mismatch = (np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                         np.zeros(0, bool))
+        self.live_id = 0
+        img = self.img
+        h = img.header
+        try:
+            entries = img._snapshot_entries()
+        except Qcow2Error as exc:
+            res.msg(f"ERROR snapshot table: {exc}")
+            res.corruptions += 1
+            return
+        # -- the tree ----------------------------------------------------------------
+        nodes = []
+        for e in entries:
+            if len(e.unknown_extra) < 16:
+                res.msg(f"ERROR snapshot {e.id} ({e.name}) has no owner-mode node record")
+                res.corruptions += 1
+                return
+            nodes.append(node_of(e))
+        ids = [nd.node_id for nd in nodes]
+        live_id = 0
+        if h.l1_size and h.l1_table_offset and (h.l1_table_offset >> self.cb) < D:
+            live_id = int(stored[h.l1_table_offset >> self.cb])
+        problems = []
+        if len(set(ids)) != len(ids) or any(i < FIRST_NODE for i in ids):
+            problems.append("node ids are not distinct ids of nodes")
+        if h.l1_size and (live_id < FIRST_NODE or live_id in ids):
+            problems.append(f"the active L1 table has owner {live_id}, not a live node")
+        if not live_id:
+            live_id = max([FIRST_NODE - 1, *ids]) + 1
+        if sum(nd.live_parent for nd in nodes) > 1:
+            problems.append("several nodes are marked as the live state's parent")
+        known = set(ids)
+        if any(nd.parent_id and nd.parent_id not in known for nd in nodes):
+            problems.append("a node's parent does not exist")
+        n = len(nodes) + 1
+        if n > _MAX_NODES_CHECKED:
+            res.msg(f"ERROR too many nodes for the owner check ({n})")
+            res.check_errors += 1
+            return
+        all_ids = np.array([*ids, live_id], dtype=np.int64)
+        pidx = np.full(n, -1, dtype=np.int64)
+        pos = {nid: k for k, nid in enumerate(all_ids.tolist())}
+        for k, nd in enumerate(nodes):
+            pidx[k] = pos.get(nd.parent_id, -1) if nd.parent_id else -1
+        lp = [nd.node_id for nd in nodes if nd.live_parent]
+        pidx[n - 1] = pos[lp[0]] if lp else -1
+        anc = np.zeros((n, n), dtype=bool)
+        depth = np.zeros(n, dtype=np.int64)
+        for k in range(n):
+            x, steps = k, 0
+            while x >= 0 and steps <= n:
+                anc[k, x] = True
+                x = int(pidx[x])
+                steps += 1
+            if steps > n:
+                problems.append("the parent links form a cycle")
+                break
+            depth[k] = steps
+        if problems:
+            for p in problems:
+                res.msg(f"ERROR snapshot tree: {p}")
+            res.corruptions += len(problems)
+            return
+        self.live_id = live_id
+        hidden = np.array([nd.hidden for nd in nodes] + [False])
+        # -- references per node ---------------------------------------------------------
+        parts, who = [], []
+        for k, e in enumerate(entries):
+            try:
+                r = node_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size)
+            except Qcow2Error:
+                continue  # reported by the structure checks
+            parts.append(r)
+            who.append(np.full(len(r), k, dtype=np.int64))
+        try:
+            l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size) \
+                if h.l1_size else np.zeros(0, dtype=np.uint64)
+            r = node_refs(img, l1, h.l1_table_offset, h.l1_size)
+            parts.append(r)
+            who.append(np.full(len(r), n - 1, dtype=np.int64))
+        except Qcow2Error:
+            pass
+        cl = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        xi = np.concatenate(who) if who else np.zeros(0, dtype=np.int64)
+        inside = cl < D
+        cl, xi = cl[inside], xi[inside]
+        keys = cl * n + xi
+        order = np.argsort(keys, kind="stable")
+        keys, cl, xi = keys[order], cl[order], xi[order]
+        dup = np.flatnonzero(np.diff(keys) == 0)
+        if len(dup):
+            res.msg_many(lambda c: f"ERROR cluster {c} is referenced twice by one node", [cl[dup]])
+            res.corruptions += len(dup)
+            keep = np.r_[True, np.diff(keys) != 0]
+            keys, cl, xi = keys[keep], cl[keep], xi[keep]
+        node_count = np.bincount(cl, minlength=D)[:D]
+        # -- the invariant -------------------------------------------------------------------
+        sorted_ids = np.sort(all_ids)
+        id_order = np.argsort(all_ids)
+
+        def index_of(owner: np.ndarray) -> np.ndarray:
+            o = owner.astype(np.int64)
+            p = np.minimum(np.searchsorted(sorted_ids, o), n - 1)
+            return np.where(sorted_ids[p] == o, id_order[p], -1)
+
+        oi = index_of(stored[cl])
+        ok = oi >= 0
+        ok[ok] = anc[xi[ok], oi[ok]]
+        up = pidx[xi]
+        step = ok & (oi != xi)
+        need = step & (up != oi)
+        has_parent = np.zeros(len(cl), dtype=bool)
+        if need.any():
+            has_parent[need] = np.isin(cl[need] * n + up[need], keys)
+        ok &= ~need | has_parent
+        bad_c = np.zeros(D, dtype=bool)
+        bad_c[cl[~ok]] = True
+        # the owner references it, or is a hidden node
+        ref_c = np.flatnonzero(node_count)
+        own_i = index_of(stored[ref_c])
+        own_ok = own_i >= 0
+        own_ok[own_ok] = hidden[own_i[own_ok]] | np.isin(
+            ref_c[own_ok] * n + own_i[own_ok], keys)
+        bad_c[ref_c[~own_ok]] = True
+        meta = self._metadata(D)
+        both = meta & (node_count > 0)
+        if both.any():
+            res.msg_many(lambda c: f"ERROR cluster {c} is both image metadata and node data",
+                         [np.flatnonzero(both)])
+        bad_c |= meta & (stored != META)
+        # what -r all would store: META, or the root-most referencing node when that
+        # satisfies the invariant
+        want = np.zeros(D, dtype=np.uint64)
+        want[meta] = META
+        fixable = np.ones(D, dtype=bool)
+        fixable[both] = False
+        if len(cl):
+            d = depth[xi]
+            top = np.full(D, -1, dtype=np.int64)
+            best = np.full(D, n + 1, dtype=np.int64)
+            np.minimum.at(best, cl, d)
+            is_top = d == best[cl]
+            top[cl[is_top]] = xi[is_top]
+            r = top[cl]
+            good = (r >= 0) & anc[xi, np.maximum(r, 0)]
+            par = pidx[xi]
+            needp = good & (xi != r)
+            good_p = np.ones(len(cl), dtype=bool)
+            if needp.any():
+                good_p[needp] = np.isin(cl[needp] * n + par[needp], keys)
+            good &= good_p
+            fixable[cl[~good]] = False
+            hit = top >= 0
+            want[hit & ~meta] = all_ids[top[hit & ~meta]].astype(np.uint64)
+        leak = (ref == 0) & (stored != 0)
+        bad_c |= (node_count > 0) & (stored == 0)
+        bad_c &= ~leak
+        mism = np.flatnonzero(bad_c | leak)
+        self.mismatch = (mism, stored[mism].astype(np.uint64), want[mism], fixable[mism] | leak[mism])
+        if fix or not len(mism):
+            return
+        is_leak = leak[mism]
+        res.msg_many(lambda c, s, w, lk: f"Leaked cluster {c} owner={s}" if lk else
+                     f"ERROR cluster {c} owner={s} expected owner={w}",
+                     [mism, stored[mism], want[mism], is_leak])
+        res.leaks += int(is_leak.sum())
+        res.corruptions += int((~is_leak).sum())
+
+    def _fix_in_place(self) -> None:
+        res = self.res
+        mism, s_vals, w_vals, fixable = self.mismatch
+        leak = w_vals == 0
+        want = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors))
+        geo = self.geo
+        blocks = mism >> geo.refblock_bits
+        fixed = np.zeros(len(mism), dtype=bool)
+        for b in np.unique(blocks[want]).tolist():
+            off = int(self.reftable[b]) & REFT_OFFSET_MASK if b < len(self.reftable) else 0
+            if not off or off % self.cs or off + self.cs > self.file_size or \
+                    self.refs.get(off >> self.cb) != 1:
+                continue  # not a sound refcount block
+            sel = want & (blocks == b)
+            vals = self._decode_blocks(np.array([off]))[0]
+            vals[mism[sel] & (geo.refblock_entries - 1)] = w_vals[sel]
+            self.storage.pwrite(encode_refblock(vals, geo.refcount_order), off, "refcount")
+            fixed |= sel
+            self.stored[mism[sel]] = w_vals[sel]
+        if fixed.any():
+            self.storage.sync()
+            self.changed = True
+        res.msg_many(lambda c, s, w, f: f"{'Repairing' if f else 'Leaked' if not w else 'ERROR'} "
+                     f"cluster {c} owner={s} expected owner={w}", [mism, s_vals, w_vals, fixed])
+        res.leaks -= int((fixed & leak).sum())
+        res.corruptions -= int((fixed & ~leak).sum())
+        res.leaks_fixed += int((fixed & leak).sum())
+        res.corruptions_fixed += int((fixed & ~leak).sum())
+        self.mismatch = (mism[~fixed], s_vals[~fixed], w_vals[~fixed], fixable[~fixed])
+
+    def _rebuild_and_recheck(self, snapshots: Any, snap_size: int) -> None:
+        self._fix_in_place()
+
+    def _check_copied(self) -> None:
+        """COPIED in the live tree means "the live state owns it": an L1 entry's flag
+        for its L2 table, and inside a table it owns an entry's flag for the data. A
+        flag missing where the live state owns the cluster only costs a copy."""
+        res, h, cb = self.res, self.img.header, self.cb
+        live = self.live_id
+        if not h.l1_size or not live:
+            return
+        repair = self.fix_errors or (self.fix_leaks and not res.corruptions and not res.leaks)
+        word = "Repairing" if repair else "ERROR"
+        l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size)
+        l2off = (l1 & _U64(L1E_OFFSET_MASK)).astype(np.int64)
+        flagged = np.flatnonzero((l2off != 0) & ((l1 & _U64(QCOW_OFLAG_COPIED)) != 0))
+        if not len(flagged):
+            return
+        owner, ok = self._stored_many(l2off[flagged] >> cb)
+        bad = ok & (owner != live)
+        n_bad = int(bad.sum())
+        for i, e, o in zip(flagged[bad][:MAX_MESSAGES].tolist(), l1[flagged][bad].tolist(),
+                           owner[bad].tolist()):
+            res.msg(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} owner={o}")
+        changed = False
+        if n_bad:
+            if repair:
+                l1[flagged[bad]] &= ~_U64(QCOW_OFLAG_COPIED)
+                self.storage.pwrite(encode_table(l1), h.l1_table_offset, "l1")
+                res.corruptions_fixed += n_bad
+                changed = True
+            else:
+                res.corruptions += n_bad
+        ext = self.geo.extended_l2
+        for off in l2off[flagged[~bad]].tolist():
+            if off + self.cs > self.file_size:
+                continue
+            table = decode_table(self.storage.pread(self.cs, off))
+            ent = table[0::2] if ext else table
+            normal = ((ent & _U64(QCOW_OFLAG_COPIED)) != 0) & \
+                ((ent & _U64(QCOW_OFLAG_COMPRESSED)) == 0) & ((ent & _U64(L2E_OFFSET_MASK)) != 0)
+            if not normal.any():
+                continue
+            where = np.flatnonzero(normal)
+            owners, ok2 = self._stored_many((ent[where] & _U64(L2E_OFFSET_MASK)).astype(np.int64) >> cb)
+            wrong = where[ok2 & (owners != live)]
+            if not len(wrong):
+                continue
+            res.msg_many(lambda ev: f"{word} OFLAG_COPIED data cluster: l2_entry={ev:x} "
+                         "not owned by the live state", [ent[wrong]])
+            if not repair:
+                res.corruptions += len(wrong)
+                continue
+            if not self._may_write_table(off):
+                res.check_errors += 1
+                continue
+            ent[wrong] &= ~_U64(QCOW_OFLAG_COPIED)
+            if ext:
+                table[0::2] = ent
+            self.storage.pwrite(encode_table(table), off, "l2")
+            res.corruptions_fixed += len(wrong)
+            changed = True
+        if changed:
+            self.storage.sync()
+            self.changed = True
