@@ -504,3 +504,24 @@ def test_tree_view_and_parents(tmp: Path, capsys: pytest.CaptureFixture[str]) ->
     std = tmp / "std.qcow2"
     qcow2.create(std, MiB)
     assert cli_main(["snapshot", "-l", "--tree", str(std)]) == 1
+
+
+def test_node_ids_run_out_cleanly_and_are_reused(tmp: Path) -> None:
+    """8-bit entries hold ids 2..255: one for the live state, 253 for snapshots. The
+    next create fails and changes nothing; a deleted snapshot's id is free again."""
+    p = tmp / "ids.qcow2"
+    qcow2.create(p, MiB, cluster_size=4096, refcount_bits=8, refcount_mode="owner")
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"z" * 4096, 0)
+        made = 0
+        with pytest.raises(qcow2.SnapshotError, match="node id"):
+            while True:
+                img.create_snapshot(f"s{made}")
+                made += 1
+        assert made == 253 and len(img.snapshots) == 253
+        _owner_check_clean(img)
+        img.delete_snapshot("s100")
+        img.create_snapshot("again")
+        assert len(img.snapshots) == 253
+        _owner_check_clean(img)
+        assert img.snapshot("again").pread(4096, 0) == b"z" * 4096
