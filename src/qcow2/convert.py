@@ -13,6 +13,7 @@ that; a copy that may vanish in a power cut is no copy).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -61,7 +62,10 @@ class Source:
         (self.raw if self.raw is not None else self.view).readinto(buf, offset)
 
     def known_zero(self, offset: int, n: int) -> bool:
-        """Whether the metadata alone says [offset, offset + n) reads as zeros."""
+        """Whether the metadata alone says [offset, offset + n) reads as zeros: the
+        qcow2 block status, or for a raw file the file system's holes (SEEK_DATA)."""
+        if self.raw is not None:
+            return _raw_hole(self.raw.fd, offset, n)
         if self.view is None:
             return False
         no_backing = self.img.backing is None
@@ -75,6 +79,19 @@ class Source:
             self.raw.close()
         if self.img is not None:
             self.img.close()
+
+
+def _raw_hole(fd: int, offset: int, n: int) -> bool:
+    """Whether [offset, offset + n) of a raw file is one hole (or past its end): no data
+    from offset on before offset + n. Where SEEK_DATA is unknown, nothing is a hole."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return False
+    try:
+        return os.lseek(fd, offset, seek_data) >= offset + n
+    except OSError as exc:
+        # ENXIO: no data at or after offset (the rest of the file is a hole)
+        return exc.errno == errno.ENXIO
 
 
 def _snapshot_view(img: Any, param: str) -> Any:
