@@ -40,7 +40,11 @@ WRITE_AT = (0, 3 * M + 4 * K, 9 * M)  # guest offsets we write (inside every bas
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    d = tmp_path_factory.mktemp("fuzzbases")
+    return make_bases(tmp_path_factory.mktemp("fuzzbases"))
+
+
+def make_bases(d: Path) -> list[Path]:
+    """The images mutated, written by qemu-img and qemu-io (all clean)."""
     out = []
     p = d / "v3.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(p), "16M")
@@ -126,16 +130,13 @@ def _fields(r: RawImage) -> list[tuple[int, int, str]]:
     return out
 
 
-def _values(rng: random.Random, r: RawImage, width: int, old: int) -> int:
-    cs = r.cluster_size
-    fs = r.file_size
+def _values(rng: random.Random, ctx: dict[str, int], width: int, old: int) -> int:
+    cs, fs = ctx["cs"], ctx["fs"]
     top = (1 << (8 * width)) - 1
     interesting = [0, 1, top, top >> 1, 1 << (8 * width - 1), old ^ (1 << rng.randrange(8 * width)),
                    old + 1, old - 1, old + cs, old * 2, cs, fs, fs - cs, fs + cs, -(-fs // cs) * cs,
-                   (1 << 56) - cs, 1 << 62, r.get("l1_table_offset"),
-                   r.get("refcount_table_offset"), r.get("snapshots_offset"),
-                   (r.get("l1_table_offset") | (1 << 63)), rng.randrange(0, fs + 4 * cs) & ~511,
-                   rng.getrandbits(8 * width)]
+                   (1 << 56) - cs, 1 << 62, ctx["l1"], ctx["rt"], ctx["snt"], ctx["l1"] | (1 << 63),
+                   rng.randrange(0, fs + 4 * cs) & ~511, rng.getrandbits(8 * width)]
     return rng.choice(interesting) & top
 
 
@@ -143,16 +144,19 @@ def mutate(src: Path, dst: Path, rng: random.Random) -> list[str]:
     dst.write_bytes(src.read_bytes())
     r = RawImage(dst)
     fields = _fields(r)
+    # (from the unmutated image: a first mutation may make these absurd)
+    ctx = {"cs": r.cluster_size, "fs": r.file_size, "l1": r.get("l1_table_offset"),
+           "rt": r.get("refcount_table_offset"), "snt": r.get("snapshots_offset")}
     done = []
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         off, width, what = rng.choice(fields)
         old = int.from_bytes(r.read(off, width), "big")
-        new = _values(rng, r, width, old)
+        new = _values(rng, ctx, width, old)
         r.write(off, new.to_bytes(width, "big"))
         done.append(f"{what}@{off:#x}: {old:#x} -> {new:#x}")
     if rng.random() < 0.1:  # and sometimes a truncated file
         with open(dst, "r+b") as f:
-            f.truncate(rng.randrange(r.cluster_size, max(r.file_size, r.cluster_size + 1)))
+            f.truncate(rng.randrange(ctx["cs"], max(ctx["fs"], ctx["cs"] + 1)))
         done.append("truncated")
     return done
 
@@ -171,9 +175,13 @@ def _workload(path: str) -> dict[str, Any]:
             return None
 
     def read_all(src: Any) -> None:
+        # all of a base image's disk; of a disk size a mutation made huge (legitimately
+        # slow to read) the first 32 MiB and the last 4 MiB
         size = src.size
-        for pos in range(0, size, 4 * M):
-            src.pread(min(4 * M, size - pos), pos)
+        ranges = [(0, min(size, 32 * M)), (max(32 * M, size - 4 * M), size)]
+        for start, end in ranges:
+            for pos in range(start, end, 4 * M):
+                src.pread(min(4 * M, end - pos), pos)
 
     def reading() -> None:
         with qcow2.open(path, backing=False) as img:
@@ -247,15 +255,21 @@ def _qemu_reads(path: Path, wrote: list[tuple[int, int, int]]) -> bool:
     return p.returncode == 0 and "fail" not in p.stdout.lower() and "error" not in p.stdout.lower()
 
 
+def make_case(bases: list[Path], case: int, dst: Path, seed: int = SEED) -> str:
+    """Write fuzz case number `case` to dst; returns its description (to reproduce one:
+    make_case(make_bases(folder), case, dst) with the same seed)."""
+    rng = random.Random(seed * 1_000_003 + case)
+    base = rng.choice(bases)
+    what = mutate(base, dst, rng)
+    return f"case {case} ({base.name}: {'; '.join(what)})"
+
+
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_fuzz_structure_aware(bases, tmp_path, chunk):
     failures = []
     for case in range(chunk, COUNT, CHUNKS):
-        rng = random.Random(SEED * 1_000_003 + case)
-        base = rng.choice(bases)
         img = tmp_path / f"case{case}.qcow2"
-        what = mutate(base, img, rng)
-        label = f"case {case} ({base.name}: {'; '.join(what)})"
+        label = make_case(bases, case, img)
         qemu_clean = qemu_check(img)["returncode"] == 0
         orig = tmp_path / f"case{case}.orig"
         orig.write_bytes(img.read_bytes())

@@ -31,16 +31,24 @@ pytestmark = pytest.mark.standard_only  # (the damage edits standard refcounts b
 
 
 # ------------------------------------------------------------------ helpers --
+def _address_space() -> int:
+    """This process's virtual size (a forked child starts with all of it)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 60,
              mem: int = 1 << 30) -> tuple[str, Any]:
-    """Run fn(*args) in a forked child with an address-space and a time limit. Returns
-    ("ok", result) / ("qcow2", message) / ("other", "Type: message") / ("hang", None)."""
+    """Run fn(*args) in a forked child with a time limit and mem bytes of address space
+    beyond what it inherits. Returns ("ok", result) / ("qcow2", message) /
+    ("other", "Type: message") / ("hang", None)."""
+    limit = _address_space() + mem
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os.close(r)
         try:
-            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             signal.alarm(int(timeout))
             try:
                 out: tuple[str, Any] = ("ok", fn(*args))
@@ -195,6 +203,21 @@ def test_shared_refcount_block_is_corruption_not_assertion(tmp):
     with qcow2.open(p, "r+") as img:
         img.create_snapshot("s1")
         assert img.pread(64 * K, 4 * G) == b"\x02" * (64 * K)
+    assert qemu_clean(p)
+
+
+@pytest.mark.parametrize("target", ["l1_table_offset", "refcount_table_offset"])
+def test_misplaced_refcount_block_is_corruption(tmp, target):
+    """A refcount-table entry naming the L1 table or the refcount table as a block."""
+    p = make(tmp)
+    r = RawImage(p)
+    r.set_reftable(1, r.get(target))
+    msg = refused_write(p, lambda img: img.pwrite(b"x" * (64 * K), 0))
+    assert "refcount block overlaps" in msg
+    assert check_file(p).exit_code == 2 == qemu_check(p)["returncode"]
+    repair_and_verify(p)
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"y" * (64 * K), 0)
     assert qemu_clean(p)
 
 
@@ -405,6 +428,23 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
         a.close()
         b.close()
     assert lines == ["Images are identical."] and sum(reads) == 0
+    # a qcow2 overlay on the sparse raw file: its block status goes down the chain
+    real_pread = backing.RawFile.pread
+
+    def counting_pread(self: Any, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(self, n, offset)
+
+    monkeypatch.setattr(backing.RawFile, "pread", counting_pread)
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(top))
+    a, b = convert.Source(str(top), None, None), convert.Source(str(q), None, None)
+    try:
+        assert compare(a, b, lines.append) == 0
+    finally:
+        a.close()
+        b.close()
+    assert sum(reads) == 0
     with open(raw, "r+b") as f:
         f.seek(3 * G + 12345)
         f.write(b"abc")
@@ -422,3 +462,20 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
     assert subprocess.run([sys.executable, "-m", "qcow2", "convert", "-O", "qcow2", str(raw),
                            str(out)], timeout=120).returncode == 0
     assert qemu_img("compare", str(out), str(raw)).returncode == 0
+
+
+def _snap_map_end(path: str) -> int:
+    with qcow2.open(path) as img:
+        m = img.snapshot("s1").map()
+        return m[-1]["start"] + m[-1]["length"]
+
+
+def test_snapshot_map_of_large_valid_disk_size(tmp):
+    """A disk size an L1 table can map (1 PiB) but the snapshot's L1 does not cover:
+    the map is one step past the table, not one per missing L2 table (class 7)."""
+    p = make(tmp)
+    qemu_img("snapshot", "-c", "s1", str(p))
+    r, pos = _snapshot_entry(p)
+    r.write(pos + 48, struct.pack(">Q", 1 << 50))
+    kind, out = in_child(_snap_map_end, str(p), timeout=20)
+    assert (kind, out) == ("ok", 1 << 50)

@@ -299,6 +299,9 @@ def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, i
     COMPRESSED runs carry host 0)."""
     geo = cmap.geo
     out: list[tuple[int, int, int, int]] = []
+    # L1 indexes with a table: a run of empty entries (or the range past the L1 table,
+    # as large as a damaged disk size says) is one step, not one per table
+    used_l1 = np.flatnonzero(cmap.l1 & np.uint64(L1E_OFFSET_MASK))
     c = first
     while c < end:
         l1i = c >> geo.l2_bits
@@ -306,6 +309,9 @@ def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, i
         stop = min(end, base + geo.l2_entries)
         table = cmap.l2_table(l1i)
         if table is None:
+            k = int(np.searchsorted(used_l1, l1i + 1))
+            nxt = int(used_l1[k]) << geo.l2_bits if k < len(used_l1) else end
+            stop = min(end, max(stop, nxt))
             _append(out, c, stop - c, UNALLOCATED, 0)
             c = stop
             continue

@@ -68,17 +68,32 @@ class Source:
             return _raw_hole(self.raw.fd, offset, n)
         if self.view is None:
             return False
-        no_backing = self.img.backing is None
-        for _guest, _len, kind, _host in self.view.block_status(offset, n):
-            if not (kind == ZERO or (kind == UNALLOCATED and no_backing)):
-                return False
-        return True
+        return _layer_zero(self.view, self.img.backing, offset, n)
 
     def close(self) -> None:
         if self.raw is not None:
             self.raw.close()
         if self.img is not None:
             self.img.close()
+
+
+def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
+    """Whether a qcow2 layer's block status (and below unallocated parts, its backing
+    chain's) says [offset, offset + n) reads as zeros."""
+    for guest, length, kind, _host in layer.block_status(offset, n):
+        if kind == ZERO:
+            continue
+        if kind != UNALLOCATED:
+            return False
+        if backing is None or guest >= backing.size:
+            continue  # nothing below, or past the end of the backing file: zeros
+        k = min(length, backing.size - guest)
+        if isinstance(backing, RawFile):
+            if not _raw_hole(backing.fd, guest, k):
+                return False
+        elif not _layer_zero(backing, backing.backing, guest, k):
+            return False
+    return True
 
 
 def _raw_hole(fd: int, offset: int, n: int) -> bool:

@@ -41,6 +41,7 @@ MAX_HOST_OFFSET = 1 << 56
 # snapshot table and bitmap directory 64 MiB, LUKS header a few MiB): a hostile length
 # cannot make the map large.
 _MAX_REGION = 64 << 20
+_SET_MAX = 1 << 20  # map entries kept as a Python set too (for the per-write test)
 
 HEADER, ACTIVE_L1, ACTIVE_L2, REFTABLE, REFBLOCK, SNAPSHOT_TABLE, INACTIVE_L1, \
     INACTIVE_L2, BITMAP_DIRECTORY, BITMAP_TABLE, BITMAP_DATA, CRYPTO_HEADER = range(12)
@@ -69,9 +70,11 @@ class OverlapGuard:
         self.img = img
         self._clusters: np.ndarray | None = None  # sorted host cluster indexes
         self._kinds: np.ndarray | None = None
+        self._set: set[int] | None = None
 
     def invalidate(self) -> None:
         self._clusters = self._kinds = None
+        self._set = None
 
     # -- the map -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -127,6 +130,8 @@ class OverlapGuard:
         else:
             self._clusters = np.zeros(0, dtype=np.int64)
             self._kinds = np.zeros(0, dtype=np.uint8)
+        # ~70 bytes per entry as a set: only up to a bound (the arrays stay the truth)
+        self._set = set(self._clusters.tolist()) if len(self._clusters) <= _SET_MAX else None
 
     def _add_bitmaps(self, region: Any, tables: Any, file_size: int) -> None:
         img = self.img
@@ -201,12 +206,16 @@ class OverlapGuard:
         return out
 
     def static_hit(self, cluster: int) -> bool:
-        """Whether one host cluster is in the collected map (the fast test for data)."""
+        """Whether one host cluster is in the collected map (the fast test for data,
+        on every write that does not find its cluster owned: a set lookup while the map
+        is of a usual size, a binary search beyond)."""
         if self._clusters is None:
             self._build()
+        if self._set is not None:
+            return cluster in self._set
         clusters = self._clusters
         assert clusters is not None
-        i = int(np.searchsorted(clusters, cluster, "left"))
+        i = int(clusters.searchsorted(cluster))
         return i < len(clusters) and int(clusters[i]) == cluster
 
     def _active_l2(self, cluster: int) -> bool:
