@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .backing import RawFile, probe_format
-from .cluster import UNALLOCATED, ZERO
+from .cluster import UNALLOCATED, ZERO, entry_runs
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
 
 CHUNK = 2 << 20  # bytes copied per step
@@ -80,7 +80,7 @@ class Source:
 def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
     """Whether a qcow2 layer's block status (and below unallocated parts, its backing
     chain's) says [offset, offset + n) reads as zeros."""
-    for guest, length, kind, _host in layer.block_status(offset, n):
+    for guest, length, kind in _status(layer, offset, n):
         if kind == ZERO:
             continue
         if kind != UNALLOCATED:
@@ -94,6 +94,21 @@ def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
         elif not _layer_zero(backing, backing.backing, guest, k):
             return False
     return True
+
+
+def _status(layer: Any, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """(guest offset, length, kind) of a layer: from the L2 tables with numpy where the
+    entries are standard ones, else from its block status."""
+    cmap = getattr(layer, "clusters", None)
+    if cmap is None or cmap.geo.extended_l2:
+        for guest, length, kind, _host in layer.block_status(offset, n):
+            yield guest, length, kind
+        return
+    cbits = cmap.geo.cluster_bits
+    end = offset + n
+    for c, k, kind, _host in entry_runs(cmap, offset >> cbits, ((end - 1) >> cbits) + 1):
+        s, e = max(c << cbits, offset), min((c + k) << cbits, end)
+        yield s, e - s, kind
 
 
 def _raw_hole(fd: int, offset: int, n: int) -> bool:
