@@ -8,6 +8,7 @@ from typing import Protocol
 
 from .errors import BackingFileError, Qcow2Error
 from .format import MAGIC
+from .storage import file_size, open_file
 
 MAX_CHAIN_DEPTH = 64
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -25,12 +26,9 @@ class RawFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise BackingFileError(f"Could not open backing file '{path}': {exc.strerror}") from exc
+        self.fd = _open_backing_fd(path)
         # QEMU sees a raw file in whole sectors: a partial last sector reads as zeroes
-        self.size = -(-os.fstat(self.fd).st_size // 512) * 512
+        self.size = -(-file_size(self.fd) // 512) * 512
         self.filename = path
         self.format = "raw"
 
@@ -66,12 +64,24 @@ def resolve_backing_name(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def probe_format(path: str, what: str = "backing file") -> str:
+def _open_backing_fd(path: str, what: str = "backing file") -> int:
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == MAGIC else "raw"
+        return open_file(path, os.O_RDONLY)
     except OSError as exc:
         raise BackingFileError(f"Could not open {what} '{path}': {exc.strerror}") from exc
+    except Qcow2Error as exc:
+        raise BackingFileError(f"Could not open {what} '{path}': not a regular file or "
+                               "block device") from exc
+
+
+def probe_format(path: str, what: str = "backing file") -> str:
+    fd = _open_backing_fd(path, what)
+    try:
+        return "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
+    except OSError as exc:
+        raise BackingFileError(f"Could not read {what} '{path}': {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, ...]) -> Readable:

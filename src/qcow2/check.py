@@ -227,7 +227,8 @@ class _Snapshot:
             vm_large = struct.unpack(">Q", extra[:8])[0] if len(extra) >= 8 else self.vm_state_size32
             disk = struct.unpack(">Q", extra[8:16])[0] if len(extra) >= 16 else disk_size
             extra = struct.pack(">QQQ", vm_large, disk, 0xFFFFFFFFFFFFFFFF)
-        ib, nb = self.id.encode(), self.name.encode()
+        ib = self.id.encode("utf-8", "surrogateescape")
+        nb = self.name.encode("utf-8", "surrogateescape")
         return struct.pack(">QIHHIIQII", self.l1_table_offset, self.l1_size, len(ib), len(nb),
                            self.date_sec, self.date_nsec, self.vm_clock_nsec,
                            self.vm_state_size32, len(extra)) + extra + ib + nb
@@ -348,9 +349,21 @@ class _Refs:
                       None if weights is None else np.repeat(weights, span))
 
     def add_region(self, offset: int, size: int, weight: int = 1) -> None:
+        if size > 0 and weight and offset + size >= 1 << 62:
+            # from a hostile field (beyond any file; int64 arithmetic would overflow)
+            self.res.msg("ERROR: counting reference for region exceeding the end of the file "
+                         f"by one cluster or more: offset 0x{offset:x} size 0x{size:x}")
+            self.res.corruptions += weight
+            return
         if size > 0 and weight:
             self.add_regions(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64),
                              None if weight == 1 else np.array([weight], dtype=np.int64))
+
+
+# Largest file (in clusters) check accepts: QEMU's, INT_MAX
+_MAX_CHECK_CLUSTERS = (1 << 31) - 1
+# A read ending past this fails (QEMU: BDRV_MAX_LENGTH, INT64_MAX aligned down to 1 MiB)
+_MAX_READ_OFFSET = ((1 << 63) - 1) & ~((1 << 20) - 1)
 
 
 # ------------------------------------------------------------------------- checker --
@@ -381,6 +394,10 @@ class _Checker:
         h = self.h
         res.total_clusters = div_round_up(h.size, self.cs)
         try:
+            if self.nb_file > _MAX_CHECK_CLUSTERS:
+                # QEMU's limit too (an int count of clusters); the counts would need
+                # 8 bytes per host cluster of a file that is mostly a sparse tail
+                raise _Abort("File too large")
             snapshots, snap_size = self._read_snapshots()
             self._calculate(snapshots, snap_size)
             self._compare(fix=False)
@@ -459,8 +476,9 @@ class _Checker:
                 raise _Abort("File too large")
             need(end)
             p = pos + hdr.size + extra
-            sid = bytes(buf[p : p + id_len]).decode("utf-8", "replace")
-            name = bytes(buf[p + id_len : end]).decode("utf-8", "replace")
+            # names are bytes on disk: kept byte for byte through a rewrite
+            sid = bytes(buf[p : p + id_len]).decode("utf-8", "surrogateescape")
+            name = bytes(buf[p + id_len : end]).decode("utf-8", "surrogateescape")
             xb = bytes(buf[pos + hdr.size : pos + hdr.size + min(extra, MAX_SNAPSHOT_EXTRA_DATA)])
             out.append(_Snapshot(sid, name, l1_off, l1_size, extra, ds, dn, clk, vm, xb))
             pos = end
@@ -504,6 +522,11 @@ class _Checker:
                 continue
             if sn.l1_size:
                 refs.add_region(sn.l1_table_offset, sn.l1_size * 8)
+                if sn.l1_table_offset + sn.l1_size * 8 > _MAX_READ_OFFSET:
+                    # beyond what a read can address: QEMU's read fails and so its check
+                    res.check_errors += 1
+                    res.msg("ERROR: I/O error in check_refcounts_l1")
+                    raise _Abort("Input/output error")
                 tables.append((sn.l1_table_offset, sn.l1_size))
         snap_offs, snap_w = self._scan_snapshot_l1s(tables)
         self._scan_l2_tables(np.concatenate([act, snap_offs]),
@@ -1202,7 +1225,10 @@ class _Checker:
             np.minimum(marks, geo.refcount_max, out=marks)
         # blocks, then the table, durable before the header points at them
         vals = np.zeros((max(blocks) + 1) * E, dtype=np.uint64)
-        vals[: len(marks)] = marks.astype(np.uint64)
+        # (marks runs to the end of the file; past the last block it is all zeros, as
+        # every nonzero mark has its block: a sparse tail makes it longer than vals)
+        n = min(len(marks), len(vals))
+        vals[:n] = marks[:n].astype(np.uint64)
         for b, c in sorted(blocks.items(), key=lambda kv: kv[1]):
             self.storage.pwrite(encode_refblock(vals[b * E : (b + 1) * E], geo.refcount_order),
                                 c * cs, "refcount")
@@ -1439,6 +1465,9 @@ def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
     except Qcow2Error as exc:  # I/O errors while checking
         res.check_errors += 1
         res.failure = str(exc)
+    except MemoryError:  # counts for a file this large do not fit: fail as QEMU's ENOMEM
+        res.check_errors += 1
+        res.failure = "Cannot allocate memory"
     return res, checker.changed
 
 
@@ -1484,7 +1513,13 @@ class CheckMixin:
     def check(self, repair: str | None = None) -> CheckResult:
         """Check the image like `qemu-img check`; with repair="leaks" or "all" (image
         opened read-write) repair it and report the re-check."""
-        return check_image(self, repair)
+        # a repair rewrites metadata wholesale, from what it counted: no overlap guard
+        st = self.storage  # type: ignore[attr-defined]
+        guard, st.meta_guard = st.meta_guard, None
+        try:
+            return check_image(self, repair)
+        finally:
+            st.meta_guard = guard
 
 
 def check_file(path: str | os.PathLike[str], repair: str | None = None) -> CheckResult:

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Names from the image (snapshot names, backing file names) are bytes that need not
+    # be UTF-8; they are decoded with surrogateescape. Print them back as the raw bytes
+    # (as qemu-img does) instead of failing on a strict UTF-8 stdout.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -318,6 +318,12 @@ def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, i
         stop = min(end, base + geo.l2_entries)
         table = cmap.l2_table(l1i)
         if table is None:
+            # a run of empty L1 entries (or the range past the L1 table, as large as a
+            # damaged disk size says) is one step, not one per table
+            last = min(len(cmap.l1), ((end - 1) >> geo.l2_bits) + 1)
+            nz = np.flatnonzero(cmap.l1[l1i + 1 : last] & np.uint64(L1E_OFFSET_MASK))
+            nxt = (l1i + 1 + int(nz[0])) << geo.l2_bits if len(nz) else end
+            stop = min(end, max(stop, nxt))
             _append(out, c, stop - c, UNALLOCATED, 0)
             c = stop
             continue

@@ -13,6 +13,7 @@ that; a copy that may vanish in a power cut is no copy).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .backing import RawFile, probe_format
-from .cluster import UNALLOCATED, ZERO
+from .cluster import UNALLOCATED, ZERO, entry_runs
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
 
 CHUNK = 2 << 20  # bytes copied per step
@@ -61,20 +62,66 @@ class Source:
         (self.raw if self.raw is not None else self.view).readinto(buf, offset)
 
     def known_zero(self, offset: int, n: int) -> bool:
-        """Whether the metadata alone says [offset, offset + n) reads as zeros."""
+        """Whether the metadata alone says [offset, offset + n) reads as zeros: the
+        qcow2 block status, or for a raw file the file system's holes (SEEK_DATA)."""
+        if self.raw is not None:
+            return _raw_hole(self.raw.fd, offset, n)
         if self.view is None:
             return False
-        no_backing = self.img.backing is None
-        for _guest, _len, kind, _host in self.view.block_status(offset, n):
-            if not (kind == ZERO or (kind == UNALLOCATED and no_backing)):
-                return False
-        return True
+        return _layer_zero(self.view, self.img.backing, offset, n)
 
     def close(self) -> None:
         if self.raw is not None:
             self.raw.close()
         if self.img is not None:
             self.img.close()
+
+
+def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
+    """Whether a qcow2 layer's block status (and below unallocated parts, its backing
+    chain's) says [offset, offset + n) reads as zeros."""
+    for guest, length, kind in _status(layer, offset, n):
+        if kind == ZERO:
+            continue
+        if kind != UNALLOCATED:
+            return False
+        if backing is None or guest >= backing.size:
+            continue  # nothing below, or past the end of the backing file: zeros
+        k = min(length, backing.size - guest)
+        if isinstance(backing, RawFile):
+            if not _raw_hole(backing.fd, guest, k):
+                return False
+        elif not _layer_zero(backing, backing.backing, guest, k):
+            return False
+    return True
+
+
+def _status(layer: Any, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """(guest offset, length, kind) of a layer: from the L2 tables with numpy where the
+    entries are standard ones, else from its block status."""
+    cmap = getattr(layer, "clusters", None)
+    if cmap is None or cmap.geo.extended_l2:
+        for guest, length, kind, _host in layer.block_status(offset, n):
+            yield guest, length, kind
+        return
+    cbits = cmap.geo.cluster_bits
+    end = offset + n
+    for c, k, kind, _host in entry_runs(cmap, offset >> cbits, ((end - 1) >> cbits) + 1):
+        s, e = max(c << cbits, offset), min((c + k) << cbits, end)
+        yield s, e - s, kind
+
+
+def _raw_hole(fd: int, offset: int, n: int) -> bool:
+    """Whether [offset, offset + n) of a raw file is one hole (or past its end): no data
+    from offset on before offset + n. Where SEEK_DATA is unknown, nothing is a hole."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return False
+    try:
+        return os.lseek(fd, offset, seek_data) >= offset + n
+    except OSError as exc:
+        # ENXIO: no data at or after offset (the rest of the file is a hole)
+        return exc.errno == errno.ENXIO
 
 
 def _snapshot_view(img: Any, param: str) -> Any:

@@ -50,9 +50,12 @@ def _feature_list(bits: int, ftype: int, table: dict[tuple[int, int], str]) -> s
     return ", ".join(names)
 
 
-def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
+def read_layout(storage: Storage, allow_encrypted: bool = False,
+                lenient: bool = False) -> ImageLayout:
     """Parse and validate cluster 0 of an image. allow_encrypted: for checking, which
-    needs only the (never encrypted) metadata of AES or LUKS images."""
+    needs only the (never encrypted) metadata of AES or LUKS images. lenient: for
+    checking too: tables past the end of the file or on the header are what check
+    reports (as qemu-img check does), not a reason to refuse the image."""
     file_size = storage.size()
     head = storage.pread(min(max(file_size, 0), 4096), 0) if file_size else b""
     if len(head) < 4 or head[:4] != b"QFI\xfb":
@@ -149,7 +152,7 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
         raw = cluster0[h.backing_file_offset : h.backing_file_offset + h.backing_file_size]
         backing_file = bytes(raw).decode("utf-8", "replace")
 
-    _validate_tables(h, file_size)
+    _validate_tables(h, -1 if lenient else file_size)
     return ImageLayout(
         header=h, backing_file=backing_file, backing_format=backing_format, data_file=data_file,
         feature_table=feature_table, bitmaps_ext=bitmaps, crypto_ext=crypto,
@@ -158,6 +161,8 @@ def read_layout(storage: Storage, allow_encrypted: bool = False) -> ImageLayout:
 
 
 def _validate_tables(h: Header, file_size: int) -> None:
+    """Limits and alignment; with file_size >= 0 also the place of each table (inside
+    the file, off the header)."""
     cs = h.cluster_size
     ext = bool(h.incompatible_features & INCOMPAT_EXTL2)
     l2_bits = h.cluster_bits - (4 if ext else 3)
@@ -185,6 +190,10 @@ def _validate_tables(h: Header, file_size: int) -> None:
 def _check_table(what: str, offset: int, nbytes: int, cs: int, file_size: int) -> None:
     if offset % cs:
         raise FormatError(f"{what} offset invalid: {offset:#x} is not cluster aligned")
+    if offset + nbytes > MAX_HOST_OFFSET:
+        raise FormatError(f"{what} offset invalid: {offset:#x} is beyond the host offset limit")
+    if file_size < 0:  # lenient: check reports where the table is
+        return
     if offset == 0:
         raise FormatError(f"{what} offset invalid: it overlaps the header")
     if offset + nbytes > MAX_HOST_OFFSET or offset + nbytes > max(file_size, 0):

@@ -44,6 +44,7 @@ from .format import (
 from .geometry import Geometry
 from .header import read_layout
 from .modes import MODES, mode_of, set_refcount_mode
+from .overlap import OverlapGuard, guard_allocator, validate_reftable
 from .refcount import RefcountStrategy, StandardRefcounts
 from .snapshot import SnapshotMixin
 from .storage import Backend, FileBackend, Stats, Storage
@@ -109,7 +110,8 @@ class Image(SnapshotMixin, CheckMixin):
         return self
 
     def _load(self, cache_size: int, refcount_cache_size: int) -> None:
-        layout = read_layout(self.storage, allow_encrypted=self._check_only)
+        layout = read_layout(self.storage, allow_encrypted=self._check_only,
+                             lenient=self._check_only)
         self.layout = layout
         h = layout.header
         self.header = h
@@ -126,6 +128,7 @@ class Image(SnapshotMixin, CheckMixin):
         self.clusters.write_guard = self._guard
         self.clusters.load_guard = self._l2_load_guard
         self._refblock_set: set[int] | None = None
+        self._overlap = OverlapGuard(self)  # metadata map beyond the live state (overlap.py)
         self._compressed_cache: tuple[int, bytes] | None = None
         # where the next compressed cluster may be packed: (next free byte, end of that
         # host cluster), valid only from one write_compressed to the next (see there)
@@ -138,6 +141,8 @@ class Image(SnapshotMixin, CheckMixin):
             self._reftable_moved, self._refcount_cache_tables,
         )
         rc.write_guard = self._guard
+        rc.alloc_guard = self._alloc_guard
+        guard_allocator(rc, self._alloc_guard)
         return rc
 
     def _reopen_refcounts(self) -> None:
@@ -230,6 +235,8 @@ class Image(SnapshotMixin, CheckMixin):
         nothing more is written."""
         hit = self._metadata_at(host, length, refblocks=what != "a refcount block",
                                 l2_tables=what == "data")
+        if not hit and what == "data":
+            hit = self._overlap.check_data(host, length)
         if hit:
             self._mark_corrupt(f"Preventing invalid write of {what} on metadata "
                                f"(overlaps with {hit}) at offset {host:#x}")
@@ -247,9 +254,16 @@ class Image(SnapshotMixin, CheckMixin):
         rt_first = rc.reftable_offset >> cbits
         if (c and c not in rc.refblock_clusters and cm.l2cache.cached(c << cbits) is None
                 and not l1_first <= c <= (cm.l1_offset + 8 * len(cm.l1) - 1) >> cbits
-                and not rt_first <= c < rt_first + rc.reftable_clusters):
+                and not rt_first <= c < rt_first + rc.reftable_clusters
+                and not self._overlap.static_hit(c)):
             return
         self._guard(host, n, "data")
+
+    def _alloc_guard(self, host: int, length: int, what: str) -> None:
+        self._overlap.check_alloc(host, length, what)
+
+    def _meta_guard(self, host: int, length: int, kind: str) -> None:
+        self._overlap.check_metadata_write(host, length, kind)
 
     def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
@@ -273,6 +287,9 @@ class Image(SnapshotMixin, CheckMixin):
             self._repair_dirty()
             h = self.header
         self._reopen_refcounts()
+        assert self.refcounts is not None
+        validate_reftable(self, self.refcounts.reftable, self.refcounts.live_weight)
+        self.storage.meta_guard = self._meta_guard
         if h.autoclear_features:
             # We maintain none of the auto-clear features (e.g. persistent bitmaps):
             # clearing the bits tells other readers that their data may be stale.
@@ -303,6 +320,7 @@ class Image(SnapshotMixin, CheckMixin):
             raise
         self.header = header
         self.layout = ImageLayout(**{**self.layout.__dict__, "header": header})
+        self._overlap.invalidate()  # tables, snapshots or refcounts may have switched
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self._update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)

@@ -247,6 +247,9 @@ class StandardRefcounts(RefcountStrategy):
         blk = self.reftable & np.uint64(REFT_OFFSET_MASK)
         self.refblock_clusters: set[int] = set((blk[blk != 0] >> np.uint64(geometry.cluster_bits)).tolist())
         self.write_guard: Callable[[int, int, str], None] | None = None
+        # alloc_guard(offset, length, what) raises before a new refcount block is placed
+        # on a cluster that is metadata (a range no block described: overlap.py)
+        self.alloc_guard: Callable[[int, int, str], None] | None = None
         self._reftable_dirty = False
         self._blocks = TableCache(cache_tables, self._load_block, self._write_block)
         self._free_hint = 0  # no free cluster below this index
@@ -486,6 +489,8 @@ class StandardRefcounts(RefcountStrategy):
         values = np.zeros(self.geo.refblock_entries, dtype=np.uint64)
         values[slot] = 1
         off = (first + slot) * self.geo.cluster_size
+        if self.alloc_guard is not None:
+            self.alloc_guard(off, self.geo.cluster_size, "a refcount block")
         self._blocks.put(off, values, dirty=True)
         self.reftable[b] = off
         self.refblock_clusters.add(off >> self.geo.cluster_bits)
@@ -603,6 +608,8 @@ class StandardRefcounts(RefcountStrategy):
         for j in range(k):
             cluster = start + j
             off = cluster << geo.cluster_bits
+            if self.alloc_guard is not None:
+                self.alloc_guard(off, geo.cluster_size, "a refcount block")
             self._blocks.put(off, np.zeros(geo.refblock_entries, dtype=np.uint64), dirty=True)
             self.reftable[b + j] = off
             self.refblock_clusters.add(cluster)

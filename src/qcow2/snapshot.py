@@ -238,6 +238,7 @@ class SnapshotView:
         self.refcounts = img.refcounts  # mapping looks at refcounts (preallocation test)
         self.writable = False
         self.path = img.path
+        img._check_disk_size(entry)
         l1 = img._snapshot_l1(entry)
         self.clusters: ClusterMap = ClusterMap(img.storage, img.geo, l1, entry.l1_table_offset,
                                                None, img._cache_tables, img.header.version)
@@ -372,6 +373,12 @@ class SnapshotMixin:
         """First L1 index past the disk: where the VM state starts (qcow2_vm_state_offset)."""
         return div_round_up(disk_size, self.geo.l1_coverage)
 
+    def _check_disk_size(self, e: SnapshotEntry) -> None:
+        """Refuse a disk size no L1 table can map: the field is damaged, and a loop or
+        an allocation sized by it would never end (deleting the snapshot still works)."""
+        if e.disk_size is not None and div_round_up(e.disk_size, self.geo.l1_coverage) > _MAX_L1_ENTRIES:
+            raise CorruptImageError(f"Snapshot '{e.name}': disk size {e.disk_size} is too large")
+
     def _snapshot_l1(self, e: SnapshotEntry) -> np.ndarray:
         """The snapshot's L1 table, validated as QEMU validates it."""
         if e.l1_size == 0:
@@ -401,9 +408,16 @@ class SnapshotMixin:
             return b""
         from .cluster import ClusterMap
 
-        cmap = ClusterMap(self.storage, self.geo, self._snapshot_l1(e), e.l1_table_offset, None,
+        sn_l1 = self._snapshot_l1(e)
+        first = self._vm_state_index(int(e.disk_size or 0))
+        if e.vm_state_size > max(0, len(sn_l1) - first) * self.geo.l1_coverage:
+            # the VM state lives in the snapshot's L1 range past the disk: this size
+            # cannot be stored there (a damaged field; the buffer would be unbounded)
+            raise CorruptImageError(
+                f"Snapshot '{e.name}': VM state size {e.vm_state_size} exceeds its L1 table")
+        cmap = ClusterMap(self.storage, self.geo, sn_l1, e.l1_table_offset, None,
                           self._cache_tables, self.header.version)
-        start = self._vm_state_index(int(e.disk_size or 0)) * self.geo.l1_coverage
+        start = first * self.geo.l1_coverage
         buf = bytearray(e.vm_state_size)
         mv = memoryview(buf)
         for pos in range(0, len(buf), _IO_MAX):
@@ -542,6 +556,7 @@ class SnapshotMixin:
         self._check_writable()
         e = self.find_snapshot(str(name_or_id))
         disk = int(e.disk_size if e.disk_size is not None else self.header.size)
+        self._check_disk_size(e)
         vm_index = self._vm_state_index(disk)
         sn_l1 = self._snapshot_l1(e)
         self.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -45,6 +46,33 @@ _sync_file_range = _find_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def open_file(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open for image and backing files: only regular files and block devices. The
+    open is non-blocking (a FIFO would otherwise wait for a writer forever) and the
+    file type is checked on the descriptor (fstat), so nothing can swap it in between."""
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise Qcow2Error(f"Could not open '{path}': {what} (only regular files and "
+                             "block devices hold images)")
+        # back to blocking I/O: O_NONBLOCK only served the open itself
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def file_size(fd: int) -> int:
+    """Size of a regular file or of a block device (whose st_size is 0)."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
 class FileBackend:
     """A host file accessed with os.pread/os.pwrite(v) and synced with fdatasync."""
 
@@ -53,7 +81,7 @@ class FileBackend:
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.fd = open_file(self.path, flags, 0o644)
 
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -80,7 +108,7 @@ class FileBackend:
         os.ftruncate(self.fd, length)
 
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return file_size(self.fd)
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
@@ -171,6 +199,9 @@ class Storage:
         self._scattered = False
         self._last_end = -1
         self._start_writeback = getattr(backend, "start_writeback", None)
+        # meta_guard(offset, length, kind) raises instead of a metadata write onto other
+        # metadata (overlap.py); guest data is guarded by the write path, off this layer
+        self.meta_guard: Any = None
 
     @property
     def name(self) -> str:
@@ -251,6 +282,8 @@ class Storage:
         if kind == "data":
             self._write_data(data, offset, n)
             return
+        if self.meta_guard is not None:
+            self.meta_guard(offset, n, kind)
         self._count(kind, n)
         self.unsynced_writes += 1
         self._checked(self.backend.pwrite, data, offset, n)
@@ -258,6 +291,8 @@ class Storage:
 
     def pwritev(self, buffers: Sequence[bytes | memoryview], offset: int, kind: str) -> None:
         total = sum(len(b) for b in buffers)
+        if kind != "data" and self.meta_guard is not None:
+            self.meta_guard(offset, total, kind)
         if self._wb is not None and (kind == "data" or self._overlaps(offset, total)):
             self._drain()
         self._count(kind, total)
