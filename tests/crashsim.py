@@ -1194,7 +1194,7 @@ WORKLOADS: list[Workload] = [
     Workload("resize", _setup_resize, _body_resize, weight=0.7),
     Workload("amend", _setup_amend, _body_amend, weight=0.7),
     Workload("rebase", _setup_rebase, _body_rebase, weight=0.7),
-    Workload("bitmaps", _setup_bitmaps, _body_bitmaps, weight=0.7, verify=_verify_bitmaps),
+    Workload("bitmaps", _setup_bitmaps, _body_bitmaps, weight=0.5, verify=_verify_bitmaps),
 ]
 
 

@@ -380,3 +380,77 @@ def test_amend_keeps_bitmaps(tmp: Path, mode: str) -> None:
         qcow2.amend(p, {"compat": "0.10", "refcount_bits": 16, "lazy_refcounts": False})
     assert _bits(p) == before
     assert_clean(p)
+
+
+# --------------------------------------------------------------------------------------
+# Property: the bits are exactly the granule-rounded union of what was changed
+# --------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZE = 4 << 20
+_OP = st.tuples(st.sampled_from(["write", "zero", "discard", "flush", "reopen", "grow"]),
+                st.integers(0, _SIZE - 1), st.integers(1, 200_000))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_OP, min_size=1, max_size=14), gran_bits=st.sampled_from([9, 12, 16, 20]))
+def test_bits_are_the_union_of_changes(tmp: Path, ops: list[tuple[str, int, int]],
+                                       gran_bits: int) -> None:
+    p = tmp / f"h{gran_bits}.qcow2"
+    p.unlink(missing_ok=True)
+    qcow2.create(p, _SIZE, cluster_size=4096)
+    with qcow2.open(p, "r+") as img:
+        img.add_bitmap("b", 1 << gran_bits)
+        img.add_bitmap("off", 1 << gran_bits, disabled=True)
+    dirty: set[int] = set()
+    img = qcow2.open(p, "r+")
+    try:
+        for kind, off, n in ops:
+            n = min(n, img.size - off)
+            if kind in ("write", "zero", "discard"):
+                if kind == "write":
+                    img.pwrite(b"\x5a" * n, off)
+                elif kind == "zero":
+                    img.write_zeroes(off, n)
+                else:
+                    img.discard(off, n)
+                dirty.update(range(off >> gran_bits, ((off + n - 1) >> gran_bits) + 1))
+            elif kind == "flush":
+                img.flush()
+            elif kind == "reopen":
+                img.close()
+                img = qcow2.open(p, "r+")
+            elif img.size < 2 * _SIZE:
+                resize_image(img, img.size + 512 * (n % 9 + 1))
+            assert list(img.dirty_ranges("b")) == _expected_runs(
+                [(g << gran_bits, 1 << gran_bits) for g in dirty], 1 << gran_bits, img.size)
+    finally:
+        img.close()
+    with qcow2.open(p) as img:
+        assert list(img.dirty_ranges("b")) == _expected_runs(
+            [(g << gran_bits, 1 << gran_bits) for g in dirty], 1 << gran_bits, img.size)
+        assert list(img.dirty_ranges("off")) == []
+        res = img.check()
+        assert res.corruptions == 0 and res.leaks == 0, res.messages
+
+
+def test_repair_counts_bitmap_clusters(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    _ours(p, [("write", 0, 4096), ("write", 3 << 20, 200000)])
+    crashed = tmp / "crashed.qcow2"
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"x" * 70000, 5 << 20)
+        img.flush()
+        img.pwrite(b"y" * 512, 7 << 20)  # in use again, and a pool of reserved clusters
+        shutil.copyfile(p, crashed)
+    before = _bits(p)
+    for path in (p, crashed):
+        with qcow2.open(path, "r+") as img:
+            res = img.check(repair="all")
+            assert res.corruptions == 0, res.messages
+        assert_clean(path)
+    assert _bits(p) == before
+    flags = _qemu_flags(crashed)
+    assert flags["b0"] == ["in-use", "auto"] and flags["off"] == []
