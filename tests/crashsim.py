@@ -1149,6 +1149,38 @@ def _body_bitmaps(d: Driver, rng: random.Random) -> None:
     d.write(4096, rng.randbytes(5000))  # unflushed at close
 
 
+def _setup_bitmap_admin(tmp: Path) -> Path:
+    p = tmp / "admin.qcow2"
+    random_image(p, 2 << 20, 37, opts="cluster_size=4k", fill=0.5)
+    qemu_img("bitmap", "--add", str(p), "old")
+    return p
+
+
+def _body_bitmap_admin(d: Driver, rng: random.Random) -> None:
+    img = d.img
+    img.remove_bitmap("old")  # the last one: the extension goes
+    img.add_bitmap("a", 4096)  # a new extension
+    d.write(rng.randrange(0, d.size - 9000), rng.randbytes(9000))
+    img.add_bitmap("b", 65536, disabled=True)  # a new directory
+    img.merge_bitmap("b", "a")
+    img.clear_bitmap("a")
+    img.enable_bitmap("b")
+    d.write(0, rng.randbytes(5000))
+    d.flush()
+    img.disable_bitmap("a")
+    img.remove_bitmap("a")
+    d.write(70000, rng.randbytes(100))
+
+
+def _verify_bitmap_admin(state: Any, img: Any) -> None:
+    """Every state lists a subset of the bitmaps the workload had, each readable."""
+    for b in img.bitmaps:
+        if b.name not in ("old", "a", "b"):
+            raise CrashSimError(f"{state.label}: unexpected bitmap {b.name!r}")
+        if not b.in_use:
+            list(img.dirty_ranges(b.name))
+
+
 def _verify_bitmaps(state: Any, img: Any) -> None:
     """No bitmap is lost; one not in use has every granule set whose content differs
     from the start of the workload (a disabled one none)."""
@@ -1195,6 +1227,8 @@ WORKLOADS: list[Workload] = [
     Workload("amend", _setup_amend, _body_amend, weight=0.7),
     Workload("rebase", _setup_rebase, _body_rebase, weight=0.7),
     Workload("bitmaps", _setup_bitmaps, _body_bitmaps, weight=0.5, verify=_verify_bitmaps),
+    Workload("bitmap-management", _setup_bitmap_admin, _body_bitmap_admin, weight=0.4,
+             verify=_verify_bitmap_admin),
 ]
 
 

@@ -35,6 +35,7 @@ CASES = [
     ("resize", {"cache_size": 4 * 512}),
     ("amend", {}),
     ("rebase", {"cache_size": 2 * 16384}),
+    ("bitmaps", {}),
 ]
 # fault points per workload and kind: every write and sync up to this many, a seeded
 # sample beyond (only the reftable-growth workload has more); QCOW2_FAULT_POINTS raises it
