@@ -261,7 +261,7 @@ class Export:
         if bitmaps:
             from .dirtybitmaps import BitmapView
 
-            for b in bitmaps:
+            for b in reversed(bitmaps):  # (qemu-nbd lists the last -B first)
                 ctx = f"qemu:dirty-bitmap:{b}"
                 self.bitmap_views[ctx] = BitmapView(getattr(image, "_img", image), b)
                 self.context_ids[ctx] = len(self.context_ids) + 1
