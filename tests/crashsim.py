@@ -427,6 +427,8 @@ class Run:
     ops: list[Op]
     final: Expect
     stats: dict[str, int]  # img.stats at the end of the workload (before close)
+    # extra checks of each crash state (state, image opened on it), from the workload
+    verify: Callable[[Any, Any], None] | None = None
 
     @property
     def writes(self) -> int:
@@ -643,6 +645,8 @@ def _compare(state: CrashState, img: Any) -> Any:
             raise CrashSimError(f"{state.label}: snapshot {name!r} content differs")
         if snap.vm_state and img.read_vm_state(name) != snap.vm_state:
             raise CrashSimError(f"{state.label}: snapshot {name!r} VM state differs")
+    if state.run.verify is not None:
+        state.run.verify(state, img)
     res = img.check()
     if res.corruptions or res.check_errors or (e.clean and res.leaks):
         raise CrashSimError(f"{state.label}: our check: {res.to_dict()} {res.messages[:5]}")
@@ -805,6 +809,7 @@ class Workload:
     body: Callable[[Driver, random.Random], None]
     weight: float = 1.0  # share of the state budget (slow-to-check images get less)
     open_options: dict[str, Any] = field(default_factory=dict)  # for qcow2.open
+    verify: Callable[[Any, Any], None] | None = None  # extra check of each crash state
 
     def record(self, directory: Path, seed: int = 1, mode: str = "standard") -> Run:
         """Set up (QEMU-made images are converted to the refcount mode by our library,
@@ -813,8 +818,10 @@ class Workload:
         path = self.setup(directory)
         model = initial_model(path)  # QEMU's reading, before any conversion
         to_mode(path, mode)
-        return record(self.name, path, lambda d: self.body(d, random.Random(seed)),
-                      model, **self.open_options)
+        run = record(self.name, path, lambda d: self.body(d, random.Random(seed)),
+                     model, **self.open_options)
+        run.verify = self.verify
+        return run
 
 
 def _random_writes(d: Driver, rng: random.Random, n: int, cluster: int, flush_every: int) -> None:
@@ -1119,6 +1126,90 @@ def _body_rebase(d: Driver, rng: random.Random) -> None:
     d.write(100, rng.randbytes(100))
 
 
+def _setup_bitmaps(tmp: Path) -> Path:
+    # 512-byte clusters: a bitmap data cluster covers 2 MiB at granularity 512, so the
+    # 4 MiB disk has two per bitmap, and growing it moves the bitmap tables
+    p = tmp / "bitmaps.qcow2"
+    random_image(p, 4 << 20, 31, opts="cluster_size=512", fill=0.5)
+    qemu_img("bitmap", "--add", "-g", "512", str(p), "fine")
+    qemu_img("bitmap", "--add", "-g", "64k", str(p), "b0")
+    qemu_img("bitmap", "--add", "--disable", str(p), "off")
+    return p
+
+
+def _body_bitmaps(d: Driver, rng: random.Random) -> None:
+    _random_writes(d, rng, 8, 512, 4)
+    d.write_zeroes(1 << 20, 70000)
+    d.discard(3 << 20, 1 << 20)
+    d.flush()
+    d.resize(6 << 20)  # every bitmap table grows (and moves)
+    d.write((5 << 20) + 100, rng.randbytes(3000))
+    d.flush()
+    d.create_snapshot("s")
+    d.write(0, rng.randbytes(600))
+    d.apply_snapshot("s")  # the whole disk is dirty
+    d.write(4096, rng.randbytes(5000))  # unflushed at close
+
+
+def _setup_bitmap_admin(tmp: Path) -> Path:
+    p = tmp / "admin.qcow2"
+    random_image(p, 2 << 20, 37, opts="cluster_size=4k", fill=0.5)
+    qemu_img("bitmap", "--add", str(p), "old")
+    return p
+
+
+def _body_bitmap_admin(d: Driver, rng: random.Random) -> None:
+    img = d.img
+    img.remove_bitmap("old")  # the last one: the extension goes
+    img.add_bitmap("a", 4096)  # a new extension
+    d.write(rng.randrange(0, d.size - 9000), rng.randbytes(9000))
+    img.add_bitmap("b", 65536, disabled=True)  # a new directory
+    img.merge_bitmap("b", "a")
+    img.clear_bitmap("a")
+    img.enable_bitmap("b")
+    d.write(0, rng.randbytes(5000))
+    d.flush()
+    img.disable_bitmap("a")
+    img.remove_bitmap("a")
+    d.write(70000, rng.randbytes(100))
+
+
+def _verify_bitmap_admin(state: Any, img: Any) -> None:
+    """Every state lists a subset of the bitmaps the workload had, each readable."""
+    for b in img.bitmaps:
+        if b.name not in ("old", "a", "b"):
+            raise CrashSimError(f"{state.label}: unexpected bitmap {b.name!r}")
+        if not b.in_use:
+            list(img.dirty_ranges(b.name))
+
+
+def _verify_bitmaps(state: Any, img: Any) -> None:
+    """No bitmap is lost; one not in use has every granule set whose content differs
+    from the start of the workload (a disabled one none)."""
+    names = {b.name: b for b in img.bitmaps}
+    if set(names) != {"fine", "b0", "off"}:
+        raise CrashSimError(f"{state.label}: bitmaps {sorted(names)}")
+    base = qcow2.open(state.run.path, "r", backend=MemoryBackend(state.run.base))
+    with base:
+        old = base.pread(base.size, 0)
+    cur = img.pread(img.size, 0)
+    n = max(len(old), len(cur))
+    a = np.frombuffer(old + bytes(n - len(old)), np.uint8)
+    b = np.frombuffer(cur + bytes(n - len(cur)), np.uint8)
+    changed = a[: len(cur)] != b[: len(cur)]
+    for name, ent in names.items():
+        if ent.in_use:
+            continue
+        dirty = np.zeros(len(cur), dtype=bool)
+        for off, k in img.dirty_ranges(name):
+            dirty[off : off + k] = True
+        if name == "off" and dirty.any():
+            raise CrashSimError(f"{state.label}: the disabled bitmap has dirty bits")
+        if name != "off" and (changed & ~dirty).any():
+            bad = int(np.flatnonzero(changed & ~dirty)[0])
+            raise CrashSimError(f"{state.label}: bitmap {name!r} misses changed byte {bad:#x}")
+
+
 WORKLOADS: list[Workload] = [
     Workload("allocating-writes", _setup_alloc, _body_alloc),
     Workload("extended-l2", _setup_extl2, _body_extl2),
@@ -1137,6 +1228,9 @@ WORKLOADS: list[Workload] = [
     Workload("resize", _setup_resize, _body_resize, weight=0.7),
     Workload("amend", _setup_amend, _body_amend, weight=0.7),
     Workload("rebase", _setup_rebase, _body_rebase, weight=0.7),
+    Workload("bitmaps", _setup_bitmaps, _body_bitmaps, weight=0.5, verify=_verify_bitmaps),
+    Workload("bitmap-management", _setup_bitmap_admin, _body_bitmap_admin, weight=0.4,
+             verify=_verify_bitmap_admin),
 ]
 
 

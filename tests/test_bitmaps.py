@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import qemu_img, qemu_info, qemu_io
+from conftest import assert_clean, qemu_img, qemu_info, qemu_io, raw_bytes
 
 import qcow2
 from qcow2.bitmaps import BitmapEntry, BitmapsExtension, read_directory
@@ -106,3 +107,350 @@ def test_check_finds_a_bad_entry(tmp: Path) -> None:
         f.write(bytes([40]))
     with qcow2.open(p) as img:
         assert img.check().corruptions == 1
+
+
+# --------------------------------------------------------------------------------------
+# Maintaining bitmaps: our writes against QEMU's for the same operations
+# --------------------------------------------------------------------------------------
+from qcow2.bitmaps import read_bits  # noqa: E402
+from qcow2.resize import resize_image  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("mode")
+
+
+def _bits(path: Path) -> dict[str, tuple[int, bytes, list[str]]]:
+    """Every bitmap of an image: granularity, dirty bits, qemu-img info flags."""
+    out = {}
+    with qcow2.open(path) as img:
+        for ent in img.bitmaps:
+            flags = [f for f, b in (("in-use", ent.in_use), ("auto", ent.auto)) if b]
+            bits = b"" if ent.in_use else read_bits(
+                img.storage, ent, img.size, img.cluster_size, img.storage.size()).tobytes()
+            out[ent.name] = (ent.granularity, bits, flags)
+    return out
+
+
+def _qemu_flags(path: Path) -> dict[str, list[str]]:
+    data = qemu_info(path)["format-specific"]["data"]
+    return {b["name"]: b["flags"] for b in data.get("bitmaps", [])}
+
+
+def _make(tmp: Path, name: str, size: int, by_qemu: bool, cluster: int = 65536) -> Path:
+    p = tmp / name
+    qcow2.create(p, size, cluster_size=cluster)
+    specs = [("b0", 65536, False), ("fine", 512, False), ("off", 4096, True)]
+    if by_qemu:
+        for n, g, dis in specs:
+            qemu_img("bitmap", "--add", "-g", str(g), *(["--disable"] if dis else []), str(p), n)
+    else:
+        with qcow2.open(p, "r+") as img:
+            for n, g, dis in specs:
+                img.add_bitmap(n, g, disabled=dis)
+    return p
+
+
+def _ops(rng: random.Random, size: int, cs: int, n: int = 24) -> list[tuple[str, int, int]]:
+    ops = []
+    for i in range(n):
+        k = rng.choice([512, 4096, 65536, 300 * 1024])
+        off = rng.randrange(0, size - k) // 512 * 512
+        ops.append((["write", "zero", "discard", "write"][i % 4], off, k))
+    c = rng.randrange(0, size // cs - 1) * cs
+    ops.append(("compressed", c, cs))
+    ops.append(("write", size - 512, 512))
+    return ops
+
+
+def _ours(p: Path, ops: list[tuple[str, int, int]], flush_every: int = 0) -> None:
+    with qcow2.open(p, "r+") as img:
+        for i, (kind, off, n) in enumerate(ops):
+            if kind == "write":
+                img.pwrite(bytes([i + 1]) * n, off)
+            elif kind == "zero":
+                img.write_zeroes(off, n)
+            elif kind == "discard":
+                img.discard(off, n)
+            else:
+                img.write_compressed(off, bytes([i + 1]) * n)
+            if flush_every and i % flush_every == 0:
+                img.flush()
+
+
+def _qemu(p: Path, ops: list[tuple[str, int, int]]) -> None:
+    cmds = []
+    for i, (kind, off, n) in enumerate(ops):
+        if kind == "write":
+            cmds.append(f"write -P {i + 1} {off} {n}")
+        elif kind == "zero":
+            cmds.append(f"write -z {off} {n}")
+        elif kind == "discard":
+            cmds.append(f"discard {off} {n}")
+        else:
+            cmds.append(f"write -c -P {i + 1} {off} {n}")
+    qemu_io(p, *cmds)
+
+
+@pytest.mark.parametrize("by_qemu", [True, False], ids=["qemu-made", "ours"])
+def test_writes_keep_bitmaps_as_qemu(tmp: Path, by_qemu: bool) -> None:
+    size = 64 * 1024 * 1024 + 4096
+    a = _make(tmp, "a.qcow2", size, by_qemu)
+    b = tmp / "b.qcow2"
+    shutil.copyfile(a, b)
+    ops = _ops(random.Random(5), size, 65536)
+    _ours(a, ops, flush_every=7)
+    _qemu(b, ops)
+    assert_clean(a)
+    assert qemu_img("check", str(a)).stdout.count("leaked") == 0
+    ours, theirs = _bits(a), _bits(b)
+    assert ours == theirs
+    assert any(ours["b0"][1]) and not any(ours["off"][1])
+    assert _qemu_flags(a) == {"b0": ["auto"], "fine": ["auto"], "off": []}
+    with qcow2.open(a) as img:
+        assert img.check().corruptions == 0 and img.check().leaks == 0
+    assert raw_bytes(a, tmp) == raw_bytes(b, tmp)
+
+
+def test_in_use_while_open_and_after_flush(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    snap = tmp / "snap.qcow2"
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"x" * 4096, 0)
+        shutil.copyfile(p, snap)  # what a crash now would leave
+        assert _qemu_flags(snap)["b0"] == ["in-use", "auto"]
+        assert _qemu_flags(snap)["off"] == []  # disabled: not touched
+        assert [b.flags for b in img.bitmaps] == [2, 2, 0]  # our view: as they will be stored
+        img.flush()
+        shutil.copyfile(p, snap)
+        assert _qemu_flags(snap)["b0"] == ["auto"]
+        assert list(img.dirty_ranges("b0")) == [(0, 65536)]
+        img.pwrite(b"y" * 512, 3 << 20)
+        shutil.copyfile(p, snap)
+        assert "in-use" in _qemu_flags(snap)["b0"]
+    assert list(qcow2.open(p).dirty_ranges("b0")) == [(0, 65536), (3 << 20, 65536)]
+    assert_clean(p)
+    assert_clean(snap)  # in-use bitmaps of a crash: consistent refcounts, no leaks
+
+
+def test_read_write_open_without_writes_changes_nothing(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    before = p.read_bytes()
+    with qcow2.open(p, "r+") as img:
+        img.pread(4096, 0)
+        img.flush()
+    assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("new_size", [(32 << 20) + 512, (3 << 20) + 512, 1 << 30])
+def test_resize_as_qemu(tmp: Path, new_size: int) -> None:
+    a = _make(tmp, "a.qcow2", 8 << 20, True)
+    b = tmp / "b.qcow2"
+    _ours(a, [("write", 0, 4096), ("write", (8 << 20) - 512, 512), ("write", 3 << 20, 70000)])
+    shutil.copyfile(a, b)
+    with qcow2.open(a, "r+") as img:
+        resize_image(img, new_size, shrink=True)
+        img.pwrite(b"z" * 512, new_size - 512)
+    qemu_img("resize", "--shrink", str(b), str(new_size))
+    qemu_io(b, f"write {new_size - 512} 512")
+    assert_clean(a)
+    assert _bits(a) == _bits(b)
+    assert _qemu_flags(a) == {"b0": ["auto"], "fine": ["auto"], "off": []}
+
+
+def test_snapshot_apply_marks_the_whole_disk(tmp: Path) -> None:
+    # (qemu-img refuses to apply a snapshot to an image with bitmaps; we keep them true)
+    p = _make(tmp, "a.qcow2", 8 << 20, False)
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"a" * 4096, 0)
+        img.create_snapshot("s1")
+        img.flush()
+        assert list(img.dirty_ranges("b0")) == [(0, 65536)]
+        img.apply_snapshot("s1")
+        assert list(img.dirty_ranges("b0")) == [(0, 8 << 20)]
+        assert list(img.dirty_ranges("off")) == []
+    assert_clean(p)
+    with qcow2.open(p) as img:
+        assert list(img.dirty_ranges("fine")) == [(0, 8 << 20)]
+    assert _qemu_flags(p) == {"b0": ["auto"], "fine": ["auto"], "off": []}
+
+
+def test_inconsistent_bitmap_is_kept_as_is(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    with qcow2.open(p) as img:
+        ext = BitmapsExtension.unpack(img.layout.bitmaps_ext)
+    with open(p, "r+b") as f:  # b0 in use: what a crash of its writer leaves
+        f.seek(ext.directory_offset + 12)
+        f.write((3).to_bytes(4, "big"))
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"x" * 4096, 0)
+        with pytest.raises(qcow2.Qcow2Error, match="inconsistent"):
+            img.dirty_ranges("b0")
+        with pytest.raises(qcow2.Qcow2Error, match="Cannot resize"):
+            resize_image(img, 16 << 20)
+    assert_clean(p)
+    assert _qemu_flags(p)["b0"] == ["in-use", "auto"]
+    assert list(qcow2.open(p).dirty_ranges("fine")) == [(0, 4096)]
+    with qcow2.open(p, "r+") as img:
+        img.remove_bitmap("b0")
+    assert_clean(p)
+    assert list(_qemu_flags(p)) == ["fine", "off"]
+
+
+def test_unknown_flags_refuse_writes_and_keep_the_bitmap(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    with qcow2.open(p) as img:
+        ext = BitmapsExtension.unpack(img.layout.bitmaps_ext)
+    with open(p, "r+b") as f:  # an unknown flag (bit 7) on the enabled bitmap b0
+        f.seek(ext.directory_offset + 12)
+        f.write((0x82).to_bytes(4, "big"))
+    before = p.read_bytes()
+    with qcow2.open(p, "r+") as img:
+        with pytest.raises(qcow2.UnsupportedFeatureError, match="b0"):
+            img.pwrite(b"x" * 4096, 0)
+    assert p.read_bytes() == before  # the bit is kept and nothing changed
+
+
+def test_v2_cannot_hold_bitmaps(tmp: Path) -> None:
+    p = tmp / "v2.qcow2"
+    qcow2.create(p, 1 << 20, compat="0.10")
+    with qcow2.open(p, "r+") as img, pytest.raises(qcow2.Qcow2Error, match="v2"):
+        img.add_bitmap("b")
+
+
+def test_library_management_as_qemu_img(tmp: Path) -> None:
+    a = _make(tmp, "a.qcow2", 8 << 20, False)
+    b = _make(tmp, "b.qcow2", 8 << 20, True)
+    for p in (a, b):
+        _ours(p, [("write", 0, 4096), ("write", 5 << 20, 200000)])
+    with qcow2.open(a, "r+") as img:
+        img.disable_bitmap("b0")
+        img.enable_bitmap("off")
+        img.merge_bitmap("off", "fine")
+        img.clear_bitmap("fine")
+        img.add_bitmap("new", 1 << 20)
+        img.remove_bitmap("b0")
+        with pytest.raises(qcow2.Qcow2Error, match="Bitmap already exists: new"):
+            img.add_bitmap("new")
+        with pytest.raises(qcow2.Qcow2Error, match="Dirty bitmap 'b0' not found"):
+            img.remove_bitmap("b0")
+    for args in (["--disable", "b0"], ["--enable", "off"], ["--merge", "fine", "off"],
+                 ["--clear", "fine"], ["--add", "-g", "1M", "new"], ["--remove", "b0"]):
+        qemu_img("bitmap", *args[:-1], str(b), args[-1])
+    assert_clean(a)
+    assert _bits(a) == _bits(b)
+    assert _qemu_flags(a) == _qemu_flags(b)
+    with qcow2.open(a, "r+") as img:
+        for n in ("fine", "off", "new"):
+            img.remove_bitmap(n)
+    assert_clean(a)
+    assert "bitmaps" not in qemu_info(a)["format-specific"]["data"]
+    with qcow2.open(a) as img:
+        assert img.header.autoclear_features == 0 and img.bitmaps == []
+
+
+def test_corpus_image_with_two_bitmaps(tmp: Path) -> None:
+    src = Path("/work/shared/corpus/virtnbdbackup/vm5-sda.qcow2")
+    if not src.exists():
+        pytest.fail("corpus image missing")
+    a, b = tmp / "a.qcow2", tmp / "b.qcow2"
+    shutil.copyfile(src, a)
+    shutil.copyfile(src, b)
+    names = list(_qemu_flags(a))
+    assert len(names) == 2
+    ops = _ops(random.Random(9), qcow2.open(a).size, qcow2.open(a).cluster_size, n=12)
+    ops = [o for o in ops if o[0] != "compressed"]
+    _ours(a, ops)
+    _qemu(b, ops)
+    assert_clean(a)
+    assert _bits(a) == _bits(b)
+    assert _qemu_flags(a) == _qemu_flags(src)
+
+
+def test_amend_keeps_bitmaps(tmp: Path, mode: str) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    _ours(p, [("write", 0, 4096)])
+    before = _bits(p)
+    if mode != "standard":  # (the mode switch keeps them; the rest needs standard)
+        qcow2.amend(p, {"refcount_mode": "standard"})
+        assert _bits(p) == before
+    qcow2.amend(p, {"refcount_bits": 8})
+    qcow2.amend(p, {"lazy_refcounts": True})
+    assert_clean(p)
+    assert _bits(p) == before
+    with pytest.raises(qcow2.UnsupportedFeatureError, match="v2"):
+        qcow2.amend(p, {"compat": "0.10", "refcount_bits": 16, "lazy_refcounts": False})
+    assert _bits(p) == before
+    assert_clean(p)
+
+
+# --------------------------------------------------------------------------------------
+# Property: the bits are exactly the granule-rounded union of what was changed
+# --------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZE = 4 << 20
+_OP = st.tuples(st.sampled_from(["write", "zero", "discard", "flush", "reopen", "grow"]),
+                st.integers(0, _SIZE - 1), st.integers(1, 200_000))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_OP, min_size=1, max_size=14), gran_bits=st.sampled_from([9, 12, 16, 20]))
+def test_bits_are_the_union_of_changes(tmp: Path, ops: list[tuple[str, int, int]],
+                                       gran_bits: int) -> None:
+    p = tmp / f"h{gran_bits}.qcow2"
+    p.unlink(missing_ok=True)
+    qcow2.create(p, _SIZE, cluster_size=4096)
+    with qcow2.open(p, "r+") as img:
+        img.add_bitmap("b", 1 << gran_bits)
+        img.add_bitmap("off", 1 << gran_bits, disabled=True)
+    dirty: set[int] = set()
+    img = qcow2.open(p, "r+")
+    try:
+        for kind, off, n in ops:
+            n = min(n, img.size - off)
+            if kind in ("write", "zero", "discard"):
+                if kind == "write":
+                    img.pwrite(b"\x5a" * n, off)
+                elif kind == "zero":
+                    img.write_zeroes(off, n)
+                else:
+                    img.discard(off, n)
+                dirty.update(range(off >> gran_bits, ((off + n - 1) >> gran_bits) + 1))
+            elif kind == "flush":
+                img.flush()
+            elif kind == "reopen":
+                img.close()
+                img = qcow2.open(p, "r+")
+            elif img.size < 2 * _SIZE:
+                resize_image(img, img.size + 512 * (n % 9 + 1))
+            assert list(img.dirty_ranges("b")) == _expected_runs(
+                [(g << gran_bits, 1 << gran_bits) for g in dirty], 1 << gran_bits, img.size)
+    finally:
+        img.close()
+    with qcow2.open(p) as img:
+        assert list(img.dirty_ranges("b")) == _expected_runs(
+            [(g << gran_bits, 1 << gran_bits) for g in dirty], 1 << gran_bits, img.size)
+        assert list(img.dirty_ranges("off")) == []
+        res = img.check()
+        assert res.corruptions == 0 and res.leaks == 0, res.messages
+
+
+def test_repair_counts_bitmap_clusters(tmp: Path) -> None:
+    p = _make(tmp, "a.qcow2", 8 << 20, True)
+    _ours(p, [("write", 0, 4096), ("write", 3 << 20, 200000)])
+    crashed = tmp / "crashed.qcow2"
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"x" * 70000, 5 << 20)
+        img.flush()
+        img.pwrite(b"y" * 512, 7 << 20)  # in use again, and a pool of reserved clusters
+        shutil.copyfile(p, crashed)
+    before = _bits(p)
+    for path in (p, crashed):
+        with qcow2.open(path, "r+") as img:
+            res = img.check(repair="all")
+            assert res.corruptions == 0, res.messages
+        assert_clean(path)
+    assert _bits(p) == before
+    flags = _qemu_flags(crashed)
+    assert flags["b0"] == ["in-use", "auto"] and flags["off"] == []

@@ -35,6 +35,7 @@ CASES = [
     ("resize", {"cache_size": 4 * 512}),
     ("amend", {}),
     ("rebase", {"cache_size": 2 * 16384}),
+    ("bitmaps", {}),
 ]
 # fault points per workload and kind: every write and sync up to this many, a seeded
 # sample beyond (only the reftable-growth workload has more); QCOW2_FAULT_POINTS raises it
@@ -99,16 +100,18 @@ def test_faults(tmp_path: Path, name: str, opts: dict, kind: str, mode: str) -> 
                 f"{' sticky' if sticky else ''}")
 
 
-def test_fault_on_open_for_writing(tmp_path: Path) -> None:
-    """Opening may write (clearing autoclear bits): a failure there is a clean error
-    and leaves the file as it was."""
+def test_fault_on_first_write_with_bitmaps(tmp_path: Path) -> None:
+    """Opening writes nothing; the first guest write marks the bitmaps in use first: a
+    failure there is a clean error and leaves the file as it was."""
     p = tmp_path / "a.qcow2"
     qcow2.create(p, 1 << 20)
     crashsim.qemu_img("bitmap", "--add", str(p), "b0")
     base = p.read_bytes()
     mem = MemoryBackend(base, path=str(p))
+    img = qcow2.open(p, "r+", backend=FaultBackend(mem, fail_write=1, err=errno.ENOSPC))
     with pytest.raises(Qcow2IOError) as info:
-        qcow2.open(p, "r+", backend=FaultBackend(mem, fail_write=1, err=errno.ENOSPC))
+        img.pwrite(b"x" * 512, 0)
+    img._abandon()
     assert info.value.errno == errno.ENOSPC
     assert "No space left" in str(info.value)
     assert bytes(mem.data) == base

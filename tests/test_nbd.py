@@ -791,3 +791,48 @@ def test_unexpected_failure_is_eio_and_the_server_goes_on(tmp: Path,
         t.join(timeout=30)
     assert not t.is_alive()
     assert any("ValueError: boom" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ dirty bitmaps --
+def test_dirty_bitmap_context_matches_qemu_nbd(tmp: Path) -> None:
+    p = tmp / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), str(64 * MiB))
+    qemu_img("bitmap", "--add", "-g", "64k", str(p), "b0")
+    qemu_img("bitmap", "--add", "-g", "4k", str(p), "fine")
+    qemu_io(p, "write 0 1M", "write -z 4M 70000", "discard 10M 64k", "write 20000000 12345")
+    ctxs = ("qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:fine")
+    with qemu_nbd(p, "-r", "-B", "b0", "-B", "fine") as ref, \
+            server(p, "-t", "-r", "-B", "b0", "-B", "fine") as ours:
+        for ctx in ctxs:
+            want = _merged(_map(ref, ctx))
+            assert _merged(_map(ours, ctx)) == want, ctx
+            assert (0, 1 << 20, 1) in want
+        info = json.loads(nbdinfo("--json", uri(ours)).stdout)["exports"][0]
+        ref_info = json.loads(nbdinfo("--json", uri(ref)).stdout)["exports"][0]
+        def bitmaps(i: dict) -> list[str]:
+            return [c for c in i["contexts"] if c.startswith("qemu:dirty-bitmap:")]
+
+        assert bitmaps(info) == bitmaps(ref_info) == list(reversed(ctxs))
+    err = subprocess.run([sys.executable, "-m", "qcow2", "nbd", "-k", str(tmp / "x.sock"),
+                          "-B", "nope", str(p)], capture_output=True, text=True, timeout=60)
+    assert err.returncode == 1 and err.stderr.strip() == "qcow2: Bitmap 'nope' is not found"
+    assert_clean(p)
+
+
+def test_writable_export_keeps_its_bitmap_current(tmp: Path) -> None:
+    p = tmp / "w.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), str(16 * MiB))
+    qemu_img("bitmap", "--add", str(p), "b0")
+    with server(p, "-t", "-B", "b0") as sock:
+        h = handle(sock, contexts=("qemu:dirty-bitmap:b0",))
+        h.pwrite(b"x" * 4096, 12 * MiB)
+        h.zero(65536 + 1, 8 * MiB)  # (count, offset)
+        h.flush()
+        h.shutdown()
+        got = _merged(_map(sock, "qemu:dirty-bitmap:b0"))
+        assert got == [
+            (0, 8 * MiB, 0), (8 * MiB, 2 * 65536, 1), (8 * MiB + 2 * 65536, 4 * MiB - 2 * 65536, 0),
+            (12 * MiB, 65536, 1), (12 * MiB + 65536, 4 * MiB - 65536, 0)], got
+    assert_clean(p)
+    with qcow2.open(p) as img:
+        assert list(img.dirty_ranges("b0")) == [(8 * MiB, 2 * 65536), (12 * MiB, 65536)]

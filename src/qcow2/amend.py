@@ -157,6 +157,12 @@ def amend_image(img: Any, opts: dict[str, Any], progress: Progress | None = None
             # 4 GiB (checked before anything changes; qemu-img resizes first)
             if (e.vm_state_size or 0) > 0xFFFFFFFF or (e.disk_size or 0) != final:
                 raise UnsupportedFeatureError("Internal snapshots prevent downgrade of image")
+        if img.bitmaps:
+            # v2 cannot hold them: QEMU drops them and leaks their clusters; they are the
+            # user's incremental-backup state, so refuse instead
+            raise UnsupportedFeatureError(
+                "Cannot store dirty bitmaps in qcow2 v2 files: remove the persistent "
+                "bitmaps first ('qcow2 bitmap --remove')")
     # Refcount mode: the other changes rewrite standard refcount structures, so a
     # non-standard image goes to standard first and to its new mode last.
     mode = opts.get("refcount_mode", img.refcount_mode)

@@ -129,7 +129,10 @@ def validate_entry(ent: BitmapEntry, size: int, cluster_size: int, file_size: in
         raise FormatError("Bitmap name is empty or too long")
     if ent.table_size > MAX_TABLE_SIZE or ent.table_offset % cluster_size:
         raise FormatError(f"Bitmap '{ent.name}' has an invalid table")
-    if ent.table_size != table_entries(size, ent.granularity_bits, cluster_size):
+    # (QEMU accepts any table size for a bitmap in use: one whose writer crashed during
+    # a resize, say; it is never read)
+    if not ent.in_use and ent.table_size != table_entries(size, ent.granularity_bits,
+                                                          cluster_size):
         raise FormatError(f"Bitmap '{ent.name}' table size does not match the disk size")
     if ent.table_offset + ent.table_size * 8 > file_size:
         raise FormatError(f"Bitmap '{ent.name}' table is past the end of the file")

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench
 
     bench.register(sub)
+    from . import bitmapcmd
+
+    bitmapcmd.register(sub)
     return parser
 
 

@@ -293,6 +293,40 @@ def copy(sources: list[Source], target: _Target, zero_target: bool, progress: An
         base += src.size
 
 
+def check_bitmaps(src: Source, skip_broken: bool) -> None:
+    """qemu-img convert --bitmaps' refusals, before anything is created."""
+    if src.img is None:
+        raise InvalidArgumentError("Source lacks bitmap support")
+    for ent in src.img.bitmaps:
+        if ent.in_use and not skip_broken:
+            raise InvalidArgumentError(
+                f"Cannot copy inconsistent bitmap '{ent.name}'\n"
+                "Try --skip-broken-bitmaps, or use 'qcow2 bitmap --remove' to delete it")
+
+
+def copy_bitmaps(src: Source, img: Any, skip_broken: bool) -> None:
+    """Every persistent bitmap of the source into the target image: same name,
+    granularity, enabled state and bits."""
+    from .bitmaps import supported
+
+    if img.header.version < 3:
+        raise InvalidArgumentError("Format driver 'qcow2' does not support bitmaps")
+    have = {b.name for b in img.bitmaps}
+    for ent in reversed(src.img.bitmaps):  # (QEMU's order of its bitmap list)
+        if ent.name in have:
+            raise InvalidArgumentError(
+                f"Failed to create bitmap {ent.name}: Bitmap already exists: {ent.name}")
+    for ent in src.img.bitmaps:
+        if ent.in_use or not supported(ent):
+            if skip_broken:
+                print(f"qcow2: warning: Skipping inconsistent bitmap '{ent.name}'",
+                      file=sys.stderr)
+                continue
+            raise InvalidArgumentError(f"Cannot copy inconsistent bitmap '{ent.name}'")
+        img.add_bitmap(ent.name, ent.granularity, disabled=not ent.auto)
+        img.merge_bitmap(ent.name, ent.name, src.img)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if len(args.files) < 2:
         raise InvalidArgumentError("Must specify image file name")
@@ -308,6 +342,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"Unknown file format '{args.fmt}'")
     *inputs, output = args.files
     snapshot = args.snapshot_param if args.snapshot_param is not None else args.snapshot
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.bitmaps and len(inputs) > 1:
+        raise InvalidArgumentError("Copying bitmaps only possible with single source")
+    if args.bitmaps and out_fmt != "qcow2":
+        raise InvalidArgumentError(f"Format driver '{out_fmt}' does not support bitmaps")
     if snapshot is not None and len(inputs) > 1:
         raise InvalidArgumentError("No support for concatenating multiple snapshot")
     if output in inputs:
@@ -317,6 +357,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         for path in inputs:
             sources.append(Source(path, args.fmt, snapshot))
+        if args.bitmaps:
+            check_bitmaps(sources[0], args.skip_broken_bitmaps)
         size = sum(s.size for s in sources)
         create = not args.no_create
         target = _Target(output, out_fmt, size, create, args.options, args.compress)
@@ -327,6 +369,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             with tqdm(total=size, unit="B", unit_scale=True, disable=not args.progress or args.quiet,
                       file=sys.stderr, desc="convert") as bar:
                 copy(sources, target, zero_target=create, progress=bar)
+            if args.bitmaps:  # after the data, which would mark them
+                copy_bitmaps(sources[0], target.img, args.skip_broken_bitmaps)
             target.finish()
         finally:
             target.close()
@@ -359,6 +403,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-c", dest="compress", action="store_true",
                    help="write compressed clusters (qcow2 output; compression_type in -o)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the persistent dirty bitmaps too (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: skip inconsistent bitmaps instead of failing")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("files", metavar="FILE", nargs="*", help="input images, then OUTPUT")
     p.set_defaults(func=cmd_convert)

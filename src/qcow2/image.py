@@ -21,6 +21,7 @@ from .cluster import (
     ClusterMap,
 )
 from .compress import compress_cluster, decompress_cluster
+from .dirtybitmaps import BitmapMixin, open_for_writing
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -59,11 +60,12 @@ _FAST_MAX = 1 << 30
 _OWNED_MAX = 1 << 16
 
 
-class Image(SnapshotMixin, CheckMixin):
+class Image(SnapshotMixin, CheckMixin, BitmapMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     _corrupt = False  # set once a write onto metadata was refused (see _guard)
     _check_only = False
+    _dirty: Any = None  # persistent bitmaps kept true while writable (dirtybitmaps.py)
 
     def __init__(self) -> None:  # use Image._open
         self.closed = True
@@ -290,10 +292,9 @@ class Image(SnapshotMixin, CheckMixin):
         assert self.refcounts is not None
         validate_reftable(self, self.refcounts.reftable, self.refcounts.live_weight)
         self.storage.meta_guard = self._meta_guard
-        if h.autoclear_features:
-            # We maintain none of the auto-clear features (e.g. persistent bitmaps):
-            # clearing the bits tells other readers that their data may be stale.
-            self._update_header(autoclear_features=0)
+        # We maintain the persistent bitmaps and no other auto-clear feature: clearing
+        # those bits tells other readers that their data may be stale.
+        open_for_writing(self)
 
     def _repair_dirty(self) -> None:
         check_image(self, repair="all", from_dirty_open=True)
@@ -352,20 +353,6 @@ class Image(SnapshotMixin, CheckMixin):
     @property
     def compression_type(self) -> str:
         return COMPRESSION_NAMES[self.header.compression_type]
-
-    @property
-    def bitmaps(self) -> list[Any]:
-        """Persistent dirty bitmaps (bitmaps.BitmapEntry: name, granularity, flags)."""
-        from .bitmaps import read_directory  # noqa: PLC0415 - bitmaps.py owns the format
-
-        return read_directory(self.storage, self.layout.bitmaps_ext,
-                              self.header.autoclear_features, self.storage.size())[1]
-
-    def dirty_ranges(self, name: str) -> Any:
-        """(offset, length) runs of guest data marked dirty in bitmap name."""
-        from .bitmaps import dirty_ranges  # noqa: PLC0415 - bitmaps.py owns the format
-
-        return dirty_ranges(self, name)
 
     # ------------------------------------------------------------------ reading --
     def _check_range(self, offset: int, length: int, size: int | None = None) -> None:
@@ -533,6 +520,8 @@ class Image(SnapshotMixin, CheckMixin):
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write data at offset (like os.pwrite); returns the number of bytes written."""
+        if self._dirty is not None:
+            self._dirty.mark(offset, memoryview(data).nbytes)
         if type(data) is bytes or type(data) is bytearray:
             # Hottest path: a small overwrite inside a cluster that an earlier write
             # found owned and clear of metadata (see ClusterMap.owned: only a writable,
@@ -782,6 +771,8 @@ class Image(SnapshotMixin, CheckMixin):
         mv = memoryview(data).cast("B")
         n = len(mv)
         self._check_range(offset, n)
+        if self._dirty is not None:
+            self._dirty.mark(offset, n)
         cs = self.geo.cluster_size
         if offset & (cs - 1) or not (n == cs or (0 < n < cs and offset + n == self.size)):
             raise InvalidArgumentError(
@@ -860,6 +851,8 @@ class Image(SnapshotMixin, CheckMixin):
 
     def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
         self._comp_tail = None
+        if self._dirty is not None:
+            self._dirty.mark(offset, length)
         geo = self.geo
         cs = geo.cluster_size
         # QEMU discards whole clusters only, also with subclusters (partial ones are
@@ -973,6 +966,8 @@ class Image(SnapshotMixin, CheckMixin):
         if st.unsynced_writes:  # nothing written since the last sync: already durable
             st.sync()
         rc.apply_releases()
+        if self._dirty is not None:  # after the data they describe is durable
+            self._dirty.store()
 
     def close(self) -> None:
         if self.closed:

@@ -242,7 +242,8 @@ class Export:
     close_image says whether the server closes the object when it stops."""
 
     def __init__(self, image: Any, name: str = "", description: str = "",
-                 readonly: bool | None = None, close_image: bool = False) -> None:
+                 readonly: bool | None = None, close_image: bool = False,
+                 bitmaps: Sequence[str] = ()) -> None:
         if len(name.encode()) > MAX_STRING or len(description.encode()) > MAX_STRING:
             raise InvalidArgumentError("Export name or description is too long")
         self.image = image
@@ -254,6 +255,16 @@ class Export:
         self.size = image.size if self.raw else guest_size(image)
         self.close_image = close_image
         self._logged: set[int] = set()
+        # meta contexts: the fixed ones, then qemu:dirty-bitmap:NAME for each bitmap
+        self.context_ids = dict(_CONTEXT_IDS)
+        self.bitmap_views: dict[str, Any] = {}
+        if bitmaps:
+            from .dirtybitmaps import BitmapView
+
+            for b in reversed(bitmaps):  # (qemu-nbd lists the last -B first)
+                ctx = f"qemu:dirty-bitmap:{b}"
+                self.bitmap_views[ctx] = BitmapView(getattr(image, "_img", image), b)
+                self.context_ids[ctx] = len(self.context_ids) + 1
 
     @property
     def flags(self) -> int:
@@ -363,7 +374,8 @@ def _merge(descs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
-                snapshot: str | None = None, name: str = "", description: str = "") -> Export:
+                snapshot: str | None = None, name: str = "", description: str = "",
+                bitmaps: Sequence[str] = ()) -> Export:
     """Open a file as an export the server closes when it stops. snapshot
     ("snapshot.name=X", "snapshot.id=N" or an id or name) makes it read-only."""
     from . import open as qopen
@@ -375,6 +387,8 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
     if fmt == "raw":
         if snapshot is not None:
             raise InvalidArgumentError("Failed to load snapshot: raw images have no snapshots")
+        if bitmaps:
+            raise InvalidArgumentError(f"Bitmap '{bitmaps[0]}' is not found")
         return Export(RawImage(path, not readonly), name, description, readonly, True)
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
@@ -385,11 +399,19 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
         except BaseException:
             img.close()
             raise
-        exp = Export(view, name, description, True, False)
+        try:
+            exp = Export(view, name, description, True, False, bitmaps)
+        except BaseException:
+            img.close()
+            raise
         exp.close = img.close  # type: ignore[method-assign]  # the view's image goes with it
         return exp
     img = qopen(path, "r" if readonly else "r+")
-    return Export(img, name, description, readonly, True)
+    try:
+        return Export(img, name, description, readonly, True, bitmaps)
+    except BaseException:
+        img.close()
+        raise
 
 
 # ------------------------------------------------------------------ connections --
@@ -553,9 +575,10 @@ class _Client:
         if self.server.find(name) is None:
             await self._error(opt, REP_ERR_UNKNOWN, f"export '{name}' not present")
             return
+        ids = self.server.find(name).context_ids  # type: ignore[union-attr]
         chosen: list[str] = []
         for q in queries if queries else ([] if opt == OPT_SET_META_CONTEXT else ["base:", "qemu:"]):
-            for ctx in _CONTEXT_IDS:
+            for ctx in ids:
                 if opt == OPT_LIST_META_CONTEXT and q.endswith(":"):
                     match = ctx.startswith(q)  # "base:" lists every base context
                 else:
@@ -564,9 +587,9 @@ class _Client:
                     chosen.append(ctx)
         for ctx in chosen:
             await self._reply(opt, REP_META_CONTEXT,
-                              struct.pack(">I", _CONTEXT_IDS[ctx]) + ctx.encode())
+                              struct.pack(">I", ids[ctx]) + ctx.encode())
         if opt == OPT_SET_META_CONTEXT:
-            self.contexts = sorted(chosen, key=_CONTEXT_IDS.__getitem__)
+            self.contexts = sorted(chosen, key=ids.__getitem__)
             self.context_export = name
         await self._reply(opt, REP_ACK)
 
@@ -695,10 +718,12 @@ class _Client:
         chosen = {CONTEXT_ALLOCATION: alloc, CONTEXT_DEPTH: depth}
         last = len(self.contexts) - 1
         for i, ctx in enumerate(self.contexts):
-            descs = chosen[ctx]
+            view = exp.bitmap_views.get(ctx)
+            descs = chosen[ctx] if view is None else \
+                _merge(view.extents(offset, length))[:MAX_EXTENTS]
             if flags & CMD_FLAG_REQ_ONE:
                 descs = descs[:1]
-            body = struct.pack(">I", _CONTEXT_IDS[ctx]) + b"".join(
+            body = struct.pack(">I", exp.context_ids[ctx]) + b"".join(
                 struct.pack(">II", n, f) for n, f in descs)
             self.writer.write(_CHUNK.pack(STRUCTURED_REPLY_MAGIC,
                                           CHUNK_FLAG_DONE if i == last else 0,
@@ -950,6 +975,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("-f", "--format", choices=("qcow2", "raw"))
     p.add_argument("--fork", action="store_true", help="serve in the background once listening")
     p.add_argument("-v", "--verbose", action="store_true", help="log each connection")
+    p.add_argument("-B", "--bitmap", action="append", default=[], metavar="NAME",
+                   help="also export bitmap NAME as meta context qemu:dirty-bitmap:NAME")
     p.set_defaults(func=_cmd)
 
 
@@ -966,7 +993,7 @@ def _cmd(args: Any) -> int:
     exp = open_export(args.filename, fmt=args.format,
                       readonly=args.read_only or args.load_snapshot is not None,
                       snapshot=args.load_snapshot, name=args.export_name,
-                      description=args.description)
+                      description=args.description, bitmaps=args.bitmap)
     try:
         if sock is None:
             sock = (listen_unix(args.socket) if args.socket else

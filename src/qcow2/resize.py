@@ -106,10 +106,13 @@ def resize_image(img: Any, size: int, *, shrink: bool = False,
     if size == img.size:
         return
     img.flush()
-    if size < img.size:
-        _shrink(img, size)
-    else:
-        _grow(img, size, preallocation)
+    from .dirtybitmaps import rewriting  # the bitmaps follow the size (as QEMU: no bits set)
+
+    with rewriting(img, size):
+        if size < img.size:
+            _shrink(img, size)
+        else:
+            _grow(img, size, preallocation)
 
 
 # ------------------------------------------------------------------ shrinking --

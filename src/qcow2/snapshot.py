@@ -560,7 +560,9 @@ class SnapshotMixin:
         vm_index = self._vm_state_index(disk)
         sn_l1 = self._snapshot_l1(e)
         self.flush()
-        with self._bulk():
+        from .dirtybitmaps import rewriting  # the whole disk changes for the bitmaps
+
+        with rewriting(self, disk, whole=True), self._bulk():
             self._rc().snapshot_apply(self, e, disk, vm_index, sn_l1)
 
     def _apply(self, disk: int, vm_index: int, sn_l1: np.ndarray) -> None:

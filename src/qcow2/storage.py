@@ -129,12 +129,14 @@ class Stats:
     refcount_writes: int = 0
     header_writes: int = 0
     snapshot_table_writes: int = 0
+    bitmap_writes: int = 0
     data_writes_bytes: int = 0
     l1_writes_bytes: int = 0
     l2_writes_bytes: int = 0
     refcount_writes_bytes: int = 0
     header_writes_bytes: int = 0
     snapshot_table_writes_bytes: int = 0
+    bitmap_writes_bytes: int = 0
     syncs: int = 0
     reads: int = 0
     reads_bytes: int = 0
