@@ -92,7 +92,8 @@ def _open_memory(path: Path) -> dict[str, int]:
     return {"retained": cur - base, "peak": peak - base}
 
 
-def _measure(cfg: Config, images: dict[str, Path], name: str) -> dict[str, Any]:
+def _measure(cfg: Config, images: dict[str, Path], name: str,
+             refused: dict[str, str]) -> dict[str, Any]:
     fns: dict[str, Any] = {}
     for side, p in images.items():
         for op in OPS:
@@ -101,7 +102,7 @@ def _measure(cfg: Config, images: dict[str, Path], name: str) -> dict[str, Any]:
                     [QEMU_IMG, "snapshot", FLAG[op], name, str(p)])
             else:
                 fns[f"{side}|{op}"] = lambda p=p, op=op: _ours_op(p, op, name)
-    errors: dict[str, str] = {}
+    errors: dict[str, str] = dict(refused)
     raw = interleave(cfg, fns, errors=errors)
     opens = interleave(cfg, {s: (lambda p=p: _open_close(p)) for s, p in images.items()
                              if s != "qemu-img"})
@@ -118,9 +119,11 @@ def _measure(cfg: Config, images: dict[str, Path], name: str) -> dict[str, Any]:
             "open": {s: summ(v) for s, v in opens.items()}, "memory": mem}
 
 
-def _build(cfg: Config, tag: str, make_standard: Any, fresh: bool) -> dict[str, Path]:
+def _build(cfg: Config, tag: str, make_standard: Any, fresh: bool,
+           refused: dict[str, str]) -> dict[str, Path]:
     """One image per side, each made by make_standard (fresh: a big sparse image is not
-    copied) or copied from QEMU's; the other modes then converted."""
+    copied) or copied from QEMU's; the other modes then converted (a mode refusing the
+    conversion is recorded in refused and left out)."""
     base = cfg.tmp / f"s-{tag}-qemu.qcow2"
     make_standard(base)
     images: dict[str, Path] = {"qemu-img": base}
@@ -130,7 +133,12 @@ def _build(cfg: Config, tag: str, make_standard: Any, fresh: bool) -> dict[str, 
             make_standard(p)
         else:
             copy(base, p)
-        to_mode(p, m)
+        try:
+            to_mode(p, m)
+        except Exception as exc:
+            refused[f"qcow2 {m}"] = f"conversion refused: {exc}".splitlines()[0]
+            p.unlink(missing_ok=True)
+            continue
         images[f"qcow2 {m}"] = p
     return images
 
@@ -139,10 +147,11 @@ def run(cfg: Config) -> dict[str, Any]:
     by_clusters = []
     for size in cluster_sizes(cfg):
         cfg.note(f"scale: {size >> 30 or size >> 20} {'GiB' if size >= GiB else 'MiB'}")
+        refused: dict[str, str] = {}
         images = _build(cfg, f"c{size >> 20}",
                         lambda p, size=size: qemu_create(p, size, "preallocation=metadata"),
-                        fresh=True)
-        row = _measure(cfg, images, "s")
+                        fresh=True, refused=refused)
+        row = _measure(cfg, images, "s", refused)
         if "qcow2 standard" in images:
             qemu_check(images["qcow2 standard"])
         row.update(size=size, clusters=size // CLUSTER)
@@ -161,8 +170,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     img.create_snapshot(f"pre{i}")
             qemu_check(p)
 
-        images = _build(cfg, f"k{k}", make, fresh=False)
-        row = _measure(cfg, images, "x")
+        refused = {}
+        images = _build(cfg, f"k{k}", make, fresh=False, refused=refused)
+        row = _measure(cfg, images, "x", refused)
         row.update(snapshots=k, size=img_size, clusters=img_size // CLUSTER)
         by_snapshots.append(row)
         for p in images.values():

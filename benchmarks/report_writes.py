@@ -194,6 +194,7 @@ def run(cfg: Config) -> dict[str, Any]:
     S, N = shape(cfg)
     d = cfg.tmp
     cfg.note("writes: base images")
+    errors: dict[str, str] = {}
     bases: dict[str, Path] = {}
     for name, opts in QEMU_CONFIGS.items():
         p = d / f"w-{len(bases)}.qcow2"
@@ -206,7 +207,10 @@ def run(cfg: Config) -> dict[str, Any]:
     for name, (mode, ext) in ours.items():
         p = d / f"w-{len(bases)}.qcow2"
         copy(bases["qemu extended_l2=on" if ext else "qemu standard"], p)
-        to_mode(p, mode)
+        try:
+            to_mode(p, mode)
+        except Exception as exc:  # a mode refusing the image is a finding
+            errors[name] = f"conversion refused: {exc}".splitlines()[0]
         settle(p)
         bases[name] = p
         cfg.tick()
@@ -215,7 +219,6 @@ def run(cfg: Config) -> dict[str, Any]:
     times: dict[tuple[str, str], dict[str, list[float]]] = {}
     growth: dict[tuple[str, str], int] = {}
     counts: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
-    errors: dict[str, str] = {}
     for _ in range(cfg.runs):
         for wname, (size, step) in workloads().items():
             for c in configs(cfg):
