@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test deps qemu nbd lint bench clean
+.PHONY: demo test deps qemu nbd strace lint bench bench-quick bench-goals clean
 
 qemu:
 	@command -v qemu-img >/dev/null 2>&1 || (apt-get update && apt-get install -y qemu-utils)
@@ -14,6 +14,10 @@ nbd:
 	@(command -v nbdinfo >/dev/null 2>&1 && test -e /usr/lib/python3/dist-packages/nbd.py) || \
 		(apt-get update && apt-get install -y libnbd-bin python3-libnbd)
 
+# strace counts qemu-img's writes and syncs in the benchmark report
+strace:
+	@command -v strace >/dev/null 2>&1 || (apt-get update && apt-get install -y strace)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -22,15 +26,23 @@ $(STAMP): pyproject.toml
 
 deps: qemu nbd $(STAMP)
 
-test: deps
+test: deps strace
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -n 2 tests
 
-demo: deps
+demo: deps strace
 	$(PY) demo/demo.py
 
-bench: deps
+# docs/benchmarks.md, its plots, benchmarks/results/latest.json (see benchmarks/README.md)
+bench: deps strace
 	$(PY) benchmarks/run_all.py
+
+bench-quick: deps strace
+	BENCH_QUICK=1 $(PY) benchmarks/run_all.py
+
+# the older per-module benchmarks, each held to a goal (benchmarks/out/results.md)
+bench-goals: deps
+	$(PY) benchmarks/goals.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,7 +4,7 @@ Every `benchmarks/bench_*.py` module defines
 
     def run(scale: float) -> list[Result]: ...
 
-and may be run on its own (`python benchmarks/bench_io.py`); `benchmarks/run_all.py`
+and may be run on its own (`python benchmarks/bench_io.py`); `benchmarks/goals.py`
 discovers the modules, runs them and writes benchmarks/out/results.{json,md}.
 
 Rules (DEVELOPERS.md): ours is measured side by side with the reference (qemu-img) or
@@ -80,7 +80,7 @@ class Result:
     lower_is_better: bool = False
     commands: list[str] = field(default_factory=list)
     notes: str = ""
-    module: str = ""  # the bench_*.py it came from (set by run_all.py)
+    module: str = ""  # the bench_*.py it came from (set by goals.py)
 
     @property
     def base_value(self) -> float | None:

@@ -1,98 +1,89 @@
-"""Run every benchmarks/bench_*.py and write benchmarks/out/results.{json,md}.
+"""`make bench`: every benchmark of the report, side by side with QEMU, in one run.
 
-Each module defines `run(scale: float) -> list[common.Result]`. Usage:
+    python benchmarks/run_all.py [--quick] [--out DIR] [--json FILE] [--render FILE]
 
-    python benchmarks/run_all.py [NAME ...]     # e.g. `io snapshot`; default: all
-
-QCOW2_BENCH_SCALE (default 1) makes the runs bigger; QCOW2_BENCH_REPEAT (default 3) sets
-how many interleaved runs per side are taken (best kept). Exit status: 0 when every
-benchmark ran (goals are reported, not enforced), 1 when one crashed.
+Writes docs/benchmarks.md with its PNG plots beside it, and the raw figures to
+benchmarks/results/latest.json. BENCH_QUICK=1 (or --quick, `make bench-quick`) runs the
+same report at a small scale in under 3 minutes. --render FILE rewrites the document
+and plots from a saved JSON without measuring. QCOW2_BENCH_TMP: where scratch images go
+(default: the system temp dir). BENCH_RUNS: interleaved runs per figure (default 5, quick 3).
+A progress bar goes to stderr.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
+import argparse
 import json
+import os
 import sys
 import time
-import traceback
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, OUT_DIR, Result, markdown_table, save, scale  # noqa: E402
+import harness  # noqa: E402
+import report_doc  # noqa: E402
+import report_scale  # noqa: E402
+import report_thread  # noqa: E402
+import report_tools  # noqa: E402
+import report_writes  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# (section names in the JSON, module); the order of the run
+PARTS = [(("thread", "vmstate"), report_thread), (("writes",), report_writes),
+         (("scale",), report_scale), (("tools",), report_tools)]
 
 
-def discover(names: list[str]) -> list[Path]:
-    found = sorted(BENCH_DIR.glob("bench_*.py"))
-    if names:
-        wanted = {n.removeprefix("bench_").removesuffix(".py") for n in names}
-        unknown = wanted - {p.stem.removeprefix("bench_") for p in found}
-        if unknown:
-            raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-        found = [p for p in found if p.stem.removeprefix("bench_") in wanted]
-    return found
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def previous(rerun: set[str]) -> list[Result]:
-    """Results of the last full or partial report from modules not run this time."""
-    path = OUT_DIR / "results.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    names = {f.name for f in dataclasses.fields(Result)}
-    out = []
-    for d in doc.get("results", []):
-        if d.get("module", d.get("bench")) in rerun:
-            continue
-        out.append(Result(**{k: v for k, v in d.items() if k in names}))
-    return out
+def measure(cfg: harness.Config) -> dict[str, Any]:
+    env = report_doc.environment(cfg)
+    total = sum(mod.steps(cfg) for _, mod in PARTS)
+    doc: dict[str, Any] = {"environment": env, "sections": {}, "seconds": {}}
+    t_all = time.perf_counter()
+    with tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True,
+              desc="bench-quick" if cfg.quick else "bench") as bar:
+        cfg.bar = bar
+        for names, mod in PARTS:
+            t0 = time.perf_counter()
+            out = mod.run(cfg)
+            if len(names) == 1:
+                out = {names[0]: out}
+            doc["sections"].update(out)
+            doc["seconds"]["+".join(names)] = time.perf_counter() - t0
+        cfg.bar = None
+    doc["seconds"]["total"] = time.perf_counter() - t_all
+    doc["environment"]["load_end"] = os.getloadavg()
+    doc["environment"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return doc
 
 
 def main(argv: list[str]) -> int:
-    s = scale()
-    results: list[Result] = []
-    timings: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    for path in discover(argv):
-        name = path.stem.removeprefix("bench_")
-        print(f"== {name}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            mod = load(path)
-            res = list(mod.run(s))
-        except Exception:
-            errors[name] = traceback.format_exc()
-            print(errors[name], file=sys.stderr)
-            continue
-        finally:
-            timings[name] = time.perf_counter() - t0
-        for r in res:
-            r.module = name
-        results += res
-        print(markdown_table(res), flush=True)
-        print(f"({timings[name]:.1f} s)", flush=True)
-    # a partial run (names given) keeps the other modules' last results in the report
-    kept = previous(set(timings)) if argv else []
-    out = save(kept + results, extra={"seconds": timings, "errors": errors})
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    failed = [r for r in results if r.passed is False]
-    if failed:
-        print(f"{len(failed)} result(s) below their goal: " + "; ".join(r.name for r in failed))
-    if errors:
-        print(f"benchmark(s) crashed: {', '.join(errors)}", file=sys.stderr)
-        return 1
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", default=harness.quick_from_env())
+    ap.add_argument("--out", type=Path, default=harness.ROOT / "docs",
+                    help="directory of benchmarks.md and its plots (default: docs)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="raw figures (default: benchmarks/results/latest.json, or "
+                         "OUT/latest.json with --out)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="render the document from this JSON instead of measuring")
+    a = ap.parse_args(argv)
+    default_out = a.out == harness.ROOT / "docs"
+    js = a.json or (harness.BENCH_DIR / "results" / "latest.json" if default_out
+                    else a.out / "latest.json")
+    if a.render:
+        js = a.json or a.render
+        doc = json.loads(a.render.read_text())
+    else:
+        runs = int(os.environ.get("BENCH_RUNS", "3" if a.quick else "5"))
+        with harness.workdir() as tmp:
+            cfg = harness.Config(quick=a.quick, runs=max(2, runs), tmp=tmp)
+            doc = measure(cfg)
+        js.parent.mkdir(parents=True, exist_ok=True)
+        js.write_text(json.dumps(doc, indent=1) + "\n")
+    a.out.mkdir(parents=True, exist_ok=True)
+    md = report_doc.write(doc, a.out, json_path=js)
+    print(f"wrote {md}, its plots and {js}")
     return 0
 
 

@@ -1,106 +1,165 @@
-"""Headline demonstration.
+"""`make demo`: a short version of the benchmark report's first two parts (under a minute).
 
-1. Create an image with our library, write to it, show `qcow2 info` and `qcow2 map`.
-2. Take an internal snapshot and list it; qemu-img checks the image and reads the snapshot.
-3. The thread's complaint, measured: 4K writes right after a snapshot, ours (standard
-   refcounts, no dirty bit) against `qemu-img bench` with standard and lazy refcounts.
+1. The 2011 thread's experiment, scaled down: `qemu-img snapshot -c/-d` on an image QEMU
+   filled, against the same operations through this library in every refcount mode.
+2. The thread's complaint: scattered 4 KiB writes before, right after and steady after a
+   snapshot, QEMU (standard, lazy_refcounts=on) against this library in every mode, with
+   the syncs and refcount writes each one costs (QEMU's counted with strace).
+
+The full measurement, with VM state, scale, tools and the answer to the thread, is
+`make bench` -> docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
+import sys
 import tempfile
-import time
+from pathlib import Path
 
-import qcow2
-from qcow2.cli import main as qcow2_cli
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MiB = 1 << 20
+import harness  # noqa: E402
+import report_writes as rw  # noqa: E402
+from harness import QEMU_IMG, MiB, fmt_s, summ  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+import qcow2  # noqa: E402
+from qcow2.modes import MODES  # noqa: E402
 
-def banner(text: str) -> None:
-    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)))
-
-
-def qemu(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-
-
-def after_snapshot_writes(base: str, work: str, total: int) -> None:
-    count = total // 4096
-    rows = []
-    for label, opts in (("qemu-img, standard refcounts", ""), ("qemu-img, lazy_refcounts=on", "lazy")):
-        p = os.path.join(work, f"q-{opts or 'std'}.qcow2")
-        shutil.copy(base, p)
-        if opts:
-            qemu("amend", "-f", "qcow2", "-o", "lazy_refcounts=on", p)
-        qemu("snapshot", "-c", "before", p)
-        t0 = time.perf_counter()
-        r = qemu("bench", "-f", "qcow2", "-w", "-t", "writeback", "-s", "4k", "-c", str(count), "-d", "1", p)
-        dt = time.perf_counter() - t0
-        if r.returncode:
-            print(r.stderr.strip())
-            continue
-        rows.append((label, dt, "n/a (see benchmarks/bench_crash.py)"))
-    p = os.path.join(work, "ours.qcow2")
-    shutil.copy(base, p)
-    with qcow2.open(p, "r+") as img:
-        img.create_snapshot("before")
-        start = img.stats.copy()
-        buf = os.urandom(4096)
-        t0 = time.perf_counter()
-        for off in range(0, total, 4096):
-            img.pwrite(buf, off)
-        img.flush()
-        dt = time.perf_counter() - t0
-        syncs = (img.stats - start).syncs
-    rows.append(("qcow2 (this project), standard refcounts", dt, str(syncs)))
-    check = qemu("check", p)
-    print(f"{count} sequential 4K writes ({total // MiB} MiB) right after a snapshot:")
-    print(f"  {'implementation':<42} {'seconds':>8}  syncs")
-    for label, dt, syncs in rows:
-        print(f"  {label:<42} {dt:8.2f}  {syncs}")
-    print("qemu-img check of our image:", check.stdout.strip().splitlines()[0])
+RUNS = 3
+VIRTUAL, DATA = 1024 * MiB, 512 * MiB
+WRITES, SIZE = 512, 64 * MiB
 
 
-def main() -> None:
+def _us(v: float) -> str:
+    return f"{v * 1e6:8.1f} µs"
+
+
+def main() -> int:
     if shutil.which("qemu-img") is None:
         raise SystemExit("qemu-img is required for the demo (make demo installs it)")
-    work = tempfile.mkdtemp(prefix="qcow2-demo-")
+    d = Path(tempfile.mkdtemp(prefix="qcow2-demo-"))
+    modes = list(MODES)
+    bar = tqdm(total=2 + len(modes) + RUNS * (1 + len(modes)) * 2 + 2 + len(modes)
+               + RUNS * (2 + len(modes)) + 2, file=sys.stderr, unit="step",
+               desc="demo")
     try:
-        path = os.path.join(work, "demo.qcow2")
-        banner("create and write with the library")
-        qcow2.create(path, 256 * MiB)
-        with qcow2.open(path, "r+") as img:
-            img.pwrite(b"hello qcow2 " * 10000, 0)
-            img.write_zeroes(4 * MiB, MiB)
-            img.pwrite(os.urandom(64 * MiB), 16 * MiB)
-            print("writes since open:", img.stats)
-        banner("qcow2 info")
-        qcow2_cli(["info", path])
-        banner("qcow2 map")
-        qcow2_cli(["map", path])
-        banner("internal snapshot")
-        qcow2_cli(["snapshot", "-c", "first", path])
-        with qcow2.open(path, "r+") as img:
-            img.pwrite(b"changed after the snapshot", 0)
-        qcow2_cli(["snapshot", "-l", path])
-        banner("qemu-img check and read-back")
-        print(qemu("check", path).stdout.strip())
-        raw = os.path.join(work, "snap.raw")
-        qemu("convert", "-O", "raw", "-l", "snapshot.name=first", path, raw)
-        with open(raw, "rb") as f:
-            print("snapshot 'first' as read by qemu-img starts with:", f.read(24))
-        banner("4K writes right after a snapshot")
-        base = os.path.join(work, "base.qcow2")
-        qemu("create", "-f", "qcow2", base, "256M")
-        qemu("bench", "-f", "qcow2", "-w", "-t", "writeback", "-s", "64k", "-c", "1024", "-d", "1", base)
-        after_snapshot_writes(base, work, int(os.environ.get("QCOW2_DEMO_MIB", "16")) * MiB)
+        # 1. the thread's experiment
+        bar.set_postfix_str("image with data")
+        q = d / "thread.qcow2"
+        harness.qemu_create(q, VIRTUAL)
+        harness.qemu_fill(q, 0, DATA)
+        harness.settle(q)
+        bar.update(2)
+        paths = {}
+        for m in modes:
+            if m == "standard":
+                paths[m] = q
+            else:
+                paths[m] = d / f"thread-{m}.qcow2"
+                harness.copy(q, paths[m])
+                harness.to_mode(paths[m], m)
+            bar.update()
+        times: dict[str, dict[str, list[float]]] = {}
+        bar.set_postfix_str("snapshot -c / -d")
+        for _ in range(RUNS):
+            for op, flag in (("create", "-c"), ("delete", "-d")):
+                t = harness.timed_cmd([QEMU_IMG, "snapshot", flag, "t", str(q)])
+                times.setdefault("qemu-img (whole process)", {}).setdefault(op, []).append(t)
+                bar.update()
+                for m in modes:
+                    def one(p: Path = paths[m], op: str = op) -> None:
+                        with qcow2.open(p, "r+") as img:
+                            (img.create_snapshot if op == "create" else img.delete_snapshot)("t")
+
+                    t = harness.timed(one)
+                    times.setdefault(f"qcow2 {m} (in-process)", {}).setdefault(op, []).append(t)
+                    bar.update()
+        harness.qemu_check(q)
+        for p in set(paths.values()):
+            p.unlink()
+
+        # 2. the thread's complaint
+        bar.set_postfix_str("4K writes around a snapshot")
+        bases = {}
+        for name, opts in (("qemu standard", ""), ("qemu lazy_refcounts=on", "lazy_refcounts=on")):
+            p = d / f"w-{len(bases)}.qcow2"
+            harness.qemu_create(p, SIZE, opts)
+            harness.qemu_fill(p, 0, SIZE)
+            bases[name] = p
+            bar.update()
+        for m in modes:
+            p = d / f"w-{len(bases)}.qcow2"
+            harness.copy(bases["qemu standard"], p)
+            harness.to_mode(p, m)
+            bases[f"qcow2 {m}"] = p
+            bar.update()
+        step = rw.PRIME * 4096
+        work = d / "work.qcow2"
+        wt: dict[str, dict[str, list[float]]] = {}
+        counts: dict[str, dict[str, float]] = {}
+        for _ in range(RUNS):
+            for name, base in bases.items():
+                harness.copy(base, work)
+                ph = wt.setdefault(name, {k: [] for k in rw.PHASES})
+                if name.startswith("qemu"):
+                    ph["before"].append(rw.qemu_pass(work, WRITES, 4096, step))
+                    harness.sh([QEMU_IMG, "snapshot", "-c", "s", str(work)])
+                    ph["after"].append(rw.qemu_pass(work, WRITES, 4096, step))
+                    ph["steady"].append(rw.qemu_pass(work, WRITES, 4096, step))
+                else:
+                    ph["before"].append(rw.our_pass(work, WRITES, 4096, step)[0])
+                    with qcow2.open(work, "r+") as img:
+                        img.create_snapshot("s")
+                    dt, c = rw.our_pass(work, WRITES, 4096, step)
+                    ph["after"].append(dt)
+                    counts[name] = {k: v / WRITES for k, v in c.items()}
+                    ph["steady"].append(rw.our_pass(work, WRITES, 4096, step)[0])
+                bar.update()
+        bar.set_postfix_str("strace qemu-img")
+        for name in ("qemu standard", "qemu lazy_refcounts=on"):
+            harness.copy(bases[name], work)
+            harness.sh([QEMU_IMG, "snapshot", "-c", "s", str(work)])
+            c = harness.strace_run(rw.qemu_bench_args(work, WRITES, 4096, step), work)
+            counts[name] = {k: v / WRITES for k, v in c.items()}
+            bar.update()
+        harness.copy(bases["qcow2 standard"], work)
+        with qcow2.open(work, "r+") as img:
+            img.create_snapshot("s")
+        rw.our_pass(work, WRITES, 4096, step)
+        harness.qemu_check(work)
+        bar.close()
+
+        print(f"\n1. The thread's experiment, scaled down: {VIRTUAL // MiB} MiB virtual, "
+              f"{DATA // MiB} MiB of data, 64 KiB clusters; median of {RUNS} interleaved runs "
+              "[min-max]")
+        print(f"   {'':34} {'snapshot -c':>26} {'snapshot -d':>26}")
+        for name, ops in times.items():
+            cells = []
+            for op in ("create", "delete"):
+                f = summ(ops[op])
+                cells.append(f"{fmt_s(f['median'])} [{fmt_s(f['min'])}-{fmt_s(f['max'])}]")
+            print(f"   {name:34} {cells[0]:>26} {cells[1]:>26}")
+        print(f"\n2. {WRITES} scattered 4 KiB writes on a {SIZE // MiB} MiB image QEMU filled: "
+              "time per write (median), and right after the snapshot the syncs and refcount "
+              "writes per write")
+        print(f"   {'':26} {'before':>11} {'right after':>11} {'steady':>11} {'syncs':>7} "
+              f"{'refcount':>9}")
+        for name, ph in wt.items():
+            c = counts.get(name, {})
+            med = {k: summ(v)["median"] / WRITES for k, v in ph.items()}
+            print(f"   {name:26} {_us(med['before']):>11} {_us(med['after']):>11} "
+                  f"{_us(med['steady']):>11} {c.get('syncs', 0):7.3f} "
+                  f"{c.get('refcount_writes', 0):9.3f}")
+        print("\nqemu-img check passed on the images this library wrote. The full report: "
+              "make bench -> docs/benchmarks.md")
     finally:
-        shutil.rmtree(work)
+        bar.close()
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -197,3 +197,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # long tests (the quick benchmark report) start first, so that they do not finish last
+    items.sort(key=lambda item: item.get_closest_marker("run_first") is None)
