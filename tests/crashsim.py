@@ -882,6 +882,25 @@ def _setup_cow_compressed(tmp: Path) -> Path:
     return p
 
 
+def _body_snapshot_tree(d: Driver, rng: random.Random) -> None:
+    """Deletes with one and with several children (owner mode hides the node, then
+    reclaims it when one child is left), applies that make siblings."""
+    d.write(3000, rng.randbytes(40000))
+    d.create_snapshot("a")
+    _random_writes(d, rng, 5, 16384, 3)
+    d.create_snapshot("b", rng.randbytes(20000))
+    d.apply_snapshot("a")
+    _random_writes(d, rng, 4, 16384, 2)
+    d.delete_snapshot("a")  # children b and the live state
+    d.write(1 << 19, rng.randbytes(20000))
+    d.delete_snapshot("b")  # a hidden "a" now has one child left
+    d.create_snapshot("c")
+    d.write(100, rng.randbytes(5000))
+    d.apply_snapshot("c")
+    d.delete_snapshot("c")  # one child: the live state
+    d.write(0, rng.randbytes(300))
+
+
 def _setup_snapshotted(tmp: Path) -> Path:
     p = tmp / "snapshotted.qcow2"
     random_image(p, 4 << 20, 13, opts="cluster_size=8k", fill=0.9)
@@ -1221,6 +1240,7 @@ WORKLOADS: list[Workload] = [
     Workload("reftable-growth", _setup_reftable, _body_reftable, weight=0.7),
     Workload("l1-growth", _setup_l1_growth, _body_l1_growth, weight=0.6),
     Workload("snapshots", _setup_data, _body_snapshots),
+    Workload("snapshot-tree", _setup_data, _body_snapshot_tree, weight=0.6),
     Workload("check-repair", _setup_leaky, _body_check),
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
