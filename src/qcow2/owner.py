@@ -215,7 +215,7 @@ class OwnerRefcounts(StandardRefcounts):
         # cluster an ancestor owns stays that ancestor's.
         free: list[np.ndarray] = []
         if self._releases:
-            rel = np.unique(np.array(self._releases, dtype=np.int64))
+            rel = _unique(np.array(self._releases, dtype=np.int64))
             self._releases = []
             free.append(rel)
         if self._comp_releases:
@@ -230,14 +230,21 @@ class OwnerRefcounts(StandardRefcounts):
                 self._grow_comp(int(rel.max()) + 1)
                 np.subtract.at(self._comp_live, rel, 1)
             self._grow_comp(int(rel.max()) + 1)
-            rel = np.unique(rel)
+            rel = _unique(rel)
             free.append(rel[self._comp_live[rel] <= 0])
         if free:
-            rel = np.unique(np.concatenate(free))
+            rel = _unique(np.concatenate(free))
             self.assign(rel[self.get_many(rel) == self.live_id], 0)
 
     def update_live(self, clusters: np.ndarray, sign: int) -> None:
         raise CorruptImageError("Owner mode keeps no reference counts")
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values by sorting (numpy's hash-based np.unique is many times
+    slower on the million-entry arrays of whole-image passes)."""
+    a = np.sort(np.asarray(a), kind="stable")
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
 
 
 # ============================================================================ the tree ==
@@ -397,7 +404,7 @@ def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
             raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
     plain = [l2 >> cbits]
     comp: list[np.ndarray] = []
-    for _t, _offs, _buf, out, c in img._l2_chunks(np.unique(l2), file_clusters, None):
+    for _t, _offs, _buf, out, c in img._l2_chunks(_unique(l2), file_clusters, None):
         flat = out.reshape(-1)
         plain.append(flat[flat != 0].view(np.int64).copy())
         if c is not None:
@@ -418,7 +425,7 @@ def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
 def node_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int) -> np.ndarray:
     """Every host cluster a node's tree references, once."""
     plain, comp = tree_refs(img, l1, l1_offset, l1_size)
-    return np.unique(np.concatenate([plain, comp]))
+    return _unique(np.concatenate([plain, comp]))
 
 
 def entry_refs(img: Any, e: SnapshotEntry) -> np.ndarray:
@@ -634,13 +641,13 @@ def from_standard(img: Any) -> None:
     n = len(split)
     refs = []
     for k, (plain, comp) in enumerate(split):
-        both = np.concatenate([plain, np.unique(comp)])
-        if len(both) != len(np.unique(both)):
+        both = np.concatenate([plain, _unique(comp)])
+        if len(both) != len(_unique(both)):
             what = "the live state" if k == n - 1 else f"snapshot '{entries[order[k]].name}'"
             raise UnsupportedFeatureError(
                 f"Owner mode cannot represent {what}: it references a host cluster twice "
                 "other than by packed compressed clusters")
-        refs.append(np.unique(both))
+        refs.append(_unique(both))
     cl = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
     who = np.repeat(np.arange(n, dtype=np.int64), [len(r) for r in refs])
     total = max(int(cl.max()) + 1 if len(cl) else 0, 1)
