@@ -1096,23 +1096,7 @@ class _Checker:
             res.msg("ERROR not freeing leaked clusters: damaged snapshot table entries may "
                     "still use them (delete or fix those snapshots first)")
             want &= ~leak
-        geo = self.geo
-        blocks = mism >> geo.refblock_bits
-        fixed = np.zeros(len(mism), dtype=bool)
-        for b in np.unique(blocks[want]).tolist():
-            off = int(self.reftable[b]) & REFT_OFFSET_MASK if b < len(self.reftable) else 0
-            if not off or off % self.cs or off + self.cs > self.file_size or \
-                    self.refs.get(off >> self.cb) != 1:
-                continue  # not a sound refcount block: leave it to a rebuild
-            sel = want & (blocks == b)
-            vals = self._decode_blocks(np.array([off]))[0]
-            vals[mism[sel] & (geo.refblock_entries - 1)] = r_vals[sel]
-            self.storage.pwrite(encode_refblock(vals, geo.refcount_order), off, "refcount")
-            fixed |= sel
-            self.stored[mism[sel]] = r_vals[sel]
-        if fixed.any():
-            self.storage.sync()
-            self.changed = True
+        fixed = self._write_in_blocks(mism, r_vals, want)
         # qemu-img reports every mismatch again, saying which were repaired
         res.msg_many(lambda c, s, r, f: f"{'Repairing' if f else 'Leaked' if s > r else 'ERROR'} "
                      f"cluster {c} refcount={s} reference={r}", [mism, s_vals, r_vals, fixed])
@@ -1121,6 +1105,29 @@ class _Checker:
         res.leaks_fixed += int((fixed & leak).sum())
         res.corruptions_fixed += int((fixed & ~leak).sum())
         self.mismatch = (mism[~fixed], s_vals[~fixed], r_vals[~fixed])
+
+    def _write_in_blocks(self, clusters: np.ndarray, values: np.ndarray,
+                         want: np.ndarray) -> np.ndarray:
+        """Store values[i] for the wanted clusters in their existing refcount blocks
+        (sound ones only) and sync; returns which were written."""
+        geo = self.geo
+        blocks = clusters >> geo.refblock_bits
+        fixed = np.zeros(len(clusters), dtype=bool)
+        for b in np.unique(blocks[want]).tolist():
+            off = int(self.reftable[b]) & REFT_OFFSET_MASK if b < len(self.reftable) else 0
+            if not off or off % self.cs or off + self.cs > self.file_size or \
+                    self.refs.get(off >> self.cb) != 1:
+                continue  # not a sound refcount block: leave it to a rebuild
+            sel = want & (blocks == b)
+            vals = self._decode_blocks(np.array([off]))[0]
+            vals[clusters[sel] & (geo.refblock_entries - 1)] = values[sel]
+            self.storage.pwrite(encode_refblock(vals, geo.refcount_order), off, "refcount")
+            fixed |= sel
+            self.stored[clusters[sel]] = values[sel]
+        if fixed.any():
+            self.storage.sync()
+            self.changed = True
+        return fixed
 
     # -- rebuild -------------------------------------------------------------------------
     def _rebuild_and_recheck(self, snapshots: list[_Snapshot], snap_size: int) -> None:

@@ -26,7 +26,6 @@ from .format import (
     QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK,
     decode_table,
-    encode_refblock,
     encode_table,
 )
 from .owner import FIRST_NODE, META, node_of, node_refs
@@ -246,23 +245,7 @@ class OwnerChecker(_Checker):
         mism, s_vals, w_vals, fixable = self.mismatch
         leak = w_vals == 0
         want = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors))
-        geo = self.geo
-        blocks = mism >> geo.refblock_bits
-        fixed = np.zeros(len(mism), dtype=bool)
-        for b in np.unique(blocks[want]).tolist():
-            off = int(self.reftable[b]) & REFT_OFFSET_MASK if b < len(self.reftable) else 0
-            if not off or off % self.cs or off + self.cs > self.file_size or \
-                    self.refs.get(off >> self.cb) != 1:
-                continue  # not a sound refcount block
-            sel = want & (blocks == b)
-            vals = self._decode_blocks(np.array([off]))[0]
-            vals[mism[sel] & (geo.refblock_entries - 1)] = w_vals[sel]
-            self.storage.pwrite(encode_refblock(vals, geo.refcount_order), off, "refcount")
-            fixed |= sel
-            self.stored[mism[sel]] = w_vals[sel]
-        if fixed.any():
-            self.storage.sync()
-            self.changed = True
+        fixed = self._write_in_blocks(mism, w_vals, want)
         res.msg_many(lambda c, s, w, f: f"{'Repairing' if f else 'Leaked' if not w else 'ERROR'} "
                      f"cluster {c} owner={s} expected owner={w}", [mism, s_vals, w_vals, fixed])
         res.leaks -= int((fixed & leak).sum())
