@@ -171,10 +171,11 @@ class Driver:
         return len(self.content)
 
     # -- operations ------------------------------------------------------------------
-    def _data_op(self, off: int, n: int, new: bytes | None, fn: Callable[[], object]) -> None:
-        """Run an operation changing [off, off+n); new None: read the result back."""
+    def _data_op(self, off: int, n: int, new: bytes | None, fn: Callable[[], object]) -> bool:
+        """Run an operation changing [off, off+n); new None: read the result back.
+        False if it failed (tolerated)."""
         if self.tolerate and off + n > self.size:
-            return  # an earlier failure (a snapshot apply) left the disk smaller
+            return False  # an earlier failure (a snapshot apply) left the disk smaller
         old = bytes(self.content[off : off + n])
         if new is not None:
             self.pending.append((off, new))
@@ -192,7 +193,7 @@ class Driver:
             self.pending.append((off, got))
             self.content[off : off + n] = got
             self._mark()
-            return
+            return False
         if new is None:
             new = self.img.pread(n, off)
             if not old_or_new(new, old, bytes(n)):
@@ -200,10 +201,34 @@ class Driver:
             self.pending.append((off, new))
             self._mark()
         self.content[off : off + n] = new
+        return True
 
     def write(self, off: int, data: bytes) -> None:
         data = bytes(data)
         self._data_op(off, len(data), data, lambda: self.img.pwrite(data, off))
+
+    def write_fua(self, off: int, data: bytes) -> None:
+        """A write that is durable once it returns (NBD's FUA flag: `img.pwrite_fua`);
+        the rest of what is pending stays pending."""
+        data = bytes(data)
+        if self._data_op(off, len(data), data, lambda: self.img.pwrite_fua(data, off)):
+            self._durable_range(off, len(data))
+
+    def _durable_range(self, off: int, n: int) -> None:
+        """[off, off+n) reads as the model's content after any crash from now on: older
+        pending writes keep only their parts outside it."""
+        end = off + n
+        flushed = bytearray(self.flushed)
+        flushed[off:end] = self.content[off:end]
+        self.flushed = bytes(flushed)
+        clipped: list[tuple[int, bytes]] = []
+        for o, data in self.pending:
+            if o < off:
+                clipped.append((o, data[: off - o]))
+            if o + len(data) > end:
+                clipped.append((max(o, end), data[max(0, end - o):]))
+        self.pending = [(o, d) for o, d in clipped if d]
+        self._mark()
 
     def write_compressed(self, off: int, data: bytes) -> None:
         data = bytes(data)

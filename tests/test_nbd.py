@@ -603,6 +603,9 @@ class _OverNBD:
     def pwrite(self, data: bytes, off: int) -> None:
         self._h.pwrite(data, off)
 
+    def pwrite_fua(self, data: bytes, off: int) -> None:
+        self._h.pwrite(data, off, nbd.CMD_FLAG_FUA)
+
     def write_zeroes(self, off: int, n: int) -> None:
         self._h.zero(n, off)
 
@@ -633,7 +636,9 @@ def _body_over_nbd(d: crashsim.Driver, rng: random.Random) -> None:
         for i in range(24):
             off, k = crashsim._sizes(rng, d.size, 4096)
             r = rng.random()
-            if r < 0.7:
+            if r < 0.15:
+                d.write_fua(off, rng.randbytes(k))  # durable at its reply, the rest not
+            elif r < 0.7:
                 d.write(off, rng.randbytes(k))
             elif r < 0.85:
                 d.write_zeroes(off, k)
@@ -649,16 +654,17 @@ def _body_over_nbd(d: crashsim.Driver, rng: random.Random) -> None:
     assert not t.is_alive()
 
 
-def test_crash_states_through_the_server(tmp: Path) -> None:
-    """Every crash state of a workload of writes, zeroing, trims and flushes sent over
-    NBD opens, checks clean and holds everything a completed FLUSH covered."""
+def test_crash_states_through_the_server(tmp: Path, mode: str) -> None:
+    """Every crash state of a workload of writes, FUA writes, zeroing, trims and flushes
+    sent over NBD opens, checks clean and holds everything a completed FLUSH covered and
+    every FUA write acknowledged (in every refcount mode)."""
     def setup(directory: Path) -> Path:
         p = directory / "served.qcow2"
         qcow2.create(p, 4 << 20, cluster_size=4096)
         return p
 
     workload = crashsim.Workload("over-nbd", setup, _body_over_nbd)
-    run = workload.record(tmp, seed=3)
+    run = workload.record(tmp, seed=3, mode=mode)
     rep = crashsim.simulate(run, crashsim.state_budget(40), seed=3)
     assert rep.states >= min(40, run.writes) // 2 and rep.qemu_checked > 0
 
