@@ -140,7 +140,7 @@ def test_nbdinfo_json(tmp: Path) -> None:
         assert ex["export-size"] == 64 * MiB
         assert (ex["block_size_minimum"], ex["block_size_preferred"],
                 ex["block_size_maximum"]) == (1, 128 * 1024, 32 * MiB)
-        assert ex["contexts"] == ["base:allocation", "qemu:allocation-depth"]
+        assert ex["contexts"] == ["base:allocation"]  # qemu:allocation-depth with -A only
         assert ex["is_read_only"] is False
         for what in ("flush", "trim", "zero", "fua", "multi-conn", "fast-zero", "df", "cache"):
             assert nbdinfo("--can", what, uri(sock, "disk"), check=False).returncode == 0, what
@@ -164,6 +164,30 @@ def test_nbdinfo_read_only_matches_qemu_nbd(tmp: Path) -> None:
         assert _map(ours) == _map(ref)
 
 
+@pytest.mark.parametrize("args", [(), ("-A",), ("-A", "-B", "b1", "-B", "b2"), ("-B", "b1")])
+def test_contexts_listed_as_qemu_nbd_lists_them(tmp: Path, args: tuple[str, ...]) -> None:
+    """qemu:allocation-depth only with -A, bitmaps after it, in qemu-nbd's order: the same
+    lists from `nbdinfo --json` and `nbdinfo --list --json`, and the same answer to a
+    client that asks for a context the server does not offer."""
+    img = make_image(tmp / "a.qcow2")
+    qemu_img("bitmap", "--add", str(img), "b1")
+    qemu_img("bitmap", "--add", str(img), "b2")
+
+    def listing(sock: Path) -> tuple[list[str], list[list[str]], bool]:
+        one = json.loads(nbdinfo("--json", uri(sock)).stdout)["exports"][0]["contexts"]
+        every = [e["contexts"] for e in
+                 json.loads(nbdinfo("--list", "--json", uri(sock)).stdout)["exports"]]
+        h = handle(sock, contexts=("qemu:allocation-depth",))
+        depth = h.can_meta_context("qemu:allocation-depth")
+        h.shutdown()
+        return one, every, depth
+
+    with server(img, "-t", "-r", *args) as ours, qemu_nbd(img, "-r", *args) as ref:
+        got, want = listing(ours), listing(ref)
+    assert got == want
+    assert ("qemu:allocation-depth" in got[0]) == ("-A" in args)
+
+
 def test_map_matches_qemu_nbd_and_our_map(tmp: Path) -> None:
     """base:allocation and qemu:allocation-depth across a backing chain, extended L2 too."""
     base = make_image(tmp / "base.qcow2", 32 * MiB)
@@ -172,7 +196,7 @@ def test_map_matches_qemu_nbd_and_our_map(tmp: Path) -> None:
              str(top))
     qemu_io(top, "write -P 5 512k 8k", "write -z 10M 32k", "discard 4M 64k",
             "write -P 9 30M 3k")
-    with server(top, "-r", "-t") as ours, qemu_nbd(top, "-r", "-A") as ref:
+    with server(top, "-r", "-t", "-A") as ours, qemu_nbd(top, "-r", "-A") as ref:
         for ctx in ("base:allocation", "qemu:allocation-depth"):
             assert _merged(_map(ours, ctx)) == _merged(_map(ref, ctx)), ctx
         ours_map = _merged(_map(ours))
@@ -300,7 +324,7 @@ def test_bad_requests_answered_as_qemu_nbd_does(tmp: Path) -> None:
 
 def test_structured_read_chunks_and_block_status(tmp: Path) -> None:
     img = make_image(tmp / "a.qcow2")
-    with server(img, "-t") as sock:
+    with server(img, "-t", "-A") as sock:
         h = handle(sock, contexts=("base:allocation", "qemu:allocation-depth"))
         chunks: list[tuple[int, int, int]] = []
 

@@ -1,7 +1,8 @@
 """An NBD server on asyncio: qcow2 images, their snapshots and raw files as NBD exports.
 
 Protocol: fixed newstyle handshake (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY,
-LIST/SET_META_CONTEXT with base:allocation and qemu:allocation-depth; STARTTLS and unknown
+LIST/SET_META_CONTEXT with base:allocation, qemu:allocation-depth (-A) and
+qemu:dirty-bitmap:NAME (-B); STARTTLS and unknown
 options are refused), then READ (structured replies with hole chunks), WRITE (+FUA), FLUSH,
 TRIM, WRITE_ZEROES (+NO_HOLE, +FAST_ZERO), BLOCK_STATUS, CACHE and DISC, with plain replies
 for clients that do not ask for structured ones.
@@ -125,7 +126,6 @@ STATE_ZERO = 2
 
 CONTEXT_ALLOCATION = "base:allocation"
 CONTEXT_DEPTH = "qemu:allocation-depth"
-_CONTEXT_IDS = {CONTEXT_ALLOCATION: 1, CONTEXT_DEPTH: 2}
 
 # the errno values the protocol knows (others are sent as EIO)
 _NBD_ERRNOS = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
@@ -243,7 +243,7 @@ class Export:
 
     def __init__(self, image: Any, name: str = "", description: str = "",
                  readonly: bool | None = None, close_image: bool = False,
-                 bitmaps: Sequence[str] = ()) -> None:
+                 bitmaps: Sequence[str] = (), allocation_depth: bool = False) -> None:
         if len(name.encode()) > MAX_STRING or len(description.encode()) > MAX_STRING:
             raise InvalidArgumentError("Export name or description is too long")
         self.image = image
@@ -255,8 +255,11 @@ class Export:
         self.size = image.size if self.raw else guest_size(image)
         self.close_image = close_image
         self._logged: set[int] = set()
-        # meta contexts: the fixed ones, then qemu:dirty-bitmap:NAME for each bitmap
-        self.context_ids = dict(_CONTEXT_IDS)
+        # meta contexts in qemu-nbd's order: base:allocation, qemu:allocation-depth only
+        # when asked for (qemu-nbd -A), then qemu:dirty-bitmap:NAME for each bitmap
+        self.context_ids = {CONTEXT_ALLOCATION: 1}
+        if allocation_depth:
+            self.context_ids[CONTEXT_DEPTH] = 2
         self.bitmap_views: dict[str, Any] = {}
         if bitmaps:
             from .dirtybitmaps import BitmapView
@@ -375,9 +378,10 @@ def _merge(descs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
                 snapshot: str | None = None, name: str = "", description: str = "",
-                bitmaps: Sequence[str] = ()) -> Export:
+                bitmaps: Sequence[str] = (), allocation_depth: bool = False) -> Export:
     """Open a file as an export the server closes when it stops. snapshot
-    ("snapshot.name=X", "snapshot.id=N" or an id or name) makes it read-only."""
+    ("snapshot.name=X", "snapshot.id=N" or an id or name) makes it read-only;
+    allocation_depth also offers the qemu:allocation-depth context (qemu-nbd -A)."""
     from . import open as qopen
     from .convert import _snapshot_view
 
@@ -389,7 +393,8 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
             raise InvalidArgumentError("Failed to load snapshot: raw images have no snapshots")
         if bitmaps:
             raise InvalidArgumentError(f"Bitmap '{bitmaps[0]}' is not found")
-        return Export(RawImage(path, not readonly), name, description, readonly, True)
+        return Export(RawImage(path, not readonly), name, description, readonly, True,
+                      allocation_depth=allocation_depth)
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
     if snapshot is not None:
@@ -400,7 +405,7 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
             img.close()
             raise
         try:
-            exp = Export(view, name, description, True, False, bitmaps)
+            exp = Export(view, name, description, True, False, bitmaps, allocation_depth)
         except BaseException:
             img.close()
             raise
@@ -408,7 +413,7 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
         return exp
     img = qopen(path, "r" if readonly else "r+")
     try:
-        return Export(img, name, description, readonly, True, bitmaps)
+        return Export(img, name, description, readonly, True, bitmaps, allocation_depth)
     except BaseException:
         img.close()
         raise
@@ -975,6 +980,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("-f", "--format", choices=("qcow2", "raw"))
     p.add_argument("--fork", action="store_true", help="serve in the background once listening")
     p.add_argument("-v", "--verbose", action="store_true", help="log each connection")
+    p.add_argument("-A", "--allocation-depth", action="store_true",
+                   help="also export the qemu:allocation-depth meta context")
     p.add_argument("-B", "--bitmap", action="append", default=[], metavar="NAME",
                    help="also export bitmap NAME as meta context qemu:dirty-bitmap:NAME")
     p.set_defaults(func=_cmd)
@@ -993,7 +1000,8 @@ def _cmd(args: Any) -> int:
     exp = open_export(args.filename, fmt=args.format,
                       readonly=args.read_only or args.load_snapshot is not None,
                       snapshot=args.load_snapshot, name=args.export_name,
-                      description=args.description, bitmaps=args.bitmap)
+                      description=args.description, bitmaps=args.bitmap,
+                      allocation_depth=args.allocation_depth)
     try:
         if sock is None:
             sock = (listen_unix(args.socket) if args.socket else
