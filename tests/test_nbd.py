@@ -569,6 +569,51 @@ def test_io_error_reaches_client_as_eio(tmp: Path, caplog: pytest.LogCaptureFixt
     assert len(logged) == 2 and "(EIO)" in logged[0] and "(ENOSPC)" in logged[1], logged
 
 
+def test_flush_does_not_stall_other_connections(tmp: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a FLUSH's fdatasync is held up, another connection reads the same export
+    (what the first one wrote too) and a new client connects: the sync runs off the event
+    loop. Ordering, not timing: were the sync on the loop, those requests would wait for
+    the hold to time out and the test would see it."""
+    img_path = make_image(tmp / "a.qcow2")
+    started, release = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+    real = qnbd._early_sync
+
+    def held_sync(fd: int) -> None:
+        started.set()
+        timed_out.append(not release.wait(timeout=20))
+        real(fd)
+
+    monkeypatch.setattr(qnbd, "_early_sync", held_sync)
+    sock = tmp / "f.sock"
+    listener = qnbd.listen_unix(str(sock))
+    t = threading.Thread(target=qnbd.serve, args=(qnbd.open_export(str(img_path)),),
+                         kwargs={"sock": listener, "socket_path": str(sock), "shared": 0,
+                                 "handle_signals": False})
+    t.start()
+    try:
+        a, b = handle(sock), handle(sock)
+        a.pwrite(b"w" * 65536, 30 * MiB)
+        cookie = a.aio_flush()
+        assert started.wait(timeout=30)
+        assert b.pread(65536, 30 * MiB) == b"w" * 65536
+        assert b.pread(16, 0) == b"\xab" * 16
+        assert nbdinfo("--size", uri(sock)).stdout.strip() == str(64 * MiB)
+        assert not release.is_set() and not timed_out  # all that while the sync was held
+        release.set()
+        while not a.aio_command_completed(cookie):
+            a.poll(-1)
+        a.shutdown()
+        b.shutdown()
+    finally:
+        release.set()
+        t.join(timeout=30)
+    assert not t.is_alive() and timed_out == [False]
+    assert_clean(img_path)
+    assert raw_bytes(img_path, tmp)[30 * MiB:30 * MiB + 65536] == b"w" * 65536
+
+
 # ------------------------------------------------------------------ load --
 def test_load_several_clients_then_check(tmp: Path) -> None:
     """4 clients x ~2 s of pipelined random reads and writes in their own quarter of the

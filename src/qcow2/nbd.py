@@ -7,10 +7,15 @@ options are refused), then READ (structured replies with hole chunks), WRITE (+F
 TRIM, WRITE_ZEROES (+NO_HOLE, +FAST_ZERO), BLOCK_STATUS, CACHE and DISC, with plain replies
 for clients that do not ask for structured ones.
 
-Threading: every image call runs on the event loop's thread, synchronously, between two
-awaits. The image object is not thread-safe and this keeps its use trivially serial; a
-request can only be cancelled (server shutdown, client gone) at an await, never half way
-through an image operation. All connections share one image object, so a FLUSH on one
+Threading: the image object is not thread-safe, so one thread at a time uses it, under
+an asyncio lock per image object. Reads, writes, zeroing, trims and block status run on
+the event loop's thread, synchronously, while they hold the lock (no await in between,
+so a request can only be cancelled at an await, never half way through an image
+operation). A flush (FLUSH, or a FUA request) does not block the loop: first one
+fdatasync of the image file runs in a worker thread without the lock (the bulk of the
+dirty pages reaches the disk while the image goes on serving every connection), then
+Image.flush() runs in a worker thread holding the lock (its ordered syncs now have
+little left to write). All connections share one image object, so a FLUSH on one
 connection covers writes acknowledged on every other: multi-conn is advertised.
 
 Memory per client is bounded: a request carries at most MAX_BLOCK bytes (larger writes are
@@ -601,6 +606,7 @@ class _Client:
     # ---------------------------------------------------------------- transmission --
     async def transmission(self, exp: Export) -> None:
         reader, writer = self.reader, self.writer
+        lock = self.server.lock_for(exp)
         while True:
             magic, flags, cmd, cookie, offset, length = _REQ.unpack(await reader.readexactly(28))
             if magic != REQUEST_MAGIC:
@@ -617,11 +623,14 @@ class _Client:
             try:
                 self._check(exp, cmd, flags, offset, length)
                 if cmd == CMD_READ:
-                    await self._read(exp, cookie, flags, offset, length)
+                    await self._read(exp, lock, cookie, flags, offset, length)
                 elif cmd == CMD_BLOCK_STATUS:
-                    await self._block_status(exp, cookie, flags, offset, length)
+                    await self._block_status(exp, lock, cookie, flags, offset, length)
                 else:
-                    self._command(exp, cmd, flags, offset, length, payload)
+                    async with lock:
+                        flush = self._command(exp, cmd, flags, offset, length, payload)
+                    if flush:
+                        await self.server.flush(exp)
                     await self._simple(cookie, 0)
             except ConnectionError:
                 raise
@@ -659,15 +668,16 @@ class _Client:
             raise NBDError(errno.EINVAL, "request beyond the end of the export")
 
     def _command(self, exp: Export, cmd: int, flags: int, offset: int, length: int,
-                 payload: bytes | None) -> None:
+                 payload: bytes | None) -> bool:
+        """The request's image calls (with the image's lock held); True: a flush must
+        follow before the reply (FLUSH, FUA)."""
         img = exp.image
         if cmd == CMD_WRITE:
             assert payload is not None
             if length:
                 img.pwrite(payload, offset)
         elif cmd == CMD_FLUSH:
-            img.flush()
-            return
+            return True
         elif cmd == CMD_TRIM:
             if length:
                 img.discard(offset, length)
@@ -676,9 +686,8 @@ class _Client:
                 exp.zeroes(offset, length, not flags & CMD_FLAG_NO_HOLE,
                            bool(flags & CMD_FLAG_FAST_ZERO))
         elif cmd == CMD_CACHE:
-            return
-        if flags & CMD_FLAG_FUA:
-            img.flush()
+            return False
+        return bool(flags & CMD_FLAG_FUA)
 
     async def _simple(self, cookie: int, err: int, data: bytes = b"") -> None:
         self.writer.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie) + data)
@@ -689,17 +698,20 @@ class _Client:
         self.writer.write(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_FLAG_DONE, CHUNK_ERROR,
                                       cookie, len(body)) + body)
 
-    async def _read(self, exp: Export, cookie: int, flags: int, offset: int, length: int) -> None:
+    async def _read(self, exp: Export, lock: asyncio.Lock, cookie: int, flags: int, offset: int,
+                    length: int) -> None:
         w = self.writer
         if not self.structured:
-            data = exp.image.pread(length, offset)
+            async with lock:
+                data = exp.image.pread(length, offset)
             if length <= 65536:
                 w.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + data)
             else:
                 w.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
                 w.write(data)
             return
-        chunks = exp.read_chunks(offset, length, holes=not flags & CMD_FLAG_DF)
+        async with lock:  # released before the replies go out: a slow reader holds nothing
+            chunks = exp.read_chunks(offset, length, holes=not flags & CMD_FLAG_DF)
         last = len(chunks) - 1
         for i, (start, piece) in enumerate(chunks):
             done = CHUNK_FLAG_DONE if i == last else 0
@@ -717,15 +729,18 @@ class _Client:
             if i != last:
                 await w.drain()
 
-    async def _block_status(self, exp: Export, cookie: int, flags: int, offset: int,
-                            length: int) -> None:
-        alloc, depth = exp.extents(offset, length)
-        chosen = {CONTEXT_ALLOCATION: alloc, CONTEXT_DEPTH: depth}
+    async def _block_status(self, exp: Export, lock: asyncio.Lock, cookie: int, flags: int,
+                            offset: int, length: int) -> None:
+        async with lock:
+            alloc, depth = exp.extents(offset, length)
+            chosen = {CONTEXT_ALLOCATION: alloc, CONTEXT_DEPTH: depth}
+            for ctx in self.contexts:
+                view = exp.bitmap_views.get(ctx)
+                if view is not None:
+                    chosen[ctx] = _merge(view.extents(offset, length))[:MAX_EXTENTS]
         last = len(self.contexts) - 1
         for i, ctx in enumerate(self.contexts):
-            view = exp.bitmap_views.get(ctx)
-            descs = chosen[ctx] if view is None else \
-                _merge(view.extents(offset, length))[:MAX_EXTENTS]
+            descs = chosen[ctx]
             if flags & CMD_FLAG_REQ_ONE:
                 descs = descs[:1]
             body = struct.pack(">I", exp.context_ids[ctx]) + b"".join(
@@ -759,6 +774,25 @@ class NBDServer:
         self._slots: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def lock_for(self, exp: Export) -> asyncio.Lock:
+        """The lock of the image object behind exp (a snapshot view shares its image's)."""
+        img = getattr(exp.image, "_img", exp.image)
+        lock = self._locks.get(id(img))
+        if lock is None:
+            lock = self._locks[id(img)] = asyncio.Lock()
+        return lock
+
+    async def flush(self, exp: Export) -> None:
+        """Make every write to exp's image acknowledged so far durable, off the loop."""
+        fd = _file_fd(exp.image)
+        if fd is not None:
+            # without the lock: the other requests go on meanwhile. Its error is the
+            # flush's (the kernel reports a failed writeback to one sync only)
+            await _in_thread(_early_sync, fd)
+        async with self.lock_for(exp):
+            await _in_thread(exp.image.flush)
 
     def find(self, name: str) -> Export | None:
         for e in self.exports:
@@ -844,6 +878,34 @@ class NBDServer:
                 first = first or exc
         if first is not None:
             raise first
+
+
+_early_sync = os.fdatasync  # (a name of its own, for the test that holds it up)
+
+
+async def _in_thread(fn: Callable[..., object], *args: Any) -> None:
+    """fn(*args) in a worker thread. If the awaiting task is cancelled, the call is still
+    waited for: nothing may touch the image (or close it) while the thread uses it."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({fut})
+        raise
+
+
+def _file_fd(image: Any) -> int | None:
+    """The descriptor of a writable image's own host file (None for other backends:
+    memory, recording or fault-injecting ones get only the image's own syncs)."""
+    from .storage import FileBackend
+
+    st = getattr(image, "storage", None)
+    be = getattr(st, "backend", None)
+    if not getattr(image, "writable", False) or type(be) is not FileBackend:
+        return None
+    return be.fd
 
 
 # ------------------------------------------------------------------ listening sockets --
