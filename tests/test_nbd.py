@@ -401,6 +401,50 @@ def test_raw_export(tmp: Path) -> None:
     assert data[:MiB + 4096] == bytes(MiB + 4096) and data[MiB + 4096:] == b"\x11" * (MiB - 4096)
 
 
+def test_several_exports_from_the_library(tmp: Path) -> None:
+    """The library serves several exports at once (the CLI, as qemu-nbd, serves one): an
+    image read-write, a snapshot of the same image object read-only and a raw file, each
+    listed by `nbdinfo --list` with its description, size and read-only flag, each read
+    by qemu-img as qemu-img reads the file itself."""
+    p = make_image(tmp / "a.qcow2")
+    qemu_img("snapshot", "-c", "base", str(p))
+    qemu_io(p, "write -P 0x33 0 64k")
+    raw = tmp / "r.raw"
+    raw.write_bytes(b"\x44" * MiB)
+    want = {"disk": raw_bytes(p, tmp), "base": raw_bytes(p, tmp, "base"),
+            "raw": raw.read_bytes()}
+    img = qcow2.open(p, "r+")
+    exports = [qnbd.Export(img, "disk", "the disk", close_image=True),
+               qnbd.Export(img.snapshot("base"), "base", "before the upgrade"),
+               qnbd.open_export(str(raw), fmt="raw", name="raw", readonly=True)]
+    sock = tmp / "m.sock"
+    listener = qnbd.listen_unix(str(sock))
+    t = threading.Thread(target=qnbd.serve, args=(exports,),
+                         kwargs={"sock": listener, "socket_path": str(sock), "shared": 0,
+                                 "handle_signals": False})
+    t.start()  # not persistent: it stops when h, connected throughout, leaves
+    try:
+        h = handle(sock, "disk")
+        listing = json.loads(nbdinfo("--list", "--json", uri(sock)).stdout)["exports"]
+        assert [(e["export-name"], e.get("description"), e["export-size"], e["is_read_only"])
+                for e in listing] == [("disk", "the disk", 64 * MiB, False),
+                                      ("base", "before the upgrade", 64 * MiB, True),
+                                      ("raw", None, MiB, True)]
+        for name, data in want.items():
+            out = tmp / f"got-{name}.raw"
+            qemu_img("convert", "-f", "raw", "-O", "raw", uri(sock, name), str(out))
+            assert out.read_bytes() == data, name
+        h.pwrite(b"\x55" * 4096, 0)  # the active disk changes, its snapshot does not
+        h.flush()
+        assert handle(sock, "base").pread(4096, 0) == want["base"][:4096]
+        h.shutdown()
+    finally:
+        t.join(timeout=30)
+    assert not t.is_alive() and not sock.exists()
+    assert_clean(p)
+    assert raw_bytes(p, tmp)[:4096] == b"\x55" * 4096
+
+
 # ------------------------------------------------------------------ handshake, raw bytes --
 def _opt(s: socket.socket, opt: int, data: bytes = b"") -> tuple[int, bytes]:
     s.sendall(struct.pack(">QII", qnbd.IHAVEOPT, opt, len(data)) + data)
