@@ -424,10 +424,174 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
         raise
 
 
+# ------------------------------------------------------------------ the socket --
+class _Conn(asyncio.BufferedProtocol):
+    """One client's socket: the reader and the writer the connection code uses.
+
+    asyncio's streams receive into a fresh bytes object per recv (256 KiB at most), add it
+    to a buffer and copy requests out of that: three copies of every byte written, and
+    allocations big enough to fault in fresh pages each time. Here the transport receives
+    (recv_into) into one fixed buffer for requests and options, and a WRITE's payload
+    straight into the client's payload buffer, which is reused from request to request.
+    Memory per client: BUFFER bytes, the largest payload it sent (at most MAX_BLOCK) and
+    what the transport holds of replies it has not read yet (drain waits then)."""
+
+    BUFFER = 1 << 18
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray(self.BUFFER)
+        self._start = self._end = 0  # unread: _buf[_start:_end]
+        self._target: memoryview | None = None  # a payload being received in place
+        self._payload = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drainers: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- protocol side --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._task = asyncio.get_running_loop().create_task(self.server._accept(self, self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target
+        if self._start:  # unread bytes to the front: the room is at the end
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        return memoryview(self._buf)[self._end:]  # never empty: full means paused
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._target = self._target[nbytes:]
+            if len(self._target):
+                return
+            self._target = None
+        else:
+            self._end += nbytes
+            if self._end == len(self._buf) and self._start == 0:
+                self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        for f in self._drainers:
+            if not f.done():
+                f.set_exception(ConnectionResetError("Connection lost"))
+        self._drainers.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        for f in self._drainers:
+            if not f.done():
+                f.set_result(None)
+        self._drainers.clear()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _pause(self) -> None:
+        assert self.transport is not None
+        if not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        assert self.transport is not None
+        if self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    async def _wait(self, want: int) -> None:
+        if self._eof:
+            raise asyncio.IncompleteReadError(b"", want)
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # ---------------------------------------------------------------- reader side --
+    async def readexactly(self, n: int) -> bytes:
+        if n > len(self._buf):
+            buf = bytearray(n)
+            await self.readinto(memoryview(buf))
+            return bytes(buf)
+        while self._end - self._start < n:
+            self._resume()
+            await self._wait(n)
+        data = bytes(self._buf[self._start:self._start + n])
+        self._start += n
+        return data
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill view: first from what is buffered, then straight from the socket."""
+        k = min(len(view), self._end - self._start)
+        if k:
+            view[:k] = self._buf[self._start:self._start + k]
+            self._start += k
+        if k == len(view):
+            return
+        self._target = view[k:]
+        self._resume()
+        try:
+            while self._target is not None:
+                await self._wait(len(view))
+        finally:
+            self._target = None
+
+    async def read_payload(self, n: int) -> memoryview:
+        """A WRITE's payload, in the client's reused buffer: valid until the next one."""
+        if len(self._payload) < n:
+            self._payload = bytearray(n)
+        view = memoryview(self._payload)[:n]
+        await self.readinto(view)
+        return view
+
+    # ---------------------------------------------------------------- writer side --
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed.done():
+            raise ConnectionResetError("Connection lost")
+        if self._paused_writing:
+            f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drainers.append(f)
+            await f
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+
 # ------------------------------------------------------------------ connections --
 class _Client:
-    def __init__(self, server: NBDServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: NBDServer, reader: _Conn, writer: _Conn) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -462,7 +626,7 @@ class _Client:
 
     async def _drain_payload(self, length: int) -> None:
         while length:
-            got = await self.reader.readexactly(min(length, 1 << 20))
+            got = await self.reader.readexactly(min(length, _Conn.BUFFER))
             length -= len(got)
 
     async def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
@@ -611,13 +775,15 @@ class _Client:
             magic, flags, cmd, cookie, offset, length = _REQ.unpack(await reader.readexactly(28))
             if magic != REQUEST_MAGIC:
                 raise _Disconnect("bad request magic")
-            payload: bytes | None = None
+            payload: bytes | memoryview | None = None
             if cmd == CMD_WRITE:
                 if length > MAX_BLOCK:
                     await self._drain_payload(length)
                     await self._simple(cookie, errno.EINVAL)
                     continue
-                payload = await reader.readexactly(length)
+                payload = await reader.read_payload(length)
+                if length <= 65536:
+                    payload = bytes(payload)  # (the image's fast path for small writes)
             if cmd == CMD_DISC:
                 raise _Disconnect("client disconnected")
             try:
@@ -668,7 +834,7 @@ class _Client:
             raise NBDError(errno.EINVAL, "request beyond the end of the export")
 
     def _command(self, exp: Export, cmd: int, flags: int, offset: int, length: int,
-                 payload: bytes | None) -> bool:
+                 payload: bytes | memoryview | None) -> bool:
         """The request's image calls (with the image's lock held); True: a flush must
         follow before the reply (FLUSH, FUA)."""
         img = exp.image
@@ -804,11 +970,11 @@ class NBDServer:
         """Start accepting on a bound, listening socket."""
         self._slots = asyncio.Semaphore(self.shared) if self.shared > 0 else None
         self._done = asyncio.Event()
+        loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock,
-                                                           limit=1 << 20)
+            self._server = await loop.create_unix_server(lambda: _Conn(self), sock=sock)
         else:
-            self._server = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20)
+            self._server = await loop.create_server(lambda: _Conn(self), sock=sock)
 
     async def wait(self) -> None:
         assert self._done is not None
@@ -824,7 +990,7 @@ class NBDServer:
         if not self._clients and self._done is not None:
             self._done.set()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: _Conn, writer: _Conn) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
@@ -854,8 +1020,7 @@ class NBDServer:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
-    async def _serve_client(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+    async def _serve_client(self, reader: _Conn, writer: _Conn) -> None:
         client = _Client(self, reader, writer)
         try:
             exp = await client.handshake()
