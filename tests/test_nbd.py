@@ -525,6 +525,39 @@ def test_handshake_options_and_garbage(tmp: Path) -> None:
     assert_clean(img)
 
 
+def test_pipelined_requests_in_one_send(tmp: Path) -> None:
+    """Requests and payloads that arrive together in one send (headers, a 300 KiB and a
+    small payload, a flush, a read of both, then a request cut in the middle): each gets
+    its reply in order, the data lands where it belongs, and the cut request only ends
+    this connection."""
+    img = make_image(tmp / "a.qcow2")
+    big, small = random.Random(5).randbytes(300 * 1024), b"s" * 777
+
+    def req(cmd: int, cookie: int, off: int, n: int) -> bytes:
+        return struct.pack(">IHHQQI", qnbd.REQUEST_MAGIC, 0, cmd, cookie, off, n)
+
+    with server(img, "-t", name="d") as sock:
+        s = _connect(sock)
+        s.sendall(struct.pack(">QII", qnbd.IHAVEOPT, qnbd.OPT_EXPORT_NAME, 1) + b"d")
+        _recv(s, 10)
+        s.sendall(req(qnbd.CMD_WRITE, 1, 3 * MiB + 5, len(big)) + big
+                  + req(qnbd.CMD_WRITE, 2, 7, len(small)) + small
+                  + req(qnbd.CMD_FLUSH, 3, 0, 0)
+                  + req(qnbd.CMD_READ, 4, 3 * MiB + 5, len(big))
+                  + req(qnbd.CMD_READ, 5, 0, 1000))
+        for cookie in (1, 2, 3):
+            assert struct.unpack(">IIQ", _recv(s, 16)) == (qnbd.SIMPLE_REPLY_MAGIC, 0, cookie)
+        assert struct.unpack(">IIQ", _recv(s, 16)) == (qnbd.SIMPLE_REPLY_MAGIC, 0, 4)
+        assert _recv(s, len(big)) == big
+        assert struct.unpack(">IIQ", _recv(s, 16)) == (qnbd.SIMPLE_REPLY_MAGIC, 0, 5)
+        assert _recv(s, 1000) == b"\xab" * 7 + small + b"\xab" * (1000 - 7 - len(small))
+        s.sendall(req(qnbd.CMD_WRITE, 6, 0, 65536) + b"x" * 1000)
+        s.close()
+        assert handle(sock, "d").pread(8, 0) == b"\xab" * 7 + b"s"  # the cut write: none
+    assert_clean(img)
+    assert raw_bytes(img, tmp)[3 * MiB + 5:3 * MiB + 5 + len(big)] == big
+
+
 def test_shutdown_signals_pid_file_and_non_persistent(tmp: Path) -> None:
     img = make_image(tmp / "a.qcow2")
     pid = tmp / "pid"
