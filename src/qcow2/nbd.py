@@ -144,6 +144,7 @@ MAX_OPTION = 64 << 10  # largest option payload kept in memory
 MAX_STRING = 4096  # export names, descriptions, context names (NBD_MAX_STRING_SIZE)
 MAX_EXTENTS = 1 << 16  # descriptors in one block status reply
 DEFAULT_PORT = 10809
+SNDBUF = 4 << 20  # socket send buffer asked for each client
 
 _REQ = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -457,6 +458,13 @@ class _Conn(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # room in the kernel for a whole large read reply: one send() instead of a
+            # partial one and the rest copied, queued and sent piecewise by the loop
+            # (capped by net.core.wmem_max; kernel memory, not the process's)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self._task = asyncio.get_running_loop().create_task(self.server._accept(self, self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
