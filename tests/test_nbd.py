@@ -148,8 +148,10 @@ def test_nbdinfo_json(tmp: Path) -> None:
         listing = json.loads(nbdinfo("--list", "--json", uri(sock)).stdout)
         assert [(e["export-name"], e.get("description")) for e in listing["exports"]] == \
             [("disk", "my disk")]
-        # an unknown export is refused; the server keeps serving
+        # an unknown export is refused, "" too when the export has a name (as
+        # qemu-nbd: "" is not a shortcut to the first export); the server keeps serving
         assert nbdinfo(uri(sock, "nope"), check=False).returncode != 0
+        assert "No such file" in nbdinfo(uri(sock, ""), check=False).stderr
         assert nbdinfo("--size", uri(sock, "disk")).stdout.strip() == str(64 * MiB)
 
 

@@ -969,10 +969,9 @@ class NBDServer:
             await _in_thread(exp.image.flush)
 
     def find(self, name: str) -> Export | None:
-        for e in self.exports:
-            if e.name == name:
-                return e
-        return self.exports[0] if name == "" else None  # "" names the default export
+        # exact names only: as qemu-nbd, "" is the default export only when an export
+        # is named "" (no -x), not a shortcut to the first one
+        return next((e for e in self.exports if e.name == name), None)
 
     async def start(self, sock: socket.socket) -> None:
         """Start accepting on a bound, listening socket."""
