@@ -28,7 +28,6 @@ are preserved as they are, as QEMU does, and never used.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -62,8 +61,8 @@ from .errors import (
     Qcow2Error,
     UnsupportedFeatureError,
 )
-from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_END
-from .header import read_layout
+from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from .header import set_extension
 
 # QEMU's limit on a bitmap's size in memory (BME_MAX_PHYS_SIZE)
 MAX_PHYS_SIZE = 0x20000000
@@ -514,89 +513,19 @@ def _clear_from(bits: np.ndarray, g: int) -> bool:
     return had
 
 
-def _find_extension(raw: bytes, start: int, end: int, etype: int) -> tuple[int, int]:
-    """(position of the extension etype or -1, position of the end marker) in cluster 0."""
-    pos, found = start, -1
-    while pos + 8 <= end:
-        t, length = struct.unpack_from(">II", raw, pos)
-        if t == EXT_END:
-            return found, pos
-        if t == etype:
-            found = pos
-        pos += 8 + ((length + 7) & ~7)
-    raise FormatError("Header extensions run past their area")
-
-
-def _ext_area(img: Any) -> tuple[bytearray, int, int]:
-    h = img.header
-    cs = img.cluster_size
-    raw = bytearray(img.storage.pread(cs, 0))
-    end = h.backing_file_offset if h.backing_file_offset else cs
-    return raw, h.header_length, end
-
-
-def _reload(img: Any) -> None:
-    img.layout = read_layout(img.storage)
-    img.header = img.layout.header
-
-
 def _put_extension(img: Any, ext: BitmapsExtension) -> None:
-    """Point the bitmaps extension at a new directory and set the auto-clear bit. An
-    existing extension is rewritten in place (one sector write where its 24 bytes lie in
-    one sector; else with the auto-clear bit cleared meanwhile); a new one
-    goes where the end marker is, after the dead bytes behind it are zeroed and synced
-    (a torn write leaves the end marker or the whole extension), before the bit."""
-    st = img.storage
-    raw, start, end = _ext_area(img)
-    pos, end_pos = _find_extension(raw, start, end, EXT_BITMAPS)
-    payload = ext.pack()
-    if pos >= 0:
-        at = pos + 8
-        split = at // 512 != (at + len(payload) - 1) // 512
-        if split and img.header.autoclear_features & AUTOCLEAR_BITMAPS:
-            # a torn write could mix old and new fields: with the bit clear meanwhile, a
-            # crash leaves the bitmaps ignored (leaked clusters), never misread
-            img._update_header(
-                autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
-        st.pwrite(payload, at, "header")
-        st.sync()
-    else:
-        need = end_pos + 8 + len(payload) + 8
-        if need > end:
-            raise UnsupportedFeatureError(
-                "No room in the first cluster for the bitmaps header extension")
-        st.pwrite(bytes(need - end_pos - 8), end_pos + 8, "header")
-        st.sync()
-        st.pwrite(struct.pack(">II", EXT_BITMAPS, len(payload)) + payload + bytes(8),
-                  end_pos, "header")
-        st.sync()
-    _reload(img)
-    if not img.header.autoclear_features & AUTOCLEAR_BITMAPS:
-        img._update_header(autoclear_features=img.header.autoclear_features | AUTOCLEAR_BITMAPS)
-    _reload(img)
+    """Point the bitmaps extension at a new directory (in its place, or added after
+    the others) with the auto-clear bit set, in one crash-safe switch of cluster 0
+    (header.set_extension)."""
+    set_extension(img, EXT_BITMAPS, ext.pack(),
+                  autoclear_features=img.header.autoclear_features | AUTOCLEAR_BITMAPS)
 
 
 def _remove_extension(img: Any) -> None:
-    """No bitmaps left: the auto-clear bit goes first (the extension is then ignored),
-    then the extension (replaced by the end marker when it is the last one, else the
-    extension area is rewritten without it)."""
-    if img.header.autoclear_features & AUTOCLEAR_BITMAPS:
-        img._update_header(autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
-    raw, start, end = _ext_area(img)
-    pos, end_pos = _find_extension(raw, start, end, EXT_BITMAPS)
-    if pos < 0:
-        return
-    length = struct.unpack_from(">I", raw, pos + 4)[0]
-    if pos + 8 + ((length + 7) & ~7) == end_pos:
-        img.storage.pwrite(bytes(8), pos, "header")
-    else:
-        from .header import pack_cluster0
-
-        data = pack_cluster0(replace(img.layout, bitmaps_ext=None), img.cluster_size,
-                             feature_table=bool(img.layout.feature_table))
-        img.storage.pwrite(data, 0, "header")
-    img.storage.sync()
-    _reload(img)
+    """No bitmaps left: the extension and the auto-clear bit go together (one
+    crash-safe switch; the extensions after it move up)."""
+    set_extension(img, EXT_BITMAPS, None,
+                  autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
 
 
 # ------------------------------------------------------------------ image glue --

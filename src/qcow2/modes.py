@@ -8,7 +8,6 @@ a standard image has neither and is plain qcow2.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +15,6 @@ import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, UnsupportedFeatureError
 from .format import (
-    EXT_END,
     EXT_REFCOUNT_MODE,
     INCOMPAT_REFCOUNT_MODES,
     REFCOUNT_MODE_BITS,
@@ -24,7 +22,7 @@ from .format import (
     Header,
     RefcountModeExt,
 )
-from .header import pack_cluster0, read_layout
+from .header import pack_cluster0, read_layout, set_extension
 from .lazycount import LazyCountRefcounts
 from .owner import OwnerRefcounts
 from .refcount import StandardRefcounts
@@ -147,47 +145,6 @@ def _put_extension(img: Any, new_mode: str, fresh: bool) -> None:
 
 
 def _append_extension(img: Any, ext: RefcountModeExt) -> None:
-    """Put the refcount-mode extension into cluster 0 so that a torn write (any subset
-    of its sectors) leaves a header that parses as before: nothing before the end
-    marker moves. An existing one is rewritten in place (its mode id is one aligned
-    word). Otherwise it goes where the end marker is, after the bytes behind the marker
-    (dead) are zeroed and synced, so a sector that did not make it reads as the end
-    marker again; a backing file name in the way is first copied to the end of the
-    cluster and the header pointed at the copy."""
-    st = img.storage
-    cs = img.geo.cluster_size
-    h = img.header
-    raw = bytearray(st.pread(cs, 0))
-    pos = h.header_length
-    mine = -1
-    while True:
-        etype, length = struct.unpack_from(">II", raw, pos)
-        if etype == EXT_END:
-            break
-        if etype == EXT_REFCOUNT_MODE:
-            mine = pos
-        pos += 8 + ((length + 7) & ~7)
-    blob = struct.pack(">II", EXT_REFCOUNT_MODE, len(ext.pack())) + ext.pack()
-    if mine >= 0:
-        st.pwrite(ext.pack(), mine + 8, "header")
-        st.sync()
-    else:
-        need_end = pos + len(blob) + 8
-        if need_end > cs:
-            raise UnsupportedFeatureError(
-                "No room in the first cluster for the refcount mode header extension")
-        if h.backing_file_offset and h.backing_file_offset < need_end:
-            name = bytes(raw[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
-            far = (cs - len(name)) & ~7
-            if far < need_end or far < h.backing_file_offset + len(name):
-                raise UnsupportedFeatureError(
-                    "No room in the first cluster for the refcount mode header extension")
-            st.pwrite(name, far, "header")
-            st.sync()
-            img._update_header(backing_file_offset=far)
-        st.pwrite(bytes(need_end - pos - 8), pos + 8, "header")
-        st.sync()
-        st.pwrite(blob + bytes(8), pos, "header")
-        st.sync()
-    img.layout = read_layout(st)
-    img.header = img.layout.header
+    """The refcount-mode extension rewritten in its place, or added after the others
+    (header.set_extension: crash-safe against torn writes of cluster 0)."""
+    set_extension(img, EXT_REFCOUNT_MODE, ext.pack())
