@@ -42,9 +42,11 @@ from .bitmaps import (
     MAX_DIRECTORY_SIZE,
     MAX_GRANULARITY_BITS,
     MAX_NAME_SIZE,
+    MAX_TABLE_SIZE,
     MIN_GRANULARITY_BITS,
     TABLE_ALL_ONES,
     TABLE_OFFSET_MASK,
+    TABLE_RESERVED_MASK,
     BitmapEntry,
     BitmapsExtension,
     read_directory,
@@ -428,15 +430,35 @@ class DirtyBitmaps:
         lv = self.live.pop(name, None)
         self.logical.pop(name, None)
         cs = self.img.cluster_size
-        table = lv.table if lv is not None else (read_table(self.img.storage, ent)
-                                                if ent.table_offset and ent.table_size and
-                                                supported(ent) else np.zeros(0, np.uint64))
+        table = lv.table if lv is not None else self._valid_table(ent)
         self._switch_directory([e for e in self.entries if e.name != name])
         self._retrack()
-        self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in table.tolist())
-        if ent.table_offset and ent.table_size:
-            self._drop.extend(_clusters(ent.table_offset, ent.table_size * 8, cs))
+        if table is not None:  # (else its clusters leak, as QEMU leaves them)
+            self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in table.tolist())
+            if ent.table_offset and ent.table_size:
+                self._drop.extend(_clusters(ent.table_offset, ent.table_size * 8, cs))
         self._release()
+
+    def _valid_table(self, ent: BitmapEntry) -> np.ndarray | None:
+        """The table of a bitmap not loaded (in use, or of an unknown kind) when it and
+        every entry of it are valid, so that its clusters can be freed as QEMU's
+        removal frees them; None when anything is invalid (QEMU then frees nothing)."""
+        cs = self.img.cluster_size
+        fsize = self.img.storage.size()
+        if not ent.table_size:
+            return np.zeros(0, np.uint64)
+        if ent.table_offset % cs or not ent.table_offset or ent.table_size > MAX_TABLE_SIZE \
+                or ent.table_offset + ent.table_size * 8 > fsize:
+            return None
+        table = read_table(self.img.storage, ent)
+        offs = table & np.uint64(TABLE_OFFSET_MASK)
+        used = offs != 0
+        if (table & np.uint64(TABLE_RESERVED_MASK)).any() or \
+                (offs[used] % np.uint64(cs)).any() or \
+                (offs[used] + np.uint64(cs) > np.uint64(fsize)).any() or \
+                (used & ((table & np.uint64(TABLE_ALL_ONES)) != 0)).any():
+            return None
+        return table
 
     def _modify(self, name: str) -> _Live:
         ent = self._entry(name)
@@ -530,12 +552,18 @@ def _remove_extension(img: Any) -> None:
 
 # ------------------------------------------------------------------ image glue --
 def open_for_writing(img: Any) -> None:
-    """Called on a read-write open: img._dirty, and the auto-clear bits we cannot keep
-    (all but the bitmaps bit, while we maintain the bitmaps) cleared."""
+    """Called on a read-write open: img._dirty, the auto-clear bits we cannot keep
+    (all but the bitmaps bit, while we maintain the bitmaps) cleared, and a void
+    bitmaps extension (its auto-clear bit clear) dropped."""
     img._dirty = DirtyBitmaps.load(img)
     keep = AUTOCLEAR_BITMAPS if img._dirty is not None else 0
     h = img.header
-    if h.autoclear_features & ~keep:
+    if img.layout.bitmaps_ext is not None and not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        # a program without bitmap support wrote the image (or a v2 image kept the
+        # extension): the bitmaps are void, and QEMU drops the extension on a
+        # read-write open (their clusters leak, for check -r); so do we, crash-safely
+        set_extension(img, EXT_BITMAPS, None, autoclear_features=h.autoclear_features & keep)
+    elif h.autoclear_features & ~keep:
         img._update_header(autoclear_features=h.autoclear_features & keep)
 
 
