@@ -268,6 +268,7 @@ class DirtyBitmaps:
         # (1) new clusters first, their refcounts durable before anything points at them
         writes: list[tuple[int, bytes]] = []
         for name, lv in self.live.items():
+            before = lv.table.copy()
             for i in np.flatnonzero(lv.touched).tolist():
                 chunk = lv.bits[i * cs : (i + 1) * cs]
                 old = int(lv.table[i])
@@ -293,8 +294,14 @@ class DirtyBitmaps:
                 lv.table_offset = rc.allocate_deferred(n)
                 writes.append((lv.table_offset, _be(lv.table) + bytes(n * cs - len(lv.table) * 8)))
                 new_dir = True
-            elif lv.touched.any():
-                writes.append((ent.table_offset, _be(lv.table)))
+            else:
+                # in place: only the sectors of the table whose entries changed (data
+                # rewritten in its cluster leaves its entry, and the table, as it was)
+                idx = np.flatnonzero(before != lv.table)
+                if len(idx):
+                    lo = int(idx[0]) // 64 * 64  # (64 entries: one 512-byte sector)
+                    hi = min(len(lv.table), (int(idx[-1]) // 64 + 1) * 64)
+                    writes.append((ent.table_offset + lo * 8, _be(lv.table[lo:hi])))
         rc.commit()
         # (2) data and tables (in place only where the bitmap is in_use on disk)
         for off, data in writes:
