@@ -8,21 +8,25 @@ a standard image has neither and is plain qcow2.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, UnsupportedFeatureError
 from .format import (
+    EXT_FEATURE_TABLE,
     EXT_REFCOUNT_MODE,
+    FEATURE_NAMES,
     INCOMPAT_REFCOUNT_MODES,
+    OUR_FEATURE_NAMES,
     REFCOUNT_MODE_BITS,
     REFCOUNT_MODE_IDS,
     Header,
+    HeaderExtension,
     RefcountModeExt,
+    pack_feature_table,
 )
-from .header import pack_cluster0, read_layout, set_extension
+from .header import extension_area, set_extension, write_cluster0
 from .lazycount import LazyCountRefcounts
 from .owner import OwnerRefcounts
 from .refcount import StandardRefcounts
@@ -119,29 +123,28 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
 
 def _put_extension(img: Any, new_mode: str, fresh: bool) -> None:
     """The extension goes in first, with the bit still clear: a reader ignores it
-    until the switch sets the bit."""
-    layout = img.layout
+    until the switch sets the bit. fresh (a new image): QEMU's feature name table is
+    replaced by one with our feature's name too, or left out where there is no room."""
     ext = RefcountModeExt(REFCOUNT_MODE_IDS[new_mode])
-    if layout.refcount_mode_ext == ext:
+    if img.layout.refcount_mode_ext == ext:
         return
-    data = None
     if fresh:
-        # a new image: cluster 0 written whole, with our feature's name, or
-        # without the (optional) name table where there is no room for it
-        for names in (True, False):
+        h = img.header
+        raw = bytes(img.storage.pread(h.cluster_size, 0)).ljust(h.cluster_size, b"\0")
+        exts = [e for e in extension_area(raw, h)[0] if e.type != EXT_REFCOUNT_MODE]
+        mine = HeaderExtension(EXT_REFCOUNT_MODE, ext.pack())
+        table = HeaderExtension(EXT_FEATURE_TABLE,
+                                pack_feature_table({**FEATURE_NAMES, **OUR_FEATURE_NAMES}))
+        named = [table if e.type == EXT_FEATURE_TABLE else e for e in exts]
+        if table not in named:
+            named.append(table)
+        for candidate in (named, [e for e in exts if e.type != EXT_FEATURE_TABLE]):
             try:
-                data = pack_cluster0(replace(layout, refcount_mode_ext=ext),
-                                     img.geo.cluster_size, feature_table=names)
-                break
-            except FormatError:
+                write_cluster0(img, h, [*candidate, mine])
+                return
+            except (FormatError, UnsupportedFeatureError):
                 continue
-    if data is None:
-        _append_extension(img, ext)
-    else:
-        img.storage.pwrite(data, 0, "header")
-        img.storage.sync()
-        img.layout = read_layout(img.storage)  # (the backing name may have moved)
-        img.header = img.layout.header
+    _append_extension(img, ext)
 
 
 def _append_extension(img: Any, ext: RefcountModeExt) -> None:
