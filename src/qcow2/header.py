@@ -368,6 +368,10 @@ def write_cluster0(img: object, header: Header | None = None,
             mid[mid_off : mid_off + len(name)] = name
         _switch(st, mid + cur[SECTOR:], cur, [0])
         cur[:SECTOR] = mid
+        # the intermediate layout is live: should what follows fail, the image goes
+        # on from it (the new header and extensions, less the feature names)
+        img.layout = read_layout(st)  # type: ignore[attr-defined]
+        img.header = img.layout.header  # type: ignore[attr-defined]
         _write_sectors(st, target, [s for s in changed(cur) if s])
         _switch(st, target, mid + cur[SECTOR:], [0])
         if far:
