@@ -1211,6 +1211,11 @@ def _setup_bitmap_admin(tmp: Path) -> Path:
     # 64 KiB clusters: QEMU writes its feature name table (not with 4 KiB ones), so the
     # extensions span two sectors and the bitmaps extension straddles them
     random_image(p, 2 << 20, 37, fill=0.5)
+    # a backing file name too long to share the first sector with the extensions: the
+    # intermediate layout of a switch copies it to the end of cluster 0 first
+    base = "base-" + "x" * 230 + ".qcow2"
+    qemu_img("create", "-f", "qcow2", str(tmp / base), str(2 << 20))
+    qemu_img("rebase", "-u", "-b", base, "-F", "qcow2", str(p))
     with qcow2.open(p, "r+") as img:
         set_extension(img, *OTHER_EXT)
     qemu_img("bitmap", "--add", str(p), "old")  # (QEMU puts the bitmaps before it)

@@ -219,6 +219,10 @@ def test_header_switches_survive_every_torn_subset(tmp_path: Path, name: str) ->
     run = wl.record(tmp_path / "w", seed=3)
     cs = qcow2.open(run.path).cluster_size
     states = list(crashsim.header_states(run, cs))
+    if name == "bitmap-management":  # the two-switch path, with the backing name moved
+        far = [o.offset for o in run.ops if o.kind == WRITE and o.offset >= crashsim.SECTOR
+               and o.offset < cs]
+        assert any(f > cs - 300 for f in far) and any(f < 2 * crashsim.SECTOR for f in far)
     assert len(states) >= 8  # (the header really changes in several torn ways)
     sample = []
     for i, st in enumerate(states):
