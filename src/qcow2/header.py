@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import FormatError, UnsupportedFeatureError
 from .format import (
     COMPRESSION_NAMES,
@@ -280,7 +282,7 @@ def _pack_head(h: Header, exts: list[HeaderExtension]) -> bytes:
     return bytes(out + bytes(8))
 
 
-def write_cluster0(img: object, header: Header | None = None,
+def write_cluster0(img: Any, header: Header | None = None,
                    exts: list[HeaderExtension] | None = None,
                    backing_file: bytes | None | object = _KEEP) -> None:
     """The one writer of cluster 0 after creation: the fixed header, the extensions (in
@@ -298,8 +300,8 @@ def write_cluster0(img: object, header: Header | None = None,
     that sector too or copied to the end of the cluster first. That sector is the
     first switch; the new layout's other sectors (which it does not read) follow; the
     new first sector is the second switch."""
-    st = img.storage  # type: ignore[attr-defined]
-    old_h: Header = img.header  # type: ignore[attr-defined]
+    st = img.storage
+    old_h: Header = img.header
     cs = old_h.cluster_size
     old = bytes(st.pread(cs, 0)).ljust(cs, b"\0")
     old_exts, old_ext_end = extension_area(old, old_h)
@@ -370,16 +372,16 @@ def write_cluster0(img: object, header: Header | None = None,
         cur[:SECTOR] = mid
         # the intermediate layout is live: should what follows fail, the image goes
         # on from it (the new header and extensions, less the feature names)
-        img.layout = read_layout(st)  # type: ignore[attr-defined]
-        img.header = img.layout.header  # type: ignore[attr-defined]
+        img.layout = read_layout(st)
+        img.header = img.layout.header
         _write_sectors(st, target, [s for s in changed(cur) if s])
         _switch(st, target, mid + cur[SECTOR:], [0])
         if far:
             st.pwrite(bytes(len(name)), far, "header")  # the copy is dead now
             st.sync()
     layout = read_layout(st)
-    img.layout = layout  # type: ignore[attr-defined]
-    img.header = layout.header  # type: ignore[attr-defined]
+    img.layout = layout
+    img.header = layout.header
 
 
 def _runs(sectors: list[int]) -> list[tuple[int, int]]:
@@ -421,11 +423,11 @@ def _switch(st: Storage, new: bytes | bytearray, old: bytes | bytearray,
         raise
 
 
-def set_extension(img: object, etype: int, data: bytes | None, **header_changes: int) -> None:
+def set_extension(img: Any, etype: int, data: bytes | None, **header_changes: int) -> None:
     """Add, replace (in its place) or remove (data None) one header extension, with
     changes of header fields (an autoclear bit, say) in the same crash-safe switch."""
-    old_h: Header = img.header  # type: ignore[attr-defined]
-    raw = bytes(img.storage.pread(old_h.cluster_size, 0)).ljust(old_h.cluster_size, b"\0")  # type: ignore[attr-defined]
+    old_h: Header = img.header
+    raw = bytes(img.storage.pread(old_h.cluster_size, 0)).ljust(old_h.cluster_size, b"\0")
     exts, _ = extension_area(raw, old_h)
     new = [e for e in exts if e.type != etype]
     if data is not None:
