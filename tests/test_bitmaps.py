@@ -553,3 +553,29 @@ def test_void_bitmaps_extension_dropped_as_qemu(tmp: Path) -> None:
     cb = qemu_img("check", "--output=json", str(b), check=False)
     assert ca.returncode == cb.returncode == 3
     assert json.loads(ca.stdout)["leaks"] == json.loads(cb.stdout)["leaks"] > 0
+
+
+def test_last_bitmap_removed_before_a_big_unknown_extension(tmp: Path) -> None:
+    """An unknown extension too big for the first sector cannot be moved crash-safely:
+    removing the last bitmap then voids the bitmaps extension (auto-clear bit clear),
+    which every reader ignores; qemu-img sees no bitmap and drops it, and a later
+    read-write open of ours keeps working."""
+    from qcow2.cli import main
+    from qcow2.header import set_extension
+
+    p = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "16M")
+    big = (0x7E57E7E1, bytes(range(256)) * 3)
+    with qcow2.open(p, "r+") as img:
+        set_extension(img, *big)
+    qemu_img("bitmap", "--add", str(p), "b0")
+    assert main(["bitmap", "--remove", str(p), "b0"]) == 0
+    assert 0x23852875 in [t for t, _ in _exts(p)]  # void: its auto-clear bit is clear
+    assert qcow2.open(p).header.autoclear_features == 0
+    assert "bitmaps" not in qemu_info(p)["format-specific"]["data"]
+    assert big in _exts(p)
+    with qcow2.open(p, "r+") as img:
+        assert img.bitmaps == []
+        img.pwrite(b"x" * 4096, 0)
+    assert_clean(p)
+    assert big in _exts(p)

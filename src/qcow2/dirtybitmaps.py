@@ -553,8 +553,14 @@ def _put_extension(img: Any, ext: BitmapsExtension) -> None:
 def _remove_extension(img: Any) -> None:
     """No bitmaps left: the extension and the auto-clear bit go together (one
     crash-safe switch; the extensions after it move up)."""
-    set_extension(img, EXT_BITMAPS, None,
-                  autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
+    try:
+        set_extension(img, EXT_BITMAPS, None,
+                      autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
+    except UnsupportedFeatureError:
+        # unknown extensions too big to move crash-safely: the auto-clear bit alone
+        # (one header write) voids the extension, which QEMU drops on its next
+        # read-write open
+        img._update_header(autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
 
 
 # ------------------------------------------------------------------ image glue --
@@ -569,8 +575,12 @@ def open_for_writing(img: Any) -> None:
         # a program without bitmap support wrote the image (or a v2 image kept the
         # extension): the bitmaps are void, and QEMU drops the extension on a
         # read-write open (their clusters leak, for check -r); so do we, crash-safely
-        set_extension(img, EXT_BITMAPS, None, autoclear_features=h.autoclear_features & keep)
-    elif h.autoclear_features & ~keep:
+        try:
+            set_extension(img, EXT_BITMAPS, None, autoclear_features=h.autoclear_features & keep)
+            return
+        except UnsupportedFeatureError:
+            pass  # (no room to move the extensions after it crash-safely: it stays void)
+    if h.autoclear_features & ~keep:
         img._update_header(autoclear_features=h.autoclear_features & keep)
 
 
