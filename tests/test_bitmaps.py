@@ -579,3 +579,13 @@ def test_last_bitmap_removed_before_a_big_unknown_extension(tmp: Path) -> None:
         img.pwrite(b"x" * 4096, 0)
     assert_clean(p)
     assert big in _exts(p)
+    assert main(["bitmap", "--add", str(p), "b1"]) == 0  # the void one reused in place
+    assert_clean(p)
+    assert list(_qemu_flags(p)) == ["b1"] and big in _exts(p)
+    q = tmp / "q.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(q), "16M")
+    with qcow2.open(q, "r+") as img:
+        set_extension(img, *big)
+    assert main(["bitmap", "--add", str(q), "b2"]) == 0  # after it, then the bit
+    assert_clean(q)
+    assert list(_qemu_flags(q)) == ["b2"] and _exts(q)[-1][0] == 0x23852875

@@ -546,8 +546,17 @@ def _put_extension(img: Any, ext: BitmapsExtension) -> None:
     """Point the bitmaps extension at a new directory (in its place, or added after
     the others) with the auto-clear bit set, in one crash-safe switch of cluster 0
     (header.set_extension)."""
-    set_extension(img, EXT_BITMAPS, ext.pack(),
-                  autoclear_features=img.header.autoclear_features | AUTOCLEAR_BITMAPS)
+    auto = img.header.autoclear_features
+    try:
+        set_extension(img, EXT_BITMAPS, ext.pack(), autoclear_features=auto | AUTOCLEAR_BITMAPS)
+    except UnsupportedFeatureError:
+        if auto & AUTOCLEAR_BITMAPS:
+            raise
+        # a new extension where big unknown ones leave no room for the intermediate
+        # layout: the extension first (void while the bit is clear: a crash leaves
+        # leaked clusters), then the bit (one header write)
+        set_extension(img, EXT_BITMAPS, ext.pack())
+        img._update_header(autoclear_features=auto | AUTOCLEAR_BITMAPS)
 
 
 def _remove_extension(img: Any) -> None:
