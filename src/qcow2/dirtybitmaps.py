@@ -68,6 +68,8 @@ from .header import set_extension
 
 # QEMU's limit on a bitmap's size in memory (BME_MAX_PHYS_SIZE)
 MAX_PHYS_SIZE = 0x20000000
+SECTOR = 512  # the unit in which changed bits are tracked and stored
+SECTOR_BITS = 12  # log2 of the granules one sector of bits covers (512 * 8)
 
 
 class BitmapNotFoundError(InvalidArgumentError):
@@ -76,13 +78,14 @@ class BitmapNotFoundError(InvalidArgumentError):
 
 class _Live:
     """A bitmap loaded into memory: its bits (table_size * cluster_size bytes, as on
-    disk), its table as on disk, which table entries' data changed since the last
-    store, and whether the table needs a new place (new bitmap, size change)."""
+    disk), its table as on disk, which 512-byte sectors of the bits changed since the
+    last store (so a store rewrites those, not whole clusters), and whether the table
+    needs a new place (new bitmap, size change)."""
 
     def __init__(self, bits: np.ndarray, table: np.ndarray, moved: bool = False) -> None:
         self.bits = bits
         self.table = table
-        self.touched = np.zeros(len(table), dtype=bool)
+        self.touched = np.zeros(len(bits) // SECTOR, dtype=bool)
         self.moved = moved
         self.table_offset = 0  # where a moved table was written
 
@@ -199,10 +202,9 @@ class DirtyBitmaps:
         if offset < 0 or end <= offset:
             return
         self.changed = True
-        cbits3 = self.img.geo.cluster_bits + 3
         for bits, touched, gbits in self._track:
             _set_bits(bits, offset >> gbits, ((end - 1) >> gbits) + 1)
-            touched[offset >> (gbits + cbits3) : ((end - 1) >> (gbits + cbits3)) + 1] = True
+            touched[offset >> (gbits + SECTOR_BITS) : ((end - 1) >> (gbits + SECTOR_BITS)) + 1] = True
 
     @contextmanager
     def rewriting(self, new_size: int, whole: bool) -> Iterator[None]:
@@ -241,13 +243,14 @@ class DirtyBitmaps:
                 m = min(n, len(lv.table))
                 table[:m] = lv.table[:m]
                 self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in lv.table[m:].tolist())
-                touched = np.zeros(n, dtype=bool)
-                touched[: min(n, len(lv.touched))] = lv.touched[: min(n, len(lv.touched))]
+                touched = np.zeros(n * cs // SECTOR, dtype=bool)
+                k = min(len(touched), len(lv.touched))
+                touched[:k] = lv.touched[:k]
                 lv.bits, lv.table, lv.touched, lv.moved = bits, table, touched, True
                 granules = _granules(size, ent.granularity_bits)
             # bits past the disk end are zero on disk
             if _clear_from(lv.bits, granules):
-                lv.touched[min(granules >> (self.img.geo.cluster_bits + 3), n - 1)] = True
+                lv.touched[min(granules >> SECTOR_BITS, len(lv.touched) - 1):] = True
                 self.changed = True
             if lv.moved:
                 self.changed = True
@@ -269,7 +272,8 @@ class DirtyBitmaps:
         writes: list[tuple[int, bytes]] = []
         for name, lv in self.live.items():
             before = lv.table.copy()
-            for i in np.flatnonzero(lv.touched).tolist():
+            spc = cs // SECTOR
+            for i in np.flatnonzero(lv.touched.reshape(-1, spc).any(axis=1)).tolist():
                 chunk = lv.bits[i * cs : (i + 1) * cs]
                 old = int(lv.table[i])
                 off = old & TABLE_OFFSET_MASK
@@ -281,7 +285,11 @@ class DirtyBitmaps:
                 else:
                     if not off:
                         off = rc.allocate_deferred(1)
-                    writes.append((off, chunk.tobytes()))
+                        writes.append((off, chunk.tobytes()))
+                    else:  # in its cluster: the changed sectors only
+                        for a, b in _true_runs(lv.touched[i * spc : (i + 1) * spc]):
+                            writes.append((off + a * SECTOR,
+                                           chunk[a * SECTOR : b * SECTOR].tobytes()))
                     new = off
                 if old & TABLE_OFFSET_MASK and not new & TABLE_OFFSET_MASK:
                     drop.append(old & TABLE_OFFSET_MASK)
@@ -495,12 +503,12 @@ class DirtyBitmaps:
         lv = self._modify(name)
         gbits = self._entry(name).granularity_bits
         size = self.img.size
-        cbits3 = self.img.geo.cluster_bits + 3
         for off, n in source:
             end = min(off + n, size)
             if end > off:
                 _set_bits(lv.bits, off >> gbits, ((end - 1) >> gbits) + 1)
-                lv.touched[off >> (gbits + cbits3) : ((end - 1) >> (gbits + cbits3)) + 1] = True
+                lv.touched[off >> (gbits + SECTOR_BITS) :
+                           ((end - 1) >> (gbits + SECTOR_BITS)) + 1] = True
         self.changed = True
         self.store()
 
@@ -508,6 +516,12 @@ class DirtyBitmaps:
 # ------------------------------------------------------------------ helpers --
 def _be(table: np.ndarray) -> bytes:
     return table.astype(">u8").tobytes()
+
+
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    m = np.concatenate(([False], mask, [False]))
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def _clusters(offset: int, nbytes: int, cs: int) -> list[int]:
