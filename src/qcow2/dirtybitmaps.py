@@ -7,9 +7,10 @@ on disk (bit 0 of byte 0 is the first granule), and set by every guest write, ze
 write, discard and compressed write (`mark`), by a snapshot apply (the whole disk) and
 resized with the disk. A flush stores them:
 
-1. the changed bitmap data clusters and tables (in place while the bitmap is `in_use`
-   on disk, as nothing trusts them then; new clusters where there were none, or where
-   a table changes size), then a sync;
+1. the changed bitmap data and table entries (in place while the bitmap is `in_use`
+   on disk, as nothing trusts them then: only the 512-byte sectors of bits that changed,
+   and the table sectors whose entries changed; new clusters where there were none, or
+   where a table changes size), then a sync;
 2. the directory: where only flags change, in place (every flag is one aligned word,
    and each bitmap is valid with either value of its in_use flag); where a table moved
    or the set of bitmaps changes, a new directory in new clusters, a sync, then the
