@@ -124,3 +124,29 @@ def test_convert_bitmap_errors_like_qemu_img(tmp: Path, capsys: pytest.CaptureFi
     q = qemu_img("convert", *[sub.get(x, x) for x in args], check=False)
     assert (rc, out) == (q.returncode, q.stdout)
     assert err.splitlines() == [q.stderr.strip().replace("qemu-img: ", "qcow2: ")]
+
+
+def test_convert_bitmaps_from_a_snapshot_like_qemu_img(tmp: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """convert --bitmaps -l SNAPSHOT: qemu-img 7.2 copies the snapshot's data and the
+    image's (active) bitmaps, as they are; so do we."""
+    src = tmp / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "16M")
+    qemu_io(src, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "snap", str(src))
+    qemu_img("bitmap", "--add", str(src), "b0")
+    qemu_img("bitmap", "--add", "-g", "4k", "--disable", str(src), "off")
+    qemu_io(src, "write -P 2 1M 64k", "write -P 3 0 4k")
+    ours, theirs = tmp / "o.qcow2", tmp / "q.qcow2"
+    rc, _out, err = _cli(capsys, "convert", "--bitmaps", "-l", "snap", "-O", "qcow2",
+                         str(src), str(ours))
+    assert rc == 0, err
+    qemu_img("convert", "--bitmaps", "-l", "snap", "-O", "qcow2", str(src), str(theirs))
+    assert_clean(ours)
+    qemu_img("compare", str(ours), str(theirs))  # the snapshot's data
+    assert qemu_info(ours)["format-specific"]["data"]["bitmaps"] == \
+        qemu_info(theirs)["format-specific"]["data"]["bitmaps"]
+    with qcow2.open(ours) as x, qcow2.open(theirs) as y:
+        for name in ("b0", "off"):
+            assert list(x.dirty_ranges(name)) == list(y.dirty_ranges(name)), name
+        assert list(x.dirty_ranges("b0")) == [(0, 65536), (1 << 20, 65536)]

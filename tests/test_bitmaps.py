@@ -454,3 +454,162 @@ def test_repair_counts_bitmap_clusters(tmp: Path) -> None:
     assert _bits(p) == before
     flags = _qemu_flags(crashed)
     assert flags["b0"] == ["in-use", "auto"] and flags["off"] == []
+
+
+# --------------------------------------------------------------------------------------
+# Header extensions kept, void extension dropped, unsupported bitmaps removed cleanly
+# --------------------------------------------------------------------------------------
+_OTHER = (0x7E57E7E0, b"an extension nobody knows" * 2)
+
+
+def _exts(p: Path) -> list[tuple[int, bytes]]:
+    from qcow2.header import extension_area
+
+    with qcow2.open(p) as img:
+        raw = img.storage.pread(img.cluster_size, 0)
+        return [(e.type, e.data) for e in extension_area(raw, img.header)[0]]
+
+
+def test_rebase_and_amend_keep_every_extension(tmp: Path, mode: str) -> None:
+    """qemu-img's bitmaps, an unknown extension (and ours in a refcount mode) survive
+    rebase -u and amend (which switch cluster 0); QEMU still sees the bitmaps."""
+    from qcow2.cli import main
+    from qcow2.header import set_extension
+
+    for b in ("base.qcow2", "other.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp / b), "8M")
+    p = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(p))
+    qemu_img("bitmap", "--add", str(p), "b0")
+    qemu_img("bitmap", "--add", "-g", "4k", "--disable", str(p), "off")
+    qemu_io(p, "write 0 64k", "write 5M 300k")
+    with qcow2.open(p, "r+") as img:
+        set_extension(img, *_OTHER)
+        if mode != "standard":
+            img.set_refcount_mode(mode)
+    bits, flags = _bits(p), _qemu_flags(p)
+    assert main(["rebase", "-u", "-b", "other.qcow2", "-F", "qcow2", str(p)]) == 0
+    assert main(["amend", "-o", "lazy_refcounts=on", str(p)]) == 0
+    assert main(["amend", "-o", "compat=1.1", str(p)]) == 0
+    exts = _exts(p)
+    assert _OTHER in exts and sum(t == _OTHER[0] for t, _ in exts) == 1
+    assert qemu_info(p)["backing-filename"] == "other.qcow2"
+    assert _bits(p) == bits and _qemu_flags(p) == flags
+    assert_clean(p)
+
+
+def test_removing_an_unsupported_bitmap_frees_its_clusters(tmp: Path, capsys:
+                                                           pytest.CaptureFixture[str]) -> None:
+    """QEMU refuses to open an image with a bitmap of unknown flags; we can remove it,
+    and its table and data clusters are freed as QEMU's removal frees them."""
+    from qcow2.cli import main
+
+    p = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "16M")
+    qemu_img("bitmap", "--add", "-g", "512", str(p), "b0")
+    qemu_img("bitmap", "--add", str(p), "b1")
+    qemu_io(p, "write 0 1M", "write 9M 3M")
+    keep = list(qcow2.open(p).dirty_ranges("b1"))
+    with qcow2.open(p) as img:
+        ext = BitmapsExtension.unpack(img.layout.bitmaps_ext)
+    with open(p, "r+b") as f:  # an unknown flag (bit 7) on b0
+        f.seek(ext.directory_offset + 12)
+        f.write((0x82).to_bytes(4, "big"))
+    assert qemu_img("check", str(p), check=False).returncode != 0  # QEMU cannot open it
+    assert main(["bitmap", "--remove", str(p), "b0"]) == 0
+    assert_clean(p)  # no leaked clusters
+    assert list(_qemu_flags(p)) == ["b1"]
+    assert list(qcow2.open(p).dirty_ranges("b1")) == keep
+
+
+def test_void_bitmaps_extension_dropped_as_qemu(tmp: Path) -> None:
+    """A bitmaps extension whose auto-clear bit is clear (written by a program without
+    bitmap support) is dropped on a read-write open, as QEMU drops it: the same
+    extensions remain, qemu-img sees no bitmaps and counts the same leaks."""
+    import json
+
+    import qcow2_edit
+
+    from qcow2.header import set_extension
+
+    a = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(a), "16M")
+    with qcow2.open(a, "r+") as img:  # an extension after the bitmaps one: it moves
+        set_extension(img, *_OTHER)
+    qemu_img("bitmap", "--add", "-g", "4k", str(a), "b0")
+    qemu_io(a, "write 0 1M")
+    e = qcow2_edit.RawImage(a)
+    e.set("autoclear_features", 0)
+    b = tmp / "b.qcow2"
+    shutil.copyfile(a, b)
+    qemu_io(b, "write 2M 4k")
+    with qcow2.open(a, "r+") as img:
+        assert img.bitmaps == []
+        img.pwrite(b"\xcd" * 4096, 2 << 20)
+    assert _exts(a) == _exts(b)
+    assert not any(t == 0x23852875 for t, _ in _exts(a))
+    assert "bitmaps" not in qemu_info(a)["format-specific"]["data"]
+    ca = qemu_img("check", "--output=json", str(a), check=False)
+    cb = qemu_img("check", "--output=json", str(b), check=False)
+    assert ca.returncode == cb.returncode == 3
+    assert json.loads(ca.stdout)["leaks"] == json.loads(cb.stdout)["leaks"] > 0
+
+
+def test_last_bitmap_removed_before_a_big_unknown_extension(tmp: Path) -> None:
+    """An unknown extension too big for the first sector cannot be moved crash-safely:
+    removing the last bitmap then voids the bitmaps extension (auto-clear bit clear),
+    which every reader ignores; qemu-img sees no bitmap and drops it, and a later
+    read-write open of ours keeps working."""
+    from qcow2.cli import main
+    from qcow2.header import set_extension
+
+    p = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "16M")
+    big = (0x7E57E7E1, bytes(range(256)) * 3)
+    with qcow2.open(p, "r+") as img:
+        set_extension(img, *big)
+    qemu_img("bitmap", "--add", str(p), "b0")
+    assert main(["bitmap", "--remove", str(p), "b0"]) == 0
+    assert 0x23852875 in [t for t, _ in _exts(p)]  # void: its auto-clear bit is clear
+    assert qcow2.open(p).header.autoclear_features == 0
+    assert "bitmaps" not in qemu_info(p)["format-specific"]["data"]
+    assert big in _exts(p)
+    with qcow2.open(p, "r+") as img:
+        assert img.bitmaps == []
+        img.pwrite(b"x" * 4096, 0)
+    assert_clean(p)
+    assert big in _exts(p)
+    assert main(["bitmap", "--add", str(p), "b1"]) == 0  # the void one reused in place
+    assert_clean(p)
+    assert list(_qemu_flags(p)) == ["b1"] and big in _exts(p)
+    q = tmp / "q.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(q), "16M")
+    with qcow2.open(q, "r+") as img:
+        set_extension(img, *big)
+    assert main(["bitmap", "--add", str(q), "b2"]) == 0  # after it, then the bit
+    assert_clean(q)
+    assert list(_qemu_flags(q)) == ["b2"] and _exts(q)[-1][0] == 0x23852875
+
+
+def test_store_writes_the_changed_sectors_only(tmp: Path) -> None:
+    """A flush after a small write rewrites the bitmap sector that changed (and the
+    directory's flags), not its whole 64 KiB data cluster nor the table; QEMU reads
+    the result bit for bit as its own."""
+    a = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(a), "64M")
+    qemu_img("bitmap", "--add", "-g", "512", str(a), "b0")
+    b = tmp / "b.qcow2"
+    shutil.copyfile(a, b)
+    offs = [(i * 7919 * 4096) % (64 << 20) for i in range(12)]
+    with qcow2.open(a, "r+") as img:
+        img.pwrite(b"x" * 4096, 1 << 20)
+        img.flush()  # (the data cluster of the bitmap is allocated: written whole)
+        before = img.stats.copy()
+        for off in offs:
+            img.pwrite(b"y" * 4096, off)
+            img.flush()
+        per_flush = (img.stats - before).bitmap_writes_bytes / len(offs)
+    assert per_flush <= 2 * 512  # a sector of bits and the directory entry's flags
+    qemu_io(b, "write 1M 4k", *[f"write {off} 4k" for off in offs])
+    assert _bits(a) == _bits(b)
+    assert_clean(a)

@@ -37,7 +37,6 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
-SECTOR = 512
 AMEND_OPTIONS: list[tuple[str, str, str]] = [
     ("backing_file", "str", "File name of a base image"),
     ("backing_fmt", "str", "Image format of the base image"),
@@ -394,74 +393,42 @@ def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress 
 
 
 def _switch_cluster0(img: Any, layout: Any) -> None:
-    """Write a new cluster 0 so that a crash leaves the old or the new one."""
+    """Switch cluster 0 to layout's header, backing file name and format, keeping
+    every other extension as it is on disk (bitmaps, crypto, ours, unknown ones; the
+    ones v2 cannot hold go with a downgrade) in one crash-safe switch
+    (header.write_cluster0). An upgrade to v3 adds QEMU's feature name table where
+    there is room for it."""
     from .format import (
         EXT_BACKING_FORMAT,
         EXT_FEATURE_TABLE,
-        EXT_REFCOUNT_MODE,
         FEATURE_NAMES,
         HeaderExtension,
-        ImageLayout,
         pack_feature_table,
     )
+    from .header import extension_area, write_cluster0
 
     img.flush()
-    cs = img.geo.cluster_size
-    st = img.storage
-    old = bytes(st.pread(cs, 0)).rstrip(b"\0")
-    old_end = len(old)
-    name = layout.backing_file.encode() if layout.backing_file else b""
-
-    def head(feature_table: bool) -> bytes:
-        h = layout.header
-        out = bytearray(h.pack())
-        exts: list[HeaderExtension] = []
-        if layout.backing_format:
-            exts.append(HeaderExtension(EXT_BACKING_FORMAT, layout.backing_format.encode()))
-        if h.version >= 3 and feature_table:
-            exts.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(FEATURE_NAMES)))
-        if h.version >= 3:
-            exts.extend(layout.unknown_extensions)
-            if layout.refcount_mode_ext is not None:  # ours (docs/format-extensions.md)
-                exts.append(HeaderExtension(EXT_REFCOUNT_MODE, layout.refcount_mode_ext.pack()))
-        if exts or h.version >= 3:
-            for e in exts:
-                out += e.pack()
-            out += b"\0" * 8
-        return bytes(out)
-
-    hd = head(True)
-    if len(hd) + len(name) > SECTOR and len(hd) > SECTOR and old_end > SECTOR:
-        hd = head(False)  # the feature table is informational: leave it out
-    if len(hd) > SECTOR and old_end > SECTOR:
-        raise FormatError("The new header does not fit in the first sector")
-    if len(hd) + len(name) <= SECTOR:
-        name_off = len(hd)
-    else:
-        name_off = -(-max(len(hd), old_end) // 8) * 8
-    if name and name_off + len(name) > cs:
-        raise FormatError("Header extensions and backing file name do not fit in the "
-                          "first cluster")
-    h = layout.header.with_(backing_file_offset=name_off if name else 0,
-                            backing_file_size=len(name))
-    final = ImageLayout(**{**layout.__dict__, "header": h})
-    hd = h.pack() + hd[len(h.pack()):]
-    buf = bytearray(max(SECTOR, name_off + len(name)))
-    buf[: len(hd)] = hd
-    if name:
-        buf[name_off : name_off + len(name)] = name
-    # past the first sector: only bytes the old cluster 0 does not use, durable first
-    beyond = [(s, e) for s, e in ((SECTOR, len(hd)), (max(SECTOR, name_off), name_off + len(name)))
-              if e > s]
-    for s, e in beyond:
-        st.pwrite(bytes(buf[s:e]), s, "header")
-    if beyond:
-        st.sync()
-    st.pwrite(bytes(buf[:SECTOR]), 0, "header")
-    st.sync()
-    img.header = h
-    img.layout = final
-    img.clusters.version = h.version
+    h = layout.header
+    raw = bytes(img.storage.pread(img.header.cluster_size, 0)).ljust(img.header.cluster_size,
+                                                                     b"\0")
+    exts, _ = extension_area(raw, img.header)
+    at = next((i for i, e in enumerate(exts) if e.type == EXT_BACKING_FORMAT), 0)
+    exts = [e for e in exts if e.type != EXT_BACKING_FORMAT]
+    if layout.backing_format:
+        exts.insert(at, HeaderExtension(EXT_BACKING_FORMAT, layout.backing_format.encode()))
+    name = layout.backing_file.encode() if layout.backing_file else None
+    if h.version >= 3 and img.header.version < 3 and \
+            not any(e.type == EXT_FEATURE_TABLE for e in exts):
+        table = HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table(FEATURE_NAMES))
+        k = 1 if layout.backing_format else 0
+        try:  # (informational: left out where there is no room for it)
+            write_cluster0(img, h, [*exts[:k], table, *exts[k:]], name)
+            img.clusters.version = img.header.version
+            return
+        except (FormatError, UnsupportedFeatureError):
+            pass
+    write_cluster0(img, h, exts, name)
+    img.clusters.version = img.header.version
 
 
 # ------------------------------------------------------------------ CLI --

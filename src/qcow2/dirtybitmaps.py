@@ -7,9 +7,10 @@ on disk (bit 0 of byte 0 is the first granule), and set by every guest write, ze
 write, discard and compressed write (`mark`), by a snapshot apply (the whole disk) and
 resized with the disk. A flush stores them:
 
-1. the changed bitmap data clusters and tables (in place while the bitmap is `in_use`
-   on disk, as nothing trusts them then; new clusters where there were none, or where
-   a table changes size), then a sync;
+1. the changed bitmap data and table entries (in place while the bitmap is `in_use`
+   on disk, as nothing trusts them then: only the 512-byte sectors of bits that changed,
+   and the table sectors whose entries changed; new clusters where there were none, or
+   where a table changes size), then a sync;
 2. the directory: where only flags change, in place (every flag is one aligned word,
    and each bitmap is valid with either value of its in_use flag); where a table moved
    or the set of bitmaps changes, a new directory in new clusters, a sync, then the
@@ -28,7 +29,6 @@ are preserved as they are, as QEMU does, and never used.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -43,9 +43,11 @@ from .bitmaps import (
     MAX_DIRECTORY_SIZE,
     MAX_GRANULARITY_BITS,
     MAX_NAME_SIZE,
+    MAX_TABLE_SIZE,
     MIN_GRANULARITY_BITS,
     TABLE_ALL_ONES,
     TABLE_OFFSET_MASK,
+    TABLE_RESERVED_MASK,
     BitmapEntry,
     BitmapsExtension,
     read_directory,
@@ -62,11 +64,13 @@ from .errors import (
     Qcow2Error,
     UnsupportedFeatureError,
 )
-from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_END
-from .header import read_layout
+from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from .header import set_extension
 
 # QEMU's limit on a bitmap's size in memory (BME_MAX_PHYS_SIZE)
 MAX_PHYS_SIZE = 0x20000000
+SECTOR = 512  # the unit in which changed bits are tracked and stored
+SECTOR_BITS = 12  # log2 of the granules one sector of bits covers (512 * 8)
 
 
 class BitmapNotFoundError(InvalidArgumentError):
@@ -75,13 +79,14 @@ class BitmapNotFoundError(InvalidArgumentError):
 
 class _Live:
     """A bitmap loaded into memory: its bits (table_size * cluster_size bytes, as on
-    disk), its table as on disk, which table entries' data changed since the last
-    store, and whether the table needs a new place (new bitmap, size change)."""
+    disk), its table as on disk, which 512-byte sectors of the bits changed since the
+    last store (so a store rewrites those, not whole clusters), and whether the table
+    needs a new place (new bitmap, size change)."""
 
     def __init__(self, bits: np.ndarray, table: np.ndarray, moved: bool = False) -> None:
         self.bits = bits
         self.table = table
-        self.touched = np.zeros(len(table), dtype=bool)
+        self.touched = np.zeros(len(bits) // SECTOR, dtype=bool)
         self.moved = moved
         self.table_offset = 0  # where a moved table was written
 
@@ -198,10 +203,9 @@ class DirtyBitmaps:
         if offset < 0 or end <= offset:
             return
         self.changed = True
-        cbits3 = self.img.geo.cluster_bits + 3
         for bits, touched, gbits in self._track:
             _set_bits(bits, offset >> gbits, ((end - 1) >> gbits) + 1)
-            touched[offset >> (gbits + cbits3) : ((end - 1) >> (gbits + cbits3)) + 1] = True
+            touched[offset >> (gbits + SECTOR_BITS) : ((end - 1) >> (gbits + SECTOR_BITS)) + 1] = True
 
     @contextmanager
     def rewriting(self, new_size: int, whole: bool) -> Iterator[None]:
@@ -240,13 +244,14 @@ class DirtyBitmaps:
                 m = min(n, len(lv.table))
                 table[:m] = lv.table[:m]
                 self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in lv.table[m:].tolist())
-                touched = np.zeros(n, dtype=bool)
-                touched[: min(n, len(lv.touched))] = lv.touched[: min(n, len(lv.touched))]
+                touched = np.zeros(n * cs // SECTOR, dtype=bool)
+                k = min(len(touched), len(lv.touched))
+                touched[:k] = lv.touched[:k]
                 lv.bits, lv.table, lv.touched, lv.moved = bits, table, touched, True
                 granules = _granules(size, ent.granularity_bits)
             # bits past the disk end are zero on disk
             if _clear_from(lv.bits, granules):
-                lv.touched[min(granules >> (self.img.geo.cluster_bits + 3), n - 1)] = True
+                lv.touched[min(granules >> SECTOR_BITS, len(lv.touched) - 1):] = True
                 self.changed = True
             if lv.moved:
                 self.changed = True
@@ -267,7 +272,9 @@ class DirtyBitmaps:
         # (1) new clusters first, their refcounts durable before anything points at them
         writes: list[tuple[int, bytes]] = []
         for name, lv in self.live.items():
-            for i in np.flatnonzero(lv.touched).tolist():
+            before = lv.table.copy()
+            spc = cs // SECTOR
+            for i in np.flatnonzero(lv.touched.reshape(-1, spc).any(axis=1)).tolist():
                 chunk = lv.bits[i * cs : (i + 1) * cs]
                 old = int(lv.table[i])
                 off = old & TABLE_OFFSET_MASK
@@ -279,7 +286,11 @@ class DirtyBitmaps:
                 else:
                     if not off:
                         off = rc.allocate_deferred(1)
-                    writes.append((off, chunk.tobytes()))
+                        writes.append((off, chunk.tobytes()))
+                    else:  # in its cluster: the changed sectors only
+                        for a, b in _true_runs(lv.touched[i * spc : (i + 1) * spc]):
+                            writes.append((off + a * SECTOR,
+                                           chunk[a * SECTOR : b * SECTOR].tobytes()))
                     new = off
                 if old & TABLE_OFFSET_MASK and not new & TABLE_OFFSET_MASK:
                     drop.append(old & TABLE_OFFSET_MASK)
@@ -292,8 +303,14 @@ class DirtyBitmaps:
                 lv.table_offset = rc.allocate_deferred(n)
                 writes.append((lv.table_offset, _be(lv.table) + bytes(n * cs - len(lv.table) * 8)))
                 new_dir = True
-            elif lv.touched.any():
-                writes.append((ent.table_offset, _be(lv.table)))
+            else:
+                # in place: only the sectors of the table whose entries changed (data
+                # rewritten in its cluster leaves its entry, and the table, as it was)
+                idx = np.flatnonzero(before != lv.table)
+                if len(idx):
+                    lo = int(idx[0]) // 64 * 64  # (64 entries: one 512-byte sector)
+                    hi = min(len(lv.table), (int(idx[-1]) // 64 + 1) * 64)
+                    writes.append((ent.table_offset + lo * 8, _be(lv.table[lo:hi])))
         rc.commit()
         # (2) data and tables (in place only where the bitmap is in_use on disk)
         for off, data in writes:
@@ -429,15 +446,35 @@ class DirtyBitmaps:
         lv = self.live.pop(name, None)
         self.logical.pop(name, None)
         cs = self.img.cluster_size
-        table = lv.table if lv is not None else (read_table(self.img.storage, ent)
-                                                if ent.table_offset and ent.table_size and
-                                                supported(ent) else np.zeros(0, np.uint64))
+        table = lv.table if lv is not None else self._valid_table(ent)
         self._switch_directory([e for e in self.entries if e.name != name])
         self._retrack()
-        self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in table.tolist())
-        if ent.table_offset and ent.table_size:
-            self._drop.extend(_clusters(ent.table_offset, ent.table_size * 8, cs))
+        if table is not None:  # (else its clusters leak, as QEMU leaves them)
+            self._drop.extend(int(e) & TABLE_OFFSET_MASK for e in table.tolist())
+            if ent.table_offset and ent.table_size:
+                self._drop.extend(_clusters(ent.table_offset, ent.table_size * 8, cs))
         self._release()
+
+    def _valid_table(self, ent: BitmapEntry) -> np.ndarray | None:
+        """The table of a bitmap not loaded (in use, or of an unknown kind) when it and
+        every entry of it are valid, so that its clusters can be freed as QEMU's
+        removal frees them; None when anything is invalid (QEMU then frees nothing)."""
+        cs = self.img.cluster_size
+        fsize = self.img.storage.size()
+        if not ent.table_size:
+            return np.zeros(0, np.uint64)
+        if ent.table_offset % cs or not ent.table_offset or ent.table_size > MAX_TABLE_SIZE \
+                or ent.table_offset + ent.table_size * 8 > fsize:
+            return None
+        table = read_table(self.img.storage, ent)
+        offs = table & np.uint64(TABLE_OFFSET_MASK)
+        used = offs != 0
+        if (table & np.uint64(TABLE_RESERVED_MASK)).any() or \
+                (offs[used] % np.uint64(cs)).any() or \
+                (offs[used] + np.uint64(cs) > np.uint64(fsize)).any() or \
+                (used & ((table & np.uint64(TABLE_ALL_ONES)) != 0)).any():
+            return None
+        return table
 
     def _modify(self, name: str) -> _Live:
         ent = self._entry(name)
@@ -467,12 +504,12 @@ class DirtyBitmaps:
         lv = self._modify(name)
         gbits = self._entry(name).granularity_bits
         size = self.img.size
-        cbits3 = self.img.geo.cluster_bits + 3
         for off, n in source:
             end = min(off + n, size)
             if end > off:
                 _set_bits(lv.bits, off >> gbits, ((end - 1) >> gbits) + 1)
-                lv.touched[off >> (gbits + cbits3) : ((end - 1) >> (gbits + cbits3)) + 1] = True
+                lv.touched[off >> (gbits + SECTOR_BITS) :
+                           ((end - 1) >> (gbits + SECTOR_BITS)) + 1] = True
         self.changed = True
         self.store()
 
@@ -480,6 +517,12 @@ class DirtyBitmaps:
 # ------------------------------------------------------------------ helpers --
 def _be(table: np.ndarray) -> bytes:
     return table.astype(">u8").tobytes()
+
+
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    m = np.concatenate(([False], mask, [False]))
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def _clusters(offset: int, nbytes: int, cs: int) -> list[int]:
@@ -514,98 +557,53 @@ def _clear_from(bits: np.ndarray, g: int) -> bool:
     return had
 
 
-def _find_extension(raw: bytes, start: int, end: int, etype: int) -> tuple[int, int]:
-    """(position of the extension etype or -1, position of the end marker) in cluster 0."""
-    pos, found = start, -1
-    while pos + 8 <= end:
-        t, length = struct.unpack_from(">II", raw, pos)
-        if t == EXT_END:
-            return found, pos
-        if t == etype:
-            found = pos
-        pos += 8 + ((length + 7) & ~7)
-    raise FormatError("Header extensions run past their area")
-
-
-def _ext_area(img: Any) -> tuple[bytearray, int, int]:
-    h = img.header
-    cs = img.cluster_size
-    raw = bytearray(img.storage.pread(cs, 0))
-    end = h.backing_file_offset if h.backing_file_offset else cs
-    return raw, h.header_length, end
-
-
-def _reload(img: Any) -> None:
-    img.layout = read_layout(img.storage)
-    img.header = img.layout.header
-
-
 def _put_extension(img: Any, ext: BitmapsExtension) -> None:
-    """Point the bitmaps extension at a new directory and set the auto-clear bit. An
-    existing extension is rewritten in place (one sector write where its 24 bytes lie in
-    one sector; else with the auto-clear bit cleared meanwhile); a new one
-    goes where the end marker is, after the dead bytes behind it are zeroed and synced
-    (a torn write leaves the end marker or the whole extension), before the bit."""
-    st = img.storage
-    raw, start, end = _ext_area(img)
-    pos, end_pos = _find_extension(raw, start, end, EXT_BITMAPS)
-    payload = ext.pack()
-    if pos >= 0:
-        at = pos + 8
-        split = at // 512 != (at + len(payload) - 1) // 512
-        if split and img.header.autoclear_features & AUTOCLEAR_BITMAPS:
-            # a torn write could mix old and new fields: with the bit clear meanwhile, a
-            # crash leaves the bitmaps ignored (leaked clusters), never misread
-            img._update_header(
-                autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
-        st.pwrite(payload, at, "header")
-        st.sync()
-    else:
-        need = end_pos + 8 + len(payload) + 8
-        if need > end:
-            raise UnsupportedFeatureError(
-                "No room in the first cluster for the bitmaps header extension")
-        st.pwrite(bytes(need - end_pos - 8), end_pos + 8, "header")
-        st.sync()
-        st.pwrite(struct.pack(">II", EXT_BITMAPS, len(payload)) + payload + bytes(8),
-                  end_pos, "header")
-        st.sync()
-    _reload(img)
-    if not img.header.autoclear_features & AUTOCLEAR_BITMAPS:
-        img._update_header(autoclear_features=img.header.autoclear_features | AUTOCLEAR_BITMAPS)
-    _reload(img)
+    """Point the bitmaps extension at a new directory (in its place, or added after
+    the others) with the auto-clear bit set, in one crash-safe switch of cluster 0
+    (header.set_extension)."""
+    auto = img.header.autoclear_features
+    try:
+        set_extension(img, EXT_BITMAPS, ext.pack(), autoclear_features=auto | AUTOCLEAR_BITMAPS)
+    except UnsupportedFeatureError:
+        if auto & AUTOCLEAR_BITMAPS:
+            raise
+        # a new extension where big unknown ones leave no room for the intermediate
+        # layout: the extension first (void while the bit is clear: a crash leaves
+        # leaked clusters), then the bit (one header write)
+        set_extension(img, EXT_BITMAPS, ext.pack())
+        img._update_header(autoclear_features=auto | AUTOCLEAR_BITMAPS)
 
 
 def _remove_extension(img: Any) -> None:
-    """No bitmaps left: the auto-clear bit goes first (the extension is then ignored),
-    then the extension (replaced by the end marker when it is the last one, else the
-    extension area is rewritten without it)."""
-    if img.header.autoclear_features & AUTOCLEAR_BITMAPS:
+    """No bitmaps left: the extension and the auto-clear bit go together (one
+    crash-safe switch; the extensions after it move up)."""
+    try:
+        set_extension(img, EXT_BITMAPS, None,
+                      autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
+    except UnsupportedFeatureError:
+        # unknown extensions too big to move crash-safely: the auto-clear bit alone
+        # (one header write) voids the extension, which QEMU drops on its next
+        # read-write open
         img._update_header(autoclear_features=img.header.autoclear_features & ~AUTOCLEAR_BITMAPS)
-    raw, start, end = _ext_area(img)
-    pos, end_pos = _find_extension(raw, start, end, EXT_BITMAPS)
-    if pos < 0:
-        return
-    length = struct.unpack_from(">I", raw, pos + 4)[0]
-    if pos + 8 + ((length + 7) & ~7) == end_pos:
-        img.storage.pwrite(bytes(8), pos, "header")
-    else:
-        from .header import pack_cluster0
-
-        data = pack_cluster0(replace(img.layout, bitmaps_ext=None), img.cluster_size,
-                             feature_table=bool(img.layout.feature_table))
-        img.storage.pwrite(data, 0, "header")
-    img.storage.sync()
-    _reload(img)
 
 
 # ------------------------------------------------------------------ image glue --
 def open_for_writing(img: Any) -> None:
-    """Called on a read-write open: img._dirty, and the auto-clear bits we cannot keep
-    (all but the bitmaps bit, while we maintain the bitmaps) cleared."""
+    """Called on a read-write open: img._dirty, the auto-clear bits we cannot keep
+    (all but the bitmaps bit, while we maintain the bitmaps) cleared, and a void
+    bitmaps extension (its auto-clear bit clear) dropped."""
     img._dirty = DirtyBitmaps.load(img)
     keep = AUTOCLEAR_BITMAPS if img._dirty is not None else 0
     h = img.header
+    if img.layout.bitmaps_ext is not None and not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        # a program without bitmap support wrote the image (or a v2 image kept the
+        # extension): the bitmaps are void, and QEMU drops the extension on a
+        # read-write open (their clusters leak, for check -r); so do we, crash-safely
+        try:
+            set_extension(img, EXT_BITMAPS, None, autoclear_features=h.autoclear_features & keep)
+            return
+        except UnsupportedFeatureError:
+            pass  # (no room to move the extensions after it crash-safely: it stays void)
     if h.autoclear_features & ~keep:
         img._update_header(autoclear_features=h.autoclear_features & keep)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import FormatError, UnsupportedFeatureError
 from .format import (
     COMPRESSION_NAMES,
@@ -245,3 +247,193 @@ def pack_cluster0(layout: ImageLayout, cluster_size: int, feature_table: bool = 
     if len(out) > cluster_size:
         raise FormatError("Header extensions do not fit in the first cluster")
     return bytes(out)
+
+
+# ------------------------------------------------------------------ rewriting --
+SECTOR = 512
+_KEEP: object = object()
+
+
+def extension_area(raw: bytes, h: Header) -> tuple[list[HeaderExtension], int]:
+    """The header extensions of cluster 0 (raw) in their on-disk order, and the end of
+    the area they use (past the end marker)."""
+    start = h.header_length if h.version == 3 else V2_HEADER_LENGTH
+    end = h.backing_file_offset if h.backing_file_offset else len(raw)
+    if start + 8 > end:  # (as read_layout: no room for even an end marker)
+        return [], start
+    exts = unpack_extensions(raw, start, end)
+    return exts, start + sum(len(e.pack()) for e in exts) + 8
+
+
+def _backing_name(raw: bytes, h: Header) -> bytes:
+    if not h.backing_file_offset:
+        return b""
+    return bytes(raw[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
+
+
+def _sectors_of(ranges: list[tuple[int, int]]) -> set[int]:
+    return {s for a, b in ranges if b > a for s in range(a // SECTOR, (b - 1) // SECTOR + 1)}
+
+
+def _pack_head(h: Header, exts: list[HeaderExtension]) -> bytes:
+    out = bytearray(h.pack())
+    for e in exts:
+        out += e.pack()
+    return bytes(out + bytes(8))
+
+
+def write_cluster0(img: Any, header: Header | None = None,
+                   exts: list[HeaderExtension] | None = None,
+                   backing_file: bytes | None | object = _KEEP) -> None:
+    """The one writer of cluster 0 after creation: the fixed header, the extensions (in
+    the order given; default: as on disk) and the backing file name (bytes, None for
+    none; default: kept), switched so that a power cut, tearing any write into any
+    subset of its 512-byte sectors, leaves the old cluster 0 or the new one.
+
+    The sectors that change are written so that at most one of them is one the old
+    header reads (header, extension area, backing name): the others first (the old
+    header does not look at them), a sync, then that one sector, the atomic switch.
+    Where more than one read sector changes (an extension removed or grown in the
+    middle, the header and a later extension together), it goes through an
+    intermediate cluster 0 that lives in the first sector alone: the new header and
+    extensions without the (informational) feature name table, the backing name in
+    that sector too or copied to the end of the cluster first. That sector is the
+    first switch; the new layout's other sectors (which it does not read) follow; the
+    new first sector is the second switch."""
+    st = img.storage
+    old_h: Header = img.header
+    cs = old_h.cluster_size
+    old = bytes(st.pread(cs, 0)).ljust(cs, b"\0")
+    old_exts, old_ext_end = extension_area(old, old_h)
+    old_name = _backing_name(old, old_h)
+    h = old_h if header is None else header
+    new_exts = old_exts if exts is None else list(exts)
+    if h.version < 3:
+        new_exts = [e for e in new_exts if e.type not in (EXT_FEATURE_TABLE, EXT_BITMAPS,
+                                                           EXT_CRYPTO, EXT_REFCOUNT_MODE)]
+    name = old_name if backing_file is _KEEP else (backing_file or b"")
+    assert isinstance(name, bytes)
+    if len(name) > MAX_BACKING_FILE_NAME:
+        raise FormatError("Backing file name too long")
+    old_used = [(0, old_ext_end)]
+    if old_name:
+        old_used.append((old_h.backing_file_offset, old_h.backing_file_offset + len(old_name)))
+
+    head_len = len(_pack_head(h, new_exts))
+    if name and name == old_name and old_h.backing_file_offset >= head_len:
+        name_off = old_h.backing_file_offset  # stays where it is
+    else:
+        name_off = head_len
+    if head_len > cs or (name and name_off + len(name) > cs):
+        raise UnsupportedFeatureError(
+            "Header extensions and backing file name do not fit in the first cluster")
+    h = h.with_(backing_file_offset=name_off if name else 0, backing_file_size=len(name))
+    target = bytearray(old)
+    for a, b in old_used:  # what only the old layout used becomes zeros (dead)
+        target[a:b] = bytes(b - a)
+    target[:head_len] = _pack_head(h, new_exts)
+    target[name_off : name_off + len(name)] = name
+    top = max(b for _, b in [*old_used, (head_len, head_len), (name_off, name_off + len(name))])
+
+    def changed(cur: bytes | bytearray) -> list[int]:
+        return [s for s in range(-(-top // SECTOR))
+                if target[s * SECTOR : (s + 1) * SECTOR] != cur[s * SECTOR : (s + 1) * SECTOR]]
+
+    diff = changed(old)
+    read = _sectors_of(old_used)
+    if len([s for s in diff if s in read]) <= 1:
+        _write_sectors(st, target, [s for s in diff if s not in read])
+        _switch(st, target, old, [s for s in diff if s in read])
+    else:
+        # the intermediate layout, in the first sector alone
+        mid_exts = [e for e in new_exts if e.type != EXT_FEATURE_TABLE]
+        mid_len = len(_pack_head(h, mid_exts))
+        far = 0
+        if name and mid_len + len(name) > SECTOR:
+            far = (cs - len(name)) & ~7
+            if far < -(-top // SECTOR) * SECTOR:
+                far = 0
+        if mid_len > SECTOR or (name and mid_len + len(name) > SECTOR and not far):
+            raise UnsupportedFeatureError(
+                "Cannot change the header extensions crash-safely: they do not fit in "
+                "the first sector without the feature name table")
+        cur = bytearray(old)
+        if far:
+            cur[far : far + len(name)] = name
+            target[far : far + len(name)] = name  # (dead for the new layout)
+            _write_sectors(st, cur, list(range(far // SECTOR, (far + len(name) - 1) // SECTOR + 1)))
+        mid_off = far or mid_len
+        mid = bytearray(target[:SECTOR])
+        mh = h.with_(backing_file_offset=mid_off if name else 0)
+        mid[:mid_len] = _pack_head(mh, mid_exts)
+        if name and not far:
+            mid[mid_off : mid_off + len(name)] = name
+        _switch(st, mid + cur[SECTOR:], cur, [0])
+        cur[:SECTOR] = mid
+        # the intermediate layout is live: should what follows fail, the image goes
+        # on from it (the new header and extensions, less the feature names)
+        img.layout = read_layout(st)
+        img.header = img.layout.header
+        _write_sectors(st, target, [s for s in changed(cur) if s])
+        _switch(st, target, mid + cur[SECTOR:], [0])
+        if far:
+            st.pwrite(bytes(len(name)), far, "header")  # the copy is dead now
+            st.sync()
+    layout = read_layout(st)
+    img.layout = layout
+    img.header = layout.header
+
+
+def _runs(sectors: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s in sorted(sectors):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
+def _write_sectors(st: Storage, buf: bytes | bytearray, sectors: list[int]) -> None:
+    """Sectors the live layout does not read: written and made durable."""
+    for a, b in _runs(sectors):
+        st.pwrite(bytes(buf[a * SECTOR : b * SECTOR]), a * SECTOR, "header")
+    if sectors:
+        st.sync()
+
+
+def _switch(st: Storage, new: bytes | bytearray, old: bytes | bytearray,
+            sectors: list[int]) -> None:
+    """The switch: one sector (none when nothing read changes). On an error the old
+    sector is put back (as Image._update_header does): the caller sees the error and
+    still believes in the old layout."""
+    if not sectors:
+        return
+    (s,) = sectors
+    lo, hi = s * SECTOR, (s + 1) * SECTOR
+    st.pwrite(bytes(new[lo:hi]), lo, "header")
+    try:
+        st.sync()
+    except Exception:
+        try:
+            st.pwrite(bytes(old[lo:hi]), lo, "header")
+            st.sync()
+        except Exception:
+            pass  # the device keeps failing
+        raise
+
+
+def set_extension(img: Any, etype: int, data: bytes | None, **header_changes: int) -> None:
+    """Add, replace (in its place) or remove (data None) one header extension, with
+    changes of header fields (an autoclear bit, say) in the same crash-safe switch."""
+    old_h: Header = img.header
+    raw = bytes(img.storage.pread(old_h.cluster_size, 0)).ljust(old_h.cluster_size, b"\0")
+    exts, _ = extension_area(raw, old_h)
+    new = [e for e in exts if e.type != etype]
+    if data is not None:
+        at = next((i for i, e in enumerate(exts) if e.type == etype), len(new))
+        new.insert(at, HeaderExtension(etype, data))
+    header = old_h.with_(**header_changes) if header_changes else old_h
+    if new == exts and header == old_h:
+        return
+    write_cluster0(img, header, new)

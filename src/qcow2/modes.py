@@ -8,23 +8,25 @@ a standard image has neither and is plain qcow2.
 
 from __future__ import annotations
 
-import struct
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, UnsupportedFeatureError
 from .format import (
-    EXT_END,
+    EXT_FEATURE_TABLE,
     EXT_REFCOUNT_MODE,
+    FEATURE_NAMES,
     INCOMPAT_REFCOUNT_MODES,
+    OUR_FEATURE_NAMES,
     REFCOUNT_MODE_BITS,
     REFCOUNT_MODE_IDS,
     Header,
+    HeaderExtension,
     RefcountModeExt,
+    pack_feature_table,
 )
-from .header import pack_cluster0, read_layout
+from .header import extension_area, set_extension, write_cluster0
 from .lazycount import LazyCountRefcounts
 from .owner import OwnerRefcounts
 from .refcount import StandardRefcounts
@@ -121,73 +123,31 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
 
 def _put_extension(img: Any, new_mode: str, fresh: bool) -> None:
     """The extension goes in first, with the bit still clear: a reader ignores it
-    until the switch sets the bit."""
-    layout = img.layout
+    until the switch sets the bit. fresh (a new image): QEMU's feature name table is
+    replaced by one with our feature's name too, or left out where there is no room."""
     ext = RefcountModeExt(REFCOUNT_MODE_IDS[new_mode])
-    if layout.refcount_mode_ext == ext:
+    if img.layout.refcount_mode_ext == ext:
         return
-    data = None
     if fresh:
-        # a new image: cluster 0 written whole, with our feature's name, or
-        # without the (optional) name table where there is no room for it
-        for names in (True, False):
+        h = img.header
+        raw = bytes(img.storage.pread(h.cluster_size, 0)).ljust(h.cluster_size, b"\0")
+        exts = [e for e in extension_area(raw, h)[0] if e.type != EXT_REFCOUNT_MODE]
+        mine = HeaderExtension(EXT_REFCOUNT_MODE, ext.pack())
+        table = HeaderExtension(EXT_FEATURE_TABLE,
+                                pack_feature_table({**FEATURE_NAMES, **OUR_FEATURE_NAMES}))
+        named = [table if e.type == EXT_FEATURE_TABLE else e for e in exts]
+        if table not in named:
+            named.append(table)
+        for candidate in (named, [e for e in exts if e.type != EXT_FEATURE_TABLE]):
             try:
-                data = pack_cluster0(replace(layout, refcount_mode_ext=ext),
-                                     img.geo.cluster_size, feature_table=names)
-                break
-            except FormatError:
+                write_cluster0(img, h, [*candidate, mine])
+                return
+            except (FormatError, UnsupportedFeatureError):
                 continue
-    if data is None:
-        _append_extension(img, ext)
-    else:
-        img.storage.pwrite(data, 0, "header")
-        img.storage.sync()
-        img.layout = read_layout(img.storage)  # (the backing name may have moved)
-        img.header = img.layout.header
+    _append_extension(img, ext)
 
 
 def _append_extension(img: Any, ext: RefcountModeExt) -> None:
-    """Put the refcount-mode extension into cluster 0 so that a torn write (any subset
-    of its sectors) leaves a header that parses as before: nothing before the end
-    marker moves. An existing one is rewritten in place (its mode id is one aligned
-    word). Otherwise it goes where the end marker is, after the bytes behind the marker
-    (dead) are zeroed and synced, so a sector that did not make it reads as the end
-    marker again; a backing file name in the way is first copied to the end of the
-    cluster and the header pointed at the copy."""
-    st = img.storage
-    cs = img.geo.cluster_size
-    h = img.header
-    raw = bytearray(st.pread(cs, 0))
-    pos = h.header_length
-    mine = -1
-    while True:
-        etype, length = struct.unpack_from(">II", raw, pos)
-        if etype == EXT_END:
-            break
-        if etype == EXT_REFCOUNT_MODE:
-            mine = pos
-        pos += 8 + ((length + 7) & ~7)
-    blob = struct.pack(">II", EXT_REFCOUNT_MODE, len(ext.pack())) + ext.pack()
-    if mine >= 0:
-        st.pwrite(ext.pack(), mine + 8, "header")
-        st.sync()
-    else:
-        need_end = pos + len(blob) + 8
-        if need_end > cs:
-            raise UnsupportedFeatureError(
-                "No room in the first cluster for the refcount mode header extension")
-        if h.backing_file_offset and h.backing_file_offset < need_end:
-            name = bytes(raw[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
-            far = (cs - len(name)) & ~7
-            if far < need_end or far < h.backing_file_offset + len(name):
-                raise UnsupportedFeatureError(
-                    "No room in the first cluster for the refcount mode header extension")
-            st.pwrite(name, far, "header")
-            st.sync()
-            img._update_header(backing_file_offset=far)
-        st.pwrite(bytes(need_end - pos - 8), pos + 8, "header")
-        st.sync()
-        st.pwrite(blob + bytes(8), pos, "header")
-        st.sync()
-    img.layout = read_layout(st)
-    img.header = img.layout.header
+    """The refcount-mode extension rewritten in its place, or added after the others
+    (header.set_extension: crash-safe against torn writes of cluster 0)."""
+    set_extension(img, EXT_REFCOUNT_MODE, ext.pack())
