@@ -35,8 +35,11 @@ _MAX_NODES_CHECKED = 4096  # the ancestor matrix is nodes x nodes booleans
 
 
 class OwnerChecker(_Checker):
+    rebuilt = False  # -r all wrote a new refcount structure (once per check)
+
     def _calculate(self, snapshots: Any, snap_size: int) -> None:
         self.snap_size = snap_size
+        self.snapshot_list = snapshots
         super()._calculate(snapshots, snap_size)
 
     def _metadata(self, n: int) -> np.ndarray:
@@ -259,6 +262,11 @@ class OwnerChecker(_Checker):
         leak = w_vals == 0
         want = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors))
         fixed = self._write_in_blocks(mism, w_vals, want)
+        if self.fix_errors and not self.rebuilt and (want & ~fixed).any():
+            # an owner to store where no sound refcount block holds it (a range whose
+            # block is missing): the whole owner map goes into a new structure
+            self._rebuild_owners()
+            return
         res.msg_many(lambda c, s, w, f: f"{'Repairing' if f else 'Leaked' if not w else 'ERROR'} "
                      f"cluster {c} owner={s} expected owner={w}", [mism, s_vals, w_vals, fixed])
         res.leaks -= int((fixed & leak).sum())
@@ -269,6 +277,28 @@ class OwnerChecker(_Checker):
 
     def _rebuild_and_recheck(self, snapshots: Any, snap_size: int) -> None:
         self._fix_in_place()
+        if self.rebuild and not self.rebuilt:  # the structure itself is damaged
+            self._rebuild_owners()
+
+    def _rebuild_owners(self) -> None:
+        """check.py's rebuild (new table and blocks in free clusters, then one header
+        write) with owners for counts: the repaired owner map, the new structure owned
+        by META (the rebuild adds 1 to each of its clusters: META is 1), the old one
+        freed. Then everything is checked again."""
+        assert META == 1
+        self.rebuilt = True
+        super()._rebuild_and_recheck(self.snapshot_list, self.snap_size)
+
+    def _rebuild_values(self) -> np.ndarray:
+        D = self.refs.nb
+        vals = np.zeros(D, dtype=np.int64)
+        n = min(D, len(self.stored))
+        vals[:n] = self.stored[:n]
+        mism, _s, w_vals, fixable = self.mismatch
+        leak = w_vals == 0
+        take = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors)) & (mism < D)
+        vals[mism[take]] = w_vals[take].astype(np.int64)
+        return vals
 
     def _check_copied(self) -> None:
         """COPIED in the live tree means "the live state owns it": an L1 entry's flag
