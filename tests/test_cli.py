@@ -340,6 +340,74 @@ def test_info_missing_backing_file(tmp: Path, capsys: pytest.CaptureFixture[str]
     assert (rc, out) == (1, "") and len(err.splitlines()) == 1
 
 
+def _drop_backing_format(path: str) -> None:
+    """Hide the backing format extension (written first) as an unknown one, which QEMU
+    ignores: an image with a backing file and no backing format, as older tools made."""
+    with open(path, "r+b") as f:
+        f.seek(100)
+        (pos,) = struct.unpack(">I", f.read(4))
+        f.seek(pos)
+        assert struct.unpack(">I", f.read(4))[0] == 0xE2792ACA
+        f.seek(pos)
+        f.write(struct.pack(">I", 0x12345678))
+
+
+def same_error_as_qemu(capsys: pytest.CaptureFixture[str], *args: str) -> None:
+    """Both tools fail with the same exit code and the same one-line message."""
+    rc, out, err = cli(capsys, *args)
+    qrc, qout, qerr = ref(*args)
+    assert qrc != 0 and (rc, out) == (qrc, qout), (args, qerr, err)
+    assert err.replace("qcow2: ", "qemu-img: ", 1) == qerr, (args, qerr, err)
+
+
+def test_info_backing_chain_matrix(tmp: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """qcow2 over qcow2 over qcow2 over raw, relative names through a folder, backing
+    format present and absent, snapshots, bitmaps, v2, extended L2, zstd, lazy refcounts,
+    corrupt and dirty flags; raw files and -f; missing members and loops."""
+    monkeypatch.chdir(tmp)
+    os.mkdir("sub")
+    qemu_img("create", "-q", "-f", "raw", "sub/base.raw", "1000000")  # partial last sector
+    qemu_io("sub/base.raw", "write -P 9 0 256k", fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw",
+             "sub/v2.qcow2", "4M")
+    qemu_io("sub/v2.qcow2", "write -P 1 64k 64k")
+    qemu_img("snapshot", "-c", "s1", "sub/v2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd,"
+             "lazy_refcounts=on,cluster_size=128k", "-b", "v2.qcow2", "-F", "qcow2",
+             "sub/ext.qcow2", "4M")
+    qemu_io("sub/ext.qcow2", "write -P 2 1M 64k")
+    qemu_img("bitmap", "--add", "-g", "64k", "sub/ext.qcow2", "bm0")
+    qemu_img("bitmap", "--add", "--disable", "sub/ext.qcow2", "bm1")
+    qemu_img("snapshot", "-c", "snapA", "sub/ext.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "sub/ext.qcow2", "-F", "qcow2", "top.qcow2")
+    _drop_backing_format("top.qcow2")  # probed: qcow2
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "sub/base.raw", "-F", "raw", "nofmt.qcow2")
+    _drop_backing_format("nofmt.qcow2")  # probed: raw
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "nofmt.qcow2", "-F", "qcow2", "over.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "flags.qcow2", "1M")
+    set_header_bits(tmp / "flags.qcow2", incompat=3)  # dirty and corrupt
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "flags.qcow2", "-F", "qcow2",
+             "top_c.qcow2", "1M")
+    for name in ("top.qcow2", "./top.qcow2", str(tmp / "top.qcow2"), "over.qcow2",
+                 "top_c.qcow2", "sub/base.raw"):
+        for fmt in ("human", "json"):
+            same_as_qemu(capsys, "info", "-U", "--backing-chain", f"--output={fmt}", name)
+            same_as_qemu(capsys, "info", "--force-share", f"--output={fmt}", name)
+    same_as_qemu(capsys, "info", "-f", "raw", "top.qcow2")
+    same_as_qemu(capsys, "info", "-f", "qcow2", "--backing-chain", "over.qcow2")
+    # errors: the same exit code and line
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "mid.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "mid.qcow2", "-F", "qcow2", "hole.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "lb.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "lb.qcow2", "-F", "qcow2", "la.qcow2")
+    qemu_img("rebase", "-q", "-u", "-b", "la.qcow2", "-F", "qcow2", "lb.qcow2")
+    for args in (["--backing-chain", "hole.qcow2"], ["--backing-chain", "./la.qcow2"],
+                 ["nonexistent.qcow2"], ["-f", "qcow2", "sub/base.raw"], ["sub"],
+                 ["-f", "nosuchfmt", "top.qcow2"]):
+        same_error_as_qemu(capsys, "info", *args)
+
+
 def test_info_escapes_names_like_qemu(tmp: Path, capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp)
@@ -434,7 +502,7 @@ def test_map_zero_and_subclusters(tmp: Path, capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize("args", [
     ["info", "{missing}"],
     ["map", "{missing}"],
-    ["info", "{raw}"],
+    ["info", "-f", "qcow2", "{raw}"],  # (without -f, info shows a raw file as qemu-img does)
     ["map", "{raw}"],
     ["info", "--output=xml", "{img}"],
     ["map", "--output=yaml", "{img}"],

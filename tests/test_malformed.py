@@ -343,7 +343,7 @@ def test_malformed(bases, tmp, name):
                 qcow2.open(p)
             with pytest.raises(case.err, match=case.match):
                 qcow2.open(p, "r+")
-            cli = run_cli("info", str(p))
+            cli = run_cli("info", "-f", "qcow2", str(p))  # (without -f: probed, as by qemu-img)
             assert cli.returncode == 1
             assert cli.stderr.count("\n") == 1 and case.match in cli.stderr, cli.stderr
         elif case.where == "snapshots":

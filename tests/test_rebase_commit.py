@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_clean, qemu_img, qemu_info, qemu_io, run
 
 from qcow2.cli import main
-from qcow2.rebase import commit, rebase
+from qcow2.rebase import RateLimit, commit, rebase
 
 MiB = 1 << 20
 
@@ -159,3 +159,78 @@ def test_commit_keep_and_raw_base(capsys: pytest.CaptureFixture[str], tmp: Path)
     assert capsys.readouterr().err == theirs.stderr.replace("qemu-img:", "qcow2:")
     assert main(["commit", "-b", "nonexist", str(top)]) == 1
     assert "Did not find 'nonexist' in the backing chain" in capsys.readouterr().err
+
+
+class _FakeClock:
+    """Time that only moves when the job sleeps: the pacing is checked exactly."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_commit_rate_limit(tmp: Path) -> None:
+    """-r paces the data written: the sleeps add up to data bytes / rate, in steps of at
+    most one 512 KiB piece; zeros are not counted (as QEMU's job does not count them)."""
+    ours = _chain(tmp, "o")
+    theirs = _copy_chain(ours, "q-")
+    qemu_io(ours[2], "write -P 5 2M 1M")  # 2 pieces of 512 KiB
+    qemu_io(theirs[2], "write -P 5 2M 1M")
+    data = sum(n for start, n, depth, zero, is_data in _map(ours[2])
+               if depth == 0 and is_data and not zero)
+    fake = _FakeClock()
+    rate = 256 << 10
+    commit(ours[2], rate=RateLimit(rate, fake.clock, fake.sleep))
+    qemu_img("commit", "-r", "256k", str(theirs[2]))
+    assert data > (1 << 20) and sum(fake.sleeps) == pytest.approx(data / rate)
+    assert max(fake.sleeps) <= (512 << 10) / rate + 1e-9
+    for a, b in zip(ours, theirs):
+        assert_clean(a)
+        assert qemu_img("compare", str(a), str(b), check=False).returncode == 0, a.name
+    fake = _FakeClock()  # unlimited: no sleeps
+    qemu_io(ours[2], "write -P 6 0 1M")
+    commit(ours[2], rate=RateLimit(0, fake.clock, fake.sleep))
+    assert fake.sleeps == []
+
+
+@pytest.mark.parametrize("args", [
+    ["-r", "-1"], ["-r", ""], ["-r", "8E"], ["-t", "foo"], ["-r", "foo", "-t", "foo"],
+    ["-f", "foo"], ["-f", "raw"], ["-b", "x", "-t", "bad"], ["-r", "0"], ["-r", "1G", "-q"],
+    ["-t", "none", "-d"], ["-t", "unsafe", "-b", "obase.qcow2"], ["-r", "0x100000000", "-f", "qcow2"],
+])
+def test_commit_options_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,
+                                  args: list[str]) -> None:
+    """Same exit code, output and message as qemu-img commit (qemu-img splits the
+    invalid rate message over two lines, ours is one)."""
+    ours = _chain(tmp, "o")
+    theirs = _copy_chain(ours, "q-")
+    want = run("qemu-img", "commit", *[a.replace("obase", "q-obase") for a in args],
+               str(theirs[2]), check=False)
+    rc = main(["commit", *args, str(ours[2])])
+    cap = capsys.readouterr()
+    assert rc == want.returncode and cap.out == want.stdout, (cap, want.stderr)
+    assert cap.err == want.stderr.replace("\nqemu-img: ", " ").replace("qemu-img:", "qcow2:") \
+        .replace(str(theirs[2]), str(ours[2]))
+    if not rc:
+        for a, b in zip(ours, theirs):
+            assert qemu_img("compare", str(a), str(b), check=False).returncode == 0, a.name
+
+
+def test_commit_file_arguments_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
+    raw = tmp / "r.raw"
+    raw.write_bytes(bytes(1 << 20))
+    top = tmp / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(top), "1M")
+    for args in (["-f", "qcow2", str(raw)], ["-f", "raw", str(raw)], [str(tmp / "nonexist")],
+                 [], [str(top), str(top)], [str(top)]):
+        want = run("qemu-img", "commit", *args, check=False)
+        assert main(["commit", *args]) == want.returncode == 1
+        first = [ln for ln in want.stderr.splitlines() if ln.startswith("qemu-img:")][0]
+        assert capsys.readouterr().err == first.replace("qemu-img:", "qcow2:") + "\n", args

@@ -1161,6 +1161,11 @@ class _Checker:
         if res.leaks < old_leaks:
             res.leaks_fixed += old_leaks - res.leaks
 
+    def _rebuild_values(self) -> np.ndarray:
+        """What the rebuilt structure stores per cluster, the old table and blocks still
+        included (they are taken off) and the new ones not (each adds 1)."""
+        return self.refs.dense[: self.refs.nb].astype(np.int64)
+
     def _rebuild(self) -> None:
         """Write a new refcount table and blocks holding the computed refcounts, in
         clusters nothing references, then point the header at them."""
@@ -1170,7 +1175,7 @@ class _Checker:
         first = h.refcount_table_offset >> self.cb
         old = np.concatenate([np.arange(first, first + h.refcount_table_clusters, dtype=np.int64),
                               self._block_refs])
-        marks = refs.dense[:D].copy()
+        marks = self._rebuild_values()
         old = old[old < D]
         np.subtract.at(marks, old, 1)
         np.maximum(marks, 0, out=marks)

@@ -331,14 +331,10 @@ def _check_fmt(fmt: str | None) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import open as qopen
-    from .info import chain_info, human_info, image_info, to_json
+    from .info import human_info, info_list, to_json
 
     out = _output_format(args.output)
-    _check_fmt(args.fmt)
-    with qopen(args.filename, backing=args.backing_chain) as img:
-        infos = chain_info(img, args.filename) if args.backing_chain else \
-            [image_info(img, args.filename)]
+    infos = info_list(args.filename, args.fmt, backing_chain=args.backing_chain)
     if out == "json":
         print(to_json(infos if args.backing_chain else infos[0]))
     else:
@@ -435,7 +431,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="virtual size, with optional suffix k, M, G, T, P or E")
 
     p = add("info", cmd_info, "Show information about an image",
-            "qcow2 info [-f qcow2] [--output=human|json] [--backing-chain] [-U] FILE")
+            "qcow2 info [-f qcow2|raw] [--output=human|json] [--backing-chain] [-U] FILE")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("--output", metavar="FMT", help="human (default) or json")
     p.add_argument("--backing-chain", action="store_true", help="also show every backing file")

@@ -28,15 +28,18 @@ from .format import (
     decode_table,
     encode_table,
 )
-from .owner import FIRST_NODE, META, node_of, node_refs
+from .owner import FIRST_NODE, META, node_of, tree_refs
 
 _U64 = np.uint64
 _MAX_NODES_CHECKED = 4096  # the ancestor matrix is nodes x nodes booleans
 
 
 class OwnerChecker(_Checker):
+    rebuilt = False  # -r all wrote a new refcount structure (once per check)
+
     def _calculate(self, snapshots: Any, snap_size: int) -> None:
         self.snap_size = snap_size
+        self.snapshot_list = snapshots
         super()._calculate(snapshots, snap_size)
 
     def _metadata(self, n: int) -> np.ndarray:
@@ -137,99 +140,112 @@ class OwnerChecker(_Checker):
             return
         self.live_id = live_id
         hidden = np.array([nd.hidden for nd in nodes] + [False])
-        # -- references per node ---------------------------------------------------------
-        parts, who = [], []
+        # -- references per node: one sort of (cluster, node) keys for all nodes, each
+        # pair once (a node's tree may name a cluster several times: packed compressed
+        # clusters share one). The node index sits in the low bits (shifts, not divisions).
+        shift = max(1, (n - 1).bit_length())
+        parts = []
         for k, e in enumerate(entries):
             try:
-                r = node_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size)
+                plain, comp = tree_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size)
             except Qcow2Error:
                 continue  # reported by the structure checks
-            parts.append(r)
-            who.append(np.full(len(r), k, dtype=np.int64))
+            parts.append((np.concatenate([plain, comp]) << shift) | k)
         try:
             l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size) \
                 if h.l1_size else np.zeros(0, dtype=np.uint64)
-            r = node_refs(img, l1, h.l1_table_offset, h.l1_size)
-            parts.append(r)
-            who.append(np.full(len(r), n - 1, dtype=np.int64))
+            plain, comp = tree_refs(img, l1, h.l1_table_offset, h.l1_size)
+            parts.append((np.concatenate([plain, comp]) << shift) | (n - 1))
         except Qcow2Error:
             pass
-        cl = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        xi = np.concatenate(who) if who else np.zeros(0, dtype=np.int64)
-        inside = cl < D
-        cl, xi = cl[inside], xi[inside]
-        keys = cl * n + xi
-        order = np.argsort(keys, kind="stable")
-        keys, cl, xi = keys[order], cl[order], xi[order]
-        dup = np.flatnonzero(np.diff(keys) == 0)
-        if len(dup):
-            res.msg_many(lambda c: f"ERROR cluster {c} is referenced twice by one node", [cl[dup]])
-            res.corruptions += len(dup)
-            keep = np.r_[True, np.diff(keys) != 0]
-            keys, cl, xi = keys[keep], cl[keep], xi[keep]
+        keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        # each node's clusters come mostly in ascending runs, which timsort merges
+        keys = np.sort(keys[keys < (D << shift)], kind="stable")
+        if len(keys):
+            keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
+        cl, xi = keys >> shift, keys & ((1 << shift) - 1)  # by cluster, then by node
         node_count = np.bincount(cl, minlength=D)[:D]
+
+        def member(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+            """Whether node x references cluster c (keys is sorted)."""
+            if not len(keys):
+                return np.zeros(len(c), dtype=bool)
+            q = (c << shift) | x
+            p = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            return keys[p] == q
         # -- the invariant -------------------------------------------------------------------
-        sorted_ids = np.sort(all_ids)
-        id_order = np.argsort(all_ids)
+        max_id = int(all_ids.max())
+        if max_id < (1 << 22):  # node ids are small: a lookup table from id to index
+            lut = np.full(max_id + 2, -1, dtype=np.int64)
+            lut[all_ids] = np.arange(n)
 
-        def index_of(owner: np.ndarray) -> np.ndarray:
-            o = owner.astype(np.int64)
-            p = np.minimum(np.searchsorted(sorted_ids, o), n - 1)
-            return np.where(sorted_ids[p] == o, id_order[p], -1)
+            def index_of(owner: np.ndarray) -> np.ndarray:
+                return lut[np.minimum(owner.astype(np.uint64), _U64(max_id + 1)).astype(np.intp)]
+        else:
+            sorted_ids = np.sort(all_ids)
+            id_order = np.argsort(all_ids)
 
-        oi = index_of(stored[cl])
-        ok = oi >= 0
-        ok[ok] = anc[xi[ok], oi[ok]]
+            def index_of(owner: np.ndarray) -> np.ndarray:
+                o = owner.astype(np.int64)
+                p = np.minimum(np.searchsorted(sorted_ids, o), n - 1)
+                return np.where(sorted_ids[p] == o, id_order[p], -1)
+
+        own_c = index_of(stored)  # each cluster's owner as a node index (-1: none)
+        oi = own_c[cl]
+        # the referencing node descends from the owner ...
+        ok = (oi >= 0) & anc.reshape(-1)[xi * n + np.maximum(oi, 0)]
+        # ... and its parent references the cluster too, unless the parent is the owner
         up = pidx[xi]
-        step = ok & (oi != xi)
-        need = step & (up != oi)
-        has_parent = np.zeros(len(cl), dtype=bool)
+        need = ok & (oi != xi) & (up != oi)
         if need.any():
-            has_parent[need] = np.isin(cl[need] * n + up[need], keys)
-        ok &= ~need | has_parent
+            ok[need] = member(cl[need], up[need])
         bad_c = np.zeros(D, dtype=bool)
         bad_c[cl[~ok]] = True
         # the owner references it, or is a hidden node
-        ref_c = np.flatnonzero(node_count)
-        own_i = index_of(stored[ref_c])
-        own_ok = own_i >= 0
-        own_ok[own_ok] = hidden[own_i[own_ok]] | np.isin(
-            ref_c[own_ok] * n + own_i[own_ok], keys)
-        bad_c[ref_c[~own_ok]] = True
+        owner_refs = np.zeros(D, dtype=bool)
+        owner_refs[cl[xi == oi]] = True
+        own_ok = (own_c >= 0) & (hidden[np.maximum(own_c, 0)] | owner_refs)
+        bad_c |= (node_count > 0) & ~own_ok
         meta = self._metadata(D)
         both = meta & (node_count > 0)
         if both.any():
             res.msg_many(lambda c: f"ERROR cluster {c} is both image metadata and node data",
                          [np.flatnonzero(both)])
         bad_c |= meta & (stored != META)
-        # what -r all would store: META, or the root-most referencing node when that
-        # satisfies the invariant
-        want = np.zeros(D, dtype=np.uint64)
-        want[meta] = META
-        fixable = np.ones(D, dtype=bool)
-        fixable[both] = False
-        if len(cl):
-            d = depth[xi]
-            top = np.full(D, -1, dtype=np.int64)
-            best = np.full(D, n + 1, dtype=np.int64)
-            np.minimum.at(best, cl, d)
-            is_top = d == best[cl]
-            top[cl[is_top]] = xi[is_top]
-            r = top[cl]
-            good = (r >= 0) & anc[xi, np.maximum(r, 0)]
-            par = pidx[xi]
-            needp = good & (xi != r)
-            good_p = np.ones(len(cl), dtype=bool)
-            if needp.any():
-                good_p[needp] = np.isin(cl[needp] * n + par[needp], keys)
-            good &= good_p
-            fixable[cl[~good]] = False
-            hit = top >= 0
-            want[hit & ~meta] = all_ids[top[hit & ~meta]].astype(np.uint64)
         leak = (ref == 0) & (stored != 0)
         bad_c |= (node_count > 0) & (stored == 0)
         bad_c &= ~leak
         mism = np.flatnonzero(bad_c | leak)
+        if not len(mism):
+            return
+        # what -r all would store, for the clusters found wrong only: META, or the
+        # root-most referencing node when that satisfies the invariant
+        want = np.zeros(D, dtype=np.uint64)
+        want[meta] = META
+        fixable = ~both
+        wrong = np.zeros(D, dtype=bool)
+        wrong[mism] = True
+        sel = wrong[cl]
+        c2, x2 = cl[sel], xi[sel]
+        if len(c2):
+            first = np.r_[True, c2[1:] != c2[:-1]]
+            group = np.cumsum(first) - 1
+            d = depth[x2]
+            is_top = d == np.minimum.reduceat(d, np.flatnonzero(first))[group]
+            # of equally deep referencing nodes the last one (highest index) is the root
+            t = np.flatnonzero(is_top)
+            t = t[np.r_[group[t][1:] != group[t][:-1], True]]
+            top = np.full(D, -1, dtype=np.int64)
+            top[c2[t]] = x2[t]
+            r = top[c2]
+            good = (r >= 0) & anc[x2, np.maximum(r, 0)]
+            par = pidx[x2]
+            needp = good & (x2 != r)
+            if needp.any():
+                good[needp] = member(c2[needp], par[needp])
+            fixable[c2[~good]] = False
+            hit = (top >= 0) & ~meta
+            want[hit] = all_ids[top[hit]].astype(np.uint64)
         self.mismatch = (mism, stored[mism].astype(np.uint64), want[mism], fixable[mism] | leak[mism])
         if fix or not len(mism):
             return
@@ -246,6 +262,11 @@ class OwnerChecker(_Checker):
         leak = w_vals == 0
         want = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors))
         fixed = self._write_in_blocks(mism, w_vals, want)
+        if self.fix_errors and not self.rebuilt and (want & ~fixed).any():
+            # an owner to store where no sound refcount block holds it (a range whose
+            # block is missing): the whole owner map goes into a new structure
+            self._rebuild_owners()
+            return
         res.msg_many(lambda c, s, w, f: f"{'Repairing' if f else 'Leaked' if not w else 'ERROR'} "
                      f"cluster {c} owner={s} expected owner={w}", [mism, s_vals, w_vals, fixed])
         res.leaks -= int((fixed & leak).sum())
@@ -256,6 +277,28 @@ class OwnerChecker(_Checker):
 
     def _rebuild_and_recheck(self, snapshots: Any, snap_size: int) -> None:
         self._fix_in_place()
+        if self.rebuild and not self.rebuilt:  # the structure itself is damaged
+            self._rebuild_owners()
+
+    def _rebuild_owners(self) -> None:
+        """check.py's rebuild (new table and blocks in free clusters, then one header
+        write) with owners for counts: the repaired owner map, the new structure owned
+        by META (the rebuild adds 1 to each of its clusters: META is 1), the old one
+        freed. Then everything is checked again."""
+        assert META == 1
+        self.rebuilt = True
+        super()._rebuild_and_recheck(self.snapshot_list, self.snap_size)
+
+    def _rebuild_values(self) -> np.ndarray:
+        D = self.refs.nb
+        vals = np.zeros(D, dtype=np.int64)
+        n = min(D, len(self.stored))
+        vals[:n] = self.stored[:n]
+        mism, _s, w_vals, fixable = self.mismatch
+        leak = w_vals == 0
+        take = fixable & ((leak & self.fix_leaks) | (~leak & self.fix_errors)) & (mism < D)
+        vals[mism[take]] = w_vals[take].astype(np.int64)
+        return vals
 
     def _check_copied(self) -> None:
         """COPIED in the live tree means "the live state owns it": an L1 entry's flag

@@ -12,7 +12,10 @@ they read the same under the old header. Unsafe mode (-u) only switches the head
 commit: every range the overlay holds (data or zeros) is written into the backing file
 (or, with -b, into that image of the chain with the images between them too, as qemu-img
 commit does); then, unless -d, the overlay's clusters are discarded so that it reads
-through to the updated backing file again.
+through to the updated backing file again. A rate limit (-r, bytes per second) paces the
+data written, as qemu-img's commit job does: data is copied in 512 KiB pieces and the
+job sleeps until the bytes written so far fit the rate; ranges written as zeros do not
+count (QEMU does not count efficient zero writes either).
 """
 
 from __future__ import annotations
@@ -20,13 +23,56 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import BackingFileError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from .errors import (
+    BackingFileError,
+    FormatError,
+    InvalidArgumentError,
+    Qcow2Error,
+    UnsupportedFeatureError,
+)
 
 CHUNK = 4 << 20  # bytes compared or copied per step
+COMMIT_PIECE = 512 << 10  # bytes copied between two rate checks (QEMU's commit buffer)
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 Progress = Callable[[float], None]
+
+
+class RateLimit:
+    """Paces a copy to `rate` bytes per second (0: no limit). After each piece it sleeps
+    until the time the bytes accounted so far are due at that rate; clock and sleep are
+    injectable so that the pacing can be checked without waiting."""
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate < 0:
+            raise InvalidArgumentError("Invalid rate limit specified. Must be between 0 "
+                                       f"and {(1 << 63) - 1}.")
+        self.rate = rate
+        self.clock = clock
+        self.sleep = sleep
+        self.start: float | None = None
+        self.done = 0
+
+    def account(self, n: int) -> None:
+        if not self.rate or n <= 0:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        self.done += n
+        delay = self.start + self.done / self.rate - now
+        if delay > 0:
+            self.sleep(delay)
+
+    def pieces(self, pos: int, n: int) -> Iterator[tuple[int, int]]:
+        """[pos, pos + n) in pieces small enough to pace (whole when unlimited)."""
+        step = COMMIT_PIECE if self.rate else max(1, n)
+        for p in range(pos, pos + n, step):
+            yield p, min(step, pos + n - p)
 
 
 def _read(layer: Any, n: int, offset: int) -> bytes:
@@ -186,12 +232,17 @@ def set_backing(img: Any, backing_file: str | None, backing_format: str | None) 
 
 # ------------------------------------------------------------------ commit --
 def commit(path: str | os.PathLike[str], base: str | None = None, *, drop: bool = False,
-           progress: Progress | None = None) -> None:
+           progress: Progress | None = None, rate: int | RateLimit = 0) -> None:
     """Write the data of the qcow2 overlay at path into its backing file (or into the
     chain down to `base`, a path or backing file name). Unless drop, the overlay is
-    emptied afterwards (it then reads its backing file again)."""
+    emptied afterwards (it then reads its backing file again); a base implies drop, as
+    in qemu-img (emptying the top would expose the older data of the images between).
+    rate: at most that many bytes of data per second (0: unlimited), or a RateLimit (for
+    its clock and sleep)."""
     from . import open as qopen
 
+    limit = rate if isinstance(rate, RateLimit) else RateLimit(rate)
+    drop = drop or base is not None
     path = os.fspath(path)
     with qopen(path, "r+") as img:
         if img.backing is None:
@@ -205,7 +256,7 @@ def commit(path: str | os.PathLike[str], base: str | None = None, *, drop: bool 
             chain.append(nxt)
         target = chain[-1]
         tpath = target.path if hasattr(target, "path") else target.filename
-        _commit_into(img, chain, tpath, progress)
+        _commit_into(img, chain, tpath, progress, limit)
         if not drop:
             _empty(img)
     if progress:
@@ -219,7 +270,8 @@ def _is(layer: Any, base: str, top: str) -> bool:
                                or os.path.realpath(lp) == os.path.realpath(base))
 
 
-def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | None) -> None:
+def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | None,
+                 limit: RateLimit) -> None:
     """Write what img and the images above the target provide into the target."""
     from . import open as qopen
     from .backing import RawFile
@@ -229,24 +281,27 @@ def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | No
     size = guest_size(img)
     # the ranges the target does not decide: everything some layer above it holds
     if isinstance(target, RawFile):
-        _commit_raw(img, tpath, size, progress)
+        _commit_raw(img, tpath, size, progress, limit)
         return
     if guest_size(target) < size:
         raise UnsupportedFeatureError("The backing file is smaller than the image: "
                                       "resize it first")
     with qopen(tpath, "r+", backing=True) as out:
-        for pos, n in _provided(img, chain[:-1], size):
-            data = img.pread(n, pos)
-            if data.count(0) == len(data):
-                out.write_zeroes(pos, n)
-            else:
-                out.pwrite(data, pos)
+        for span, length in _provided(img, chain[:-1], size):
+            for pos, n in limit.pieces(span, length):
+                data = img.pread(n, pos)
+                if data.count(0) == len(data):
+                    out.write_zeroes(pos, n)
+                else:
+                    out.pwrite(data, pos)
+                    limit.account(n)
             if progress:
-                progress(100.0 * (pos + n) / max(1, size))
+                progress(100.0 * (span + length) / max(1, size))
         out.flush()
 
 
-def _commit_raw(img: Any, tpath: str, size: int, progress: Progress | None) -> None:
+def _commit_raw(img: Any, tpath: str, size: int, progress: Progress | None,
+                limit: RateLimit) -> None:
     from .storage import FileBackend, Storage
 
     st = Storage(FileBackend(tpath, writable=True), writable=True)
@@ -254,10 +309,14 @@ def _commit_raw(img: Any, tpath: str, size: int, progress: Progress | None) -> N
         if st.size() < size:
             raise UnsupportedFeatureError("The backing file is smaller than the image: "
                                           "resize it first")
-        for pos, n in _provided(img, [], size):
-            st.pwrite(img.pread(n, pos), pos, "data")
+        for span, length in _provided(img, [], size):
+            for pos, n in limit.pieces(span, length):
+                data = img.pread(n, pos)
+                st.pwrite(data, pos, "data")
+                if data.count(0) != len(data):
+                    limit.account(n)
             if progress:
-                progress(100.0 * (pos + n) / max(1, size))
+                progress(100.0 * (span + length) / max(1, size))
         st.sync()
     finally:
         st.close()
@@ -359,11 +418,28 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    _open_check(args.filename, args.fmt, "Operation not supported")
+    from .commands import _map_number
+
+    if len(args.filename) != 1:
+        raise InvalidArgumentError("Expecting one image file name")
+    filename = args.filename[0]
+    # qemu-img checks its options in this order before it opens the image
+    rate = _map_number("rate limit", args.rate, 0)
+    if args.cache is not None and args.cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {args.cache}")
+    if args.fmt is not None and args.fmt not in ("qcow2", "raw"):
+        raise InvalidArgumentError(f"Could not open '{filename}': Unknown driver '{args.fmt}'")
+    _open_check(filename, "qcow2", "")  # a missing file: qemu-img's message
+    with open(filename, "rb") as f:
+        is_qcow2 = f.read(4) == b"QFI\xfb"
+    if args.fmt == "qcow2" and not is_qcow2:
+        raise FormatError(f"Could not open '{filename}': Image is not in qcow2 format")
+    if args.fmt == "raw" or not is_qcow2:  # raw has no backing file to commit into
+        raise UnsupportedFeatureError("Image does not have a backing file")
     progress = _printer() if args.progress and not args.quiet else None
     if progress:
         progress(0.0)
-    commit(args.filename, args.base, drop=args.drop, progress=progress)
+    commit(filename, args.base, drop=args.drop, progress=progress, rate=rate)
     if not args.quiet:
         print("Image committed.")
     return 0
@@ -392,13 +468,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "commit", help="write an overlay's data into its backing file",
         description="Commit the changes of an overlay into its backing file (qemu-img "
         "commit); the overlay is emptied unless -d.",
-        usage="qcow2 commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE")
+        usage="qcow2 commit [-f qcow2] [-t CACHE] [-b BASE] [-d] [-p] [-q] [-r RATE] FILE")
     p.add_argument("-b", dest="base", metavar="BASE")
     p.add_argument("-d", dest="drop", action="store_true", help="do not empty the overlay")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("-r", dest="rate", help="accepted for compatibility (not limited)")
-    p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
-    p.add_argument("filename", metavar="FILE")
+    p.add_argument("-r", dest="rate", metavar="RATE",
+                   help="rate limit in bytes per second (suffixes k, M, G, ...; 0: none)")
+    p.add_argument("-t", dest="cache", metavar="CACHE",
+                   help="cache mode (accepted: none, writeback, writethrough, directsync, unsafe)")
+    p.add_argument("filename", metavar="FILE", nargs="*")
     p.set_defaults(func=cmd_commit)
