@@ -333,7 +333,7 @@ def _rewrite_table(img, entries):
     table = pack_snapshot_table(entries)
     img.storage.pwrite(table, img.header.snapshots_offset, "snapshot_table")
     img._update_header(nb_snapshots=len(entries))
-    img._snap_cache = None
+    img._snapshots._snap_cache = None
 
 
 # ------------------------------------------------------------------ table format --
@@ -458,10 +458,10 @@ def _install_table(p: Path, entries) -> None:
         off = img.refcounts.allocate(n)
         img.storage.pwrite(table, off, "snapshot_table")
         img.storage.sync()
-        old_off, old_size = img.header.snapshots_offset, img._table_size()
+        old_off, old_size = img.header.snapshots_offset, img._snapshots._table_size()
         img._update_header(nb_snapshots=len(entries), snapshots_offset=off)
-        img._free_tables(old_off, old_size)
-        img._snap_cache = None
+        img._snapshots._free_tables(old_off, old_size)
+        img._snapshots._snap_cache = None
 
 
 def test_header_limit_on_open(tmp):

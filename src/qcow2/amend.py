@@ -345,7 +345,7 @@ def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress 
     rc = img.refcounts
     cmap = img.clusters
     tables: dict[int, None] = {}  # L2 table offsets in first-seen order
-    l1s = [cmap.l1] + [img._snapshot_l1(e) for e in img.snapshots]
+    l1s = [cmap.l1] + [img._snapshots._snapshot_l1(e) for e in img.snapshots]
     for l1 in l1s:
         for off in (l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
             if off:

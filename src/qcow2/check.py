@@ -1268,7 +1268,7 @@ class _Checker:
         h = img.header
         rc = img._make_refcounts()
         if rc.needs_live_map:
-            rc.set_live(img._live_counts())
+            rc.set_live(img._snapshots._live_counts())
         try:
             new = rc.allocate_deferred(div_round_up(len(blob), self.cs)) if blob else 0
             rc.commit()  # counted and durable before the header points at it
@@ -1512,21 +1512,6 @@ def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = Fal
             img.storage.sync()
             img._update_header(incompatible_features=img.header.incompatible_features & ~INCOMPAT_DIRTY)
     return result
-
-
-class CheckMixin:
-    """check(repair=None|"leaks"|"all") method of Image."""
-
-    def check(self, repair: str | None = None) -> CheckResult:
-        """Check the image like `qemu-img check`; with repair="leaks" or "all" (image
-        opened read-write) repair it and report the re-check."""
-        # a repair rewrites metadata wholesale, from what it counted: no overlap guard
-        st = self.storage  # type: ignore[attr-defined]
-        guard, st.meta_guard = st.meta_guard, None
-        try:
-            return check_image(self, repair)
-        finally:
-            st.meta_guard = guard
 
 
 def check_file(path: str | os.PathLike[str], repair: str | None = None) -> CheckResult:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import backing as _backing
-from .check import CheckMixin, check_image
+from .check import CheckResult, check_image
 from .cluster import (
     BITMAP_ALLOC_ALL,
     BITMAP_ZERO_ALL,
@@ -47,7 +47,7 @@ from .header import read_layout
 from .modes import MODES, mode_of, set_refcount_mode
 from .overlap import OverlapGuard, guard_allocator, validate_reftable
 from .refcount import RefcountStrategy, StandardRefcounts
-from .snapshot import SnapshotMixin
+from .snapshot import SnapshotEntry, SnapshotOps, SnapshotView
 from .storage import Backend, FileBackend, Stats, Storage
 
 DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables kept in memory
@@ -60,7 +60,7 @@ _FAST_MAX = 1 << 30
 _OWNED_MAX = 1 << 16
 
 
-class Image(SnapshotMixin, CheckMixin, BitmapMixin):
+class Image(BitmapMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     _corrupt = False  # set once a write onto metadata was refused (see _guard)
@@ -69,6 +69,9 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
 
     def __init__(self) -> None:  # use Image._open
         self.closed = True
+        # the snapshot table and operations, a collaborator working through the narrow
+        # SnapshotHost interface this class provides (snapshot.py)
+        self._snapshots = SnapshotOps(self)
 
     # ------------------------------------------------------------------ opening --
     @classmethod
@@ -1033,6 +1036,65 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
                 yield guest, n, COMPRESSED, 0
             else:
                 yield guest, n, kind, host
+
+    # ------------------------------------------------------------------ snapshots --
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        """The snapshot records, in table order (id, name, date, date_sec, date_nsec,
+        vm_clock, vm_clock_nsec, vm_state_size, disk_size, icount)."""
+        return self._snapshots.snapshots
+
+    def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        """The snapshot with this id, else the first one with this name."""
+        return self._snapshots.find_snapshot(name_or_id)
+
+    def snapshot(self, name_or_id: str) -> SnapshotView:
+        """A read-only view of a snapshot (pread, size, map, file), without applying it."""
+        return self._snapshots.snapshot(name_or_id)
+
+    def read_vm_state(self, name_or_id: str) -> bytes:
+        """The VM state saved with a snapshot (b"" for a disk-only snapshot)."""
+        return self._snapshots.read_vm_state(name_or_id)
+
+    def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
+                        icount: int | None = 0, date_sec: int | None = None,
+                        date_nsec: int | None = None) -> SnapshotEntry:
+        """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
+
+        vm_state (bytes-like, any size) is stored past the end of the disk in the
+        snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
+        defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
+        """
+        return self._snapshots.create_snapshot(
+            name, vm_state, vm_clock_nsec=vm_clock_nsec, icount=icount,
+            date_sec=date_sec, date_nsec=date_nsec)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Make the active state equal to the snapshot (as `qemu-img snapshot -a`),
+        including its disk size. The discarded active state's clusters are released."""
+        self._snapshots.apply_snapshot(name_or_id)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete a snapshot (as `qemu-img snapshot -d`): remove its entry, then release
+        what its L1 table reached, then fix the COPIED flags of the active tree."""
+        self._snapshots.delete_snapshot(name_or_id)
+
+    def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
+        """The header now names this active L1 table: make it the in-memory one."""
+        self.clusters.replace_l1(l1, offset)
+        self._compressed_cache = None
+
+    # ------------------------------------------------------------------ check --
+    def check(self, repair: str | None = None) -> CheckResult:
+        """Check the image like `qemu-img check`; with repair="leaks" or "all" (image
+        opened read-write) repair it and report the re-check."""
+        # a repair rewrites metadata wholesale, from what it counted: no overlap guard
+        st = self.storage
+        guard, st.meta_guard = st.meta_guard, None
+        try:
+            return check_image(self, repair)
+        finally:
+            st.meta_guard = guard
 
     # ------------------------------------------------------------------ file view --
     def file(self) -> ImageFile:

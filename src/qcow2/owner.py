@@ -71,13 +71,14 @@ class OwnerRefcounts(StandardRefcounts):
         return not node_of(entry).hidden
 
     def attach(self, img: Any) -> None:
-        self.live_id = live_node_id(img, self)
+        ops = img._snapshots
+        self.live_id = live_node_id(ops, self)
         self._comp_releases = []
         self._comp_live = None  # compressed references of the live tree, counted on demand
 
         def live_compressed() -> np.ndarray:
-            cmap = img.clusters
-            return tree_refs(img, cmap.l1, 0, 0)[1]
+            cmap = ops.clusters
+            return tree_refs(ops, cmap.l1, 0, 0)[1]
 
         self._live_compressed = live_compressed
 
@@ -97,7 +98,7 @@ class OwnerRefcounts(StandardRefcounts):
 
     @staticmethod
     def parents(img: Any) -> dict[str, str]:
-        return snapshot_parents(img)
+        return snapshot_parents(img._snapshots)
 
     @classmethod
     def checker(cls) -> type | None:
@@ -620,13 +621,14 @@ def reclaim_hidden(img: Any) -> None:
 
 
 # ======================================================================= conversion ==
-def from_standard(img: Any) -> None:
+def from_standard(image: Any) -> None:
     """Standard refcounts -> owners, crash-atomically. The tree: a chain in creation
     order (the live state last) when every cluster's referencing nodes are consecutive
     in it, the first of them owning it; otherwise every node is a child of one hidden
     root, which owns what several nodes share (anything a chain cannot express)."""
     from .snapshot import pack_snapshot_table
 
+    img = image._snapshots
     img._rc()
     geo = img.geo
     if geo.refcount_bits < 8:
@@ -682,7 +684,7 @@ def from_standard(img: Any) -> None:
         flags = SnapshotNode.HIDDEN | SnapshotNode.LIVE_PARENT
         new_entries.insert(0, add_node(hidden, SnapshotNode(root, 0, flags)))
     pack_snapshot_table(new_entries)  # size check before anything changes
-    _switch_values(img, owner_of, new_entries, "owner")
+    _switch_values(image, owner_of, new_entries, "owner")
 
 
 def _unused_id(entries: list[SnapshotEntry]) -> str:
@@ -691,10 +693,11 @@ def _unused_id(entries: list[SnapshotEntry]) -> str:
     return next_snapshot_id(entries)
 
 
-def to_standard(img: Any) -> None:
+def to_standard(image: Any) -> None:
     """Owners -> standard refcounts, crash-atomically: hidden nodes go (what only they
     referenced is freed), every other reference is counted. The COPIED flags of the
     live tree are then set as standard qcow2 wants them (a second transaction)."""
+    img = image._snapshots
     entries = img._snapshot_entries()
     keep = [without_node(e) for e in entries if not node_of(e).hidden]
     cmap = img.clusters
@@ -706,7 +709,7 @@ def to_standard(img: Any) -> None:
     counts = np.bincount(cl, minlength=1).astype(np.uint64) if len(cl) else np.zeros(1, np.uint64)
     if len(counts) and int(counts.max()) > img.geo.refcount_max:
         raise SnapshotError("A cluster has more references than refcount_bits can count")
-    _switch_values(img, counts, keep, "standard")
+    _switch_values(image, counts, keep, "standard")
     # the live tree's COPIED flags as the counts want them
     rc = img._rc()
     with img._bulk():
@@ -727,13 +730,14 @@ def to_standard(img: Any) -> None:
         img._switch_l1(new_l1, l1_off)
 
 
-def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], mode: str) -> None:
+def _switch_values(image: Any, values: np.ndarray, entries: list[SnapshotEntry], mode: str) -> None:
     """One transaction: every cluster's stored value becomes values[c] (0 past its
     end) except the image metadata (META in owner mode, 1 in standard: the same), the
     snapshot table is rewritten, and the header switches mode bit and tables."""
     from .format import INCOMPAT_REFCOUNT_MODES, REFCOUNT_MODE_BITS
     from .snapshot import pack_snapshot_table
 
+    img = image._snapshots
     rc = img._rc()
     cs = img.geo.cluster_size
     bits = (img.header.incompatible_features & ~INCOMPAT_REFCOUNT_MODES) | REFCOUNT_MODE_BITS[mode]
@@ -764,7 +768,7 @@ def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], m
             if old_t and old_size:
                 want[old_t // cs : old_t // cs + div_round_up(old_size, cs)] = 0
                 meta[old_t // cs : old_t // cs + div_round_up(old_size, cs)] = False
-            for c in _bitmap_clusters(img):
+            for c in _bitmap_clusters(image):
                 if c < len(meta):
                     meta[c] = True
             want[meta] = 1
@@ -785,7 +789,7 @@ def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], m
             raise
     img._snap_cache = None
     img._snapshot_gen += 1
-    img._reopen_refcounts()
+    image._reopen_refcounts()
 
 
 def _set_values(rc: StandardRefcounts, clusters: np.ndarray, values: np.ndarray) -> None:

@@ -77,7 +77,7 @@ class OwnerChecker(_Checker):
         img = self.img
         h = img.header
         try:
-            entries = img._snapshot_entries()
+            entries = img._snapshots._snapshot_entries()
         except Qcow2Error as exc:
             res.msg(f"ERROR snapshot table: {exc}")
             res.corruptions += 1
@@ -141,7 +141,7 @@ class OwnerChecker(_Checker):
         parts, who = [], []
         for k, e in enumerate(entries):
             try:
-                r = node_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size)
+                r = node_refs(img._snapshots, img._snapshots._snapshot_l1(e), e.l1_table_offset, e.l1_size)
             except Qcow2Error:
                 continue  # reported by the structure checks
             parts.append(r)
@@ -149,7 +149,7 @@ class OwnerChecker(_Checker):
         try:
             l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size) \
                 if h.l1_size else np.zeros(0, dtype=np.uint64)
-            r = node_refs(img, l1, h.l1_table_offset, h.l1_size)
+            r = node_refs(img._snapshots, l1, h.l1_table_offset, h.l1_size)
             parts.append(r)
             who.append(np.full(len(r), n - 1, dtype=np.int64))
         except Qcow2Error:
