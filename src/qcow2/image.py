@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import backing as _backing
+from .bitmaps import BitmapEntry
 from .check import CheckResult, check_image
 from .cluster import (
     BITMAP_ALLOC_ALL,
@@ -21,7 +22,7 @@ from .cluster import (
     ClusterMap,
 )
 from .compress import compress_cluster, decompress_cluster
-from .dirtybitmaps import BitmapMixin, open_for_writing
+from .dirtybitmaps import BitmapKeeper, open_for_writing
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -60,7 +61,7 @@ _FAST_MAX = 1 << 30
 _OWNED_MAX = 1 << 16
 
 
-class Image(BitmapMixin):
+class Image:
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     _corrupt = False  # set once a write onto metadata was refused (see _guard)
@@ -72,6 +73,7 @@ class Image(BitmapMixin):
         # the snapshot table and operations, a collaborator working through the narrow
         # SnapshotHost interface this class provides (snapshot.py)
         self._snapshots = SnapshotOps(self)
+        self._bitmaps = BitmapKeeper(self)  # persistent dirty bitmaps (dirtybitmaps.py)
 
     # ------------------------------------------------------------------ opening --
     @classmethod
@@ -1083,6 +1085,39 @@ class Image(BitmapMixin):
         """The header now names this active L1 table: make it the in-memory one."""
         self.clusters.replace_l1(l1, offset)
         self._compressed_cache = None
+
+    # ------------------------------------------------------------------ bitmaps --
+    @property
+    def bitmaps(self) -> list[BitmapEntry]:
+        """Persistent dirty bitmaps (bitmaps.BitmapEntry: name, granularity, flags)."""
+        return self._bitmaps.bitmaps
+
+    def dirty_ranges(self, name: str) -> Iterator[tuple[int, int]]:
+        """(offset, length) runs of guest data marked dirty in bitmap name."""
+        return self._bitmaps.dirty_ranges(name)
+
+    def add_bitmap(self, name: str, granularity: int | None = None, *,
+                   disabled: bool = False) -> None:
+        """Add an empty persistent bitmap (enabled unless disabled; granularity by
+        default the cluster size, at least 4 KiB, as qemu-img's)."""
+        self._bitmaps.add_bitmap(name, granularity, disabled=disabled)
+
+    def remove_bitmap(self, name: str) -> None:
+        self._bitmaps.remove_bitmap(name)
+
+    def clear_bitmap(self, name: str) -> None:
+        self._bitmaps.clear_bitmap(name)
+
+    def enable_bitmap(self, name: str) -> None:
+        self._bitmaps.enable_bitmap(name)
+
+    def disable_bitmap(self, name: str) -> None:
+        self._bitmaps.disable_bitmap(name)
+
+    def merge_bitmap(self, name: str, source: str, source_image: Any = None) -> None:
+        """Set in bitmap name every granule dirty in bitmap source (of this image, or
+        of source_image)."""
+        self._bitmaps.merge_bitmap(name, source, source_image)
 
     # ------------------------------------------------------------------ check --
     def check(self, repair: str | None = None) -> CheckResult:
