@@ -33,7 +33,6 @@ import numpy as np
 
 from .errors import CorruptImageError, InvalidArgumentError, SnapshotError, UnsupportedFeatureError
 from .format import (
-    L1E_OFFSET_MASK,
     QCOW_OFLAG_COPIED,
     SNAPSHOT_EXTRA_V3_SIZE,
     SnapshotEntry,
@@ -78,7 +77,7 @@ class OwnerRefcounts(StandardRefcounts):
 
         def live_compressed() -> np.ndarray:
             cmap = ops.clusters
-            return tree_refs(ops, cmap.l1, 0, 0)[1]
+            return ops._references(cmap.l1, 0, 0)[1]
 
         self._live_compressed = live_compressed
 
@@ -385,47 +384,9 @@ def live_node_id(img: Any, rc: OwnerRefcounts) -> int:
     return Tree.of(entries, 0).new_id(img.geo.refcount_max)
 
 
-def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The host clusters a node's tree references: (plain, compressed). Plain: its L1
-    table's clusters, its L2 tables (once per L1 entry) and their data clusters (VM
-    state included); compressed: the clusters each compressed cluster touches, which
-    packed compressed clusters share (QEMU packs them; we do not)."""
-    from .snapshot import _compressed_ranges, _expand_ranges
-
-    geo = img.geo
-    cs, cbits = geo.cluster_size, geo.cluster_bits
-    file_clusters = div_round_up(img.storage.size(), cs)
-    l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-    l2 = l2[l2 != 0]
-    if len(l2):
-        if (l2 & (cs - 1)).any():
-            raise CorruptImageError("L2 table offset in an L1 table is not cluster aligned")
-        if int(l2.max()) >> cbits >= file_clusters:
-            raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
-    plain = [l2 >> cbits]
-    comp: list[np.ndarray] = []
-    for _t, _offs, _buf, out, c in img._l2_chunks(_unique(l2), file_clusters, None):
-        flat = out.reshape(-1)
-        plain.append(flat[flat != 0].view(np.int64).copy())
-        if c is not None:
-            host, length = _compressed_ranges(geo, c[0])
-            first = host >> np.uint64(cbits)
-            n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-            cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
-            if len(cl) and int(cl.max()) >= file_clusters:
-                raise CorruptImageError("A compressed cluster lies past the end of the image file")
-            comp.append(cl)
-    if l1_offset and l1_size:
-        first_l1 = l1_offset // cs
-        plain.append(np.arange(first_l1, first_l1 + div_round_up(l1_size * 8, cs), dtype=np.int64))
-    return (np.concatenate(plain),
-            np.concatenate(comp) if comp else np.zeros(0, dtype=np.int64))
-
-
 def node_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int) -> np.ndarray:
     """Every host cluster a node's tree references, once."""
-    plain, comp = tree_refs(img, l1, l1_offset, l1_size)
+    plain, comp = img._references(l1, l1_offset, l1_size)
     return _unique(np.concatenate([plain, comp]))
 
 
@@ -637,9 +598,9 @@ def from_standard(image: Any) -> None:
     # chain position -> table index (the table keeps its order)
     order = sorted(range(len(entries)), key=lambda k: (entries[k].date_sec, entries[k].date_nsec, k))
     cmap = img.clusters
-    split = [tree_refs(img, img._snapshot_l1(entries[k]), entries[k].l1_table_offset,
-                       entries[k].l1_size) for k in order]
-    split.append(tree_refs(img, cmap.l1, cmap.l1_offset, len(cmap.l1)))
+    split = [img._references(img._snapshot_l1(entries[k]), entries[k].l1_table_offset,
+                             entries[k].l1_size) for k in order]
+    split.append(img._references(cmap.l1, cmap.l1_offset, len(cmap.l1)))
     n = len(split)
     refs = []
     for k, (plain, comp) in enumerate(split):
@@ -702,9 +663,9 @@ def to_standard(image: Any) -> None:
     keep = [without_node(e) for e in entries if not node_of(e).hidden]
     cmap = img.clusters
     # standard counts every reference: a packed host cluster once per compressed cluster
-    refs = [np.concatenate(tree_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size))
+    refs = [np.concatenate(img._references(img._snapshot_l1(e), e.l1_table_offset, e.l1_size))
             for e in entries if not node_of(e).hidden]
-    refs.append(np.concatenate(tree_refs(img, cmap.l1, cmap.l1_offset, len(cmap.l1))))
+    refs.append(np.concatenate(img._references(cmap.l1, cmap.l1_offset, len(cmap.l1))))
     cl = np.concatenate(refs)
     counts = np.bincount(cl, minlength=1).astype(np.uint64) if len(cl) else np.zeros(1, np.uint64)
     if len(counts) and int(counts.max()) > img.geo.refcount_max:

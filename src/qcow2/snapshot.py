@@ -899,7 +899,8 @@ class SnapshotOps:
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
                     count_l2: bool = True, cache: _TreeCache | None = None,
                     live: bool = False,
-                    sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
+                    sink: Callable[[np.ndarray, int], None] | None = None,
+                    comp_sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
         """Add sign x every reference the tree under this L1 table holds to the
         refcounts: data clusters, compressed clusters by byte range and (with count_l2)
         the L2 tables, one per L1 entry. Applied chunk by chunk (memory stays bounded;
@@ -907,7 +908,9 @@ class SnapshotOps:
         the L2 tables that hold entries with the COPIED flag when asked. Tables that
         cache wants are stored in it as they pass. live: the tree is the live state's
         (the mode decides what its references count); sink: receives the references
-        instead of the refcounts."""
+        instead of the refcounts; comp_sink: receives the clusters compressed clusters
+        touch (one per compressed cluster and cluster it touches: packed ones share a
+        host cluster) apart from the others, which sink then gets without them."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
@@ -943,7 +946,10 @@ class SnapshotOps:
                 if len(cl) and int(cl.max()) >= file_clusters:
                     raise CorruptImageError("A compressed cluster lies past the end of the image file")
                 reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
-                refs.append(np.repeat(cl, reps))
+                if comp_sink is not None:
+                    comp_sink(np.repeat(cl, reps), sign)
+                else:
+                    refs.append(np.repeat(cl, reps))
             for r in np.flatnonzero(mult[t : t + k] > 1).tolist():
                 # an L2 table that several L1 entries share (rare): count it again
                 row = out[r][out[r] != 0].astype(np.int64)
@@ -952,6 +958,24 @@ class SnapshotOps:
         if count_l2 and len(l2):
             sink(l2 >> cbits, sign)
         return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
+
+    def _references(self, l1: np.ndarray, l1_offset: int, l1_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The host clusters a tree references, from the walker above: (plain,
+        compressed). Plain: the L1 table's clusters (l1_offset, l1_size; 0 for none), the
+        L2 tables (once per L1 entry) and their data clusters (VM state included);
+        compressed: the clusters each compressed cluster touches."""
+        plain: list[np.ndarray] = []
+        comp: list[np.ndarray] = []
+        self._apply_tree(l1, +1, sink=lambda refs, _sign: plain.append(refs),
+                         comp_sink=lambda refs, _sign: comp.append(refs))
+        if l1_offset and l1_size:
+            cs = self.geo.cluster_size
+            first = l1_offset // cs
+            plain.append(np.arange(first, first + div_round_up(l1_size * 8, cs), dtype=np.int64))
+        empty = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(plain) if plain else empty,
+                np.concatenate(comp) if comp else empty)
 
     def _live_counts(self) -> np.ndarray:
         """References the live state holds, per host cluster of the file: its L1 table,
