@@ -34,7 +34,7 @@ import json
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,12 +57,16 @@ from .format import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
+    SNAPSHOT_EXTRA_V3_SIZE,
+    SNAPSHOT_HEADER,
+    SnapshotEntry,
     decode_refblock,
     encode_refblock,
     encode_table,
 )
 from .geometry import div_round_up
 from .modes import live_weight_of
+from .snapshot import pack_snapshot_table
 
 REPAIR_MODES = (None, "leaks", "all")
 MAX_MESSAGES = 10000  # detailed lines kept per check; the rest are only counted
@@ -205,33 +209,16 @@ class _Abort(Exception):
     """The check cannot go on (qemu-img: the check returns an error)."""
 
 
-@dataclass
-class _Snapshot:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    extra_data_size: int
-    # the rest of the entry, kept to rewrite the table
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size32: int = 0
-    extra: bytes = b""
-
-    def pack(self, disk_size: int) -> bytes:
-        """The entry as a repaired table holds it: at least the 24 bytes of extra data
-        version 3 defines (QEMU's rewrite does the same)."""
-        extra = self.extra
-        if len(extra) < 24:
-            vm_large = struct.unpack(">Q", extra[:8])[0] if len(extra) >= 8 else self.vm_state_size32
-            disk = struct.unpack(">Q", extra[8:16])[0] if len(extra) >= 16 else disk_size
-            extra = struct.pack(">QQQ", vm_large, disk, 0xFFFFFFFFFFFFFFFF)
-        ib = self.id.encode("utf-8", "surrogateescape")
-        nb = self.name.encode("utf-8", "surrogateescape")
-        return struct.pack(">QIHHIIQII", self.l1_table_offset, self.l1_size, len(ib), len(nb),
-                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
-                           self.vm_state_size32, len(extra)) + extra + ib + nb
+def _repaired(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
+    """The entry as a repaired table holds it: at least the 24 bytes of extra data
+    version 3 defines (QEMU's rewrite does the same; an old entry gets the current
+    disk size and no icount), at most the extra data a reader accepts."""
+    if e.extra_data_size < SNAPSHOT_EXTRA_V3_SIZE:
+        return replace(e, disk_size=disk_size if e.disk_size is None else e.disk_size,
+                       icount=None, extra_data_size=SNAPSHOT_EXTRA_V3_SIZE)
+    if e.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
+        return replace(e, extra_data_size=MAX_SNAPSHOT_EXTRA_DATA)
+    return e
 
 
 # ---------------------------------------------------------------------------- I/O --
@@ -425,7 +412,7 @@ class _Checker:
                 self.changed = True
 
     # -- snapshot table ------------------------------------------------------------------
-    def _read_snapshots(self) -> tuple[list[_Snapshot], int]:
+    def _read_snapshots(self) -> tuple[list[SnapshotEntry], int]:
         """Parse the snapshot table leniently: what qemu-img check reports as corruption
         is reported, what stops its check stops ours."""
         h, res = self.h, self.res
@@ -441,9 +428,9 @@ class _Checker:
             res.msg("ERROR Snapshot table offset invalid")
             raise _Abort("Invalid argument")
         buf = bytearray()
-        hdr = struct.Struct(">QIHHIIQII")
+        hdr = SNAPSHOT_HEADER
         pos = 0
-        out: list[_Snapshot] = []
+        out: list[SnapshotEntry] = []
 
         def need(k: int) -> None:
             nonlocal buf
@@ -457,7 +444,7 @@ class _Checker:
         for i in range(n):
             pos = (pos + 7) & ~7
             need(pos + hdr.size)
-            l1_off, l1_size, id_len, name_len, ds, dn, clk, vm, extra = hdr.unpack_from(buf, pos)
+            _l1, _n, id_len, name_len, _ds, _dn, _clk, _vm, extra = hdr.unpack_from(buf, pos)
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
                 if not self.fix_errors:
                     res.check_errors += 1
@@ -475,12 +462,8 @@ class _Checker:
                 res.msg("ERROR failed to read the snapshot table: Snapshot table is too big")
                 raise _Abort("File too large")
             need(end)
-            p = pos + hdr.size + extra
-            # names are bytes on disk: kept byte for byte through a rewrite
-            sid = bytes(buf[p : p + id_len]).decode("utf-8", "surrogateescape")
-            name = bytes(buf[p + id_len : end]).decode("utf-8", "surrogateescape")
-            xb = bytes(buf[pos + hdr.size : pos + hdr.size + min(extra, MAX_SNAPSHOT_EXTRA_DATA)])
-            out.append(_Snapshot(sid, name, l1_off, l1_size, extra, ds, dn, clk, vm, xb))
+            # (names are bytes on disk: kept byte for byte through a rewrite)
+            out.append(SnapshotEntry.unpack_from(buf, pos, lenient=True)[0])
             pos = end
         if h.version >= 3:
             word = "Repairing" if self.fix_errors else "ERROR"
@@ -492,7 +475,7 @@ class _Checker:
         return out, pos
 
     # -- reference counting --------------------------------------------------------------
-    def _calculate(self, snapshots: list[_Snapshot], snap_size: int) -> None:
+    def _calculate(self, snapshots: list[SnapshotEntry], snap_size: int) -> None:
         h, res = self.h, self.res
         refs = self.refs = _Refs(self.file_size, self.cb, res)
         self.active_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
@@ -1130,7 +1113,7 @@ class _Checker:
         return fixed
 
     # -- rebuild -------------------------------------------------------------------------
-    def _rebuild_and_recheck(self, snapshots: list[_Snapshot], snap_size: int) -> None:
+    def _rebuild_and_recheck(self, snapshots: list[SnapshotEntry], snap_size: int) -> None:
         res = self.res
         old_corruptions, old_leaks = res.corruptions, res.leaks
         res.msg("Rebuilding refcount structure")
@@ -1248,7 +1231,7 @@ class _Checker:
                                 refcount_table_clusters=table_clusters)
         self.changed = True
 
-    def _rewrite_snapshot_table(self, snapshots: list[_Snapshot], old_size: int) -> None:
+    def _rewrite_snapshot_table(self, snapshots: list[SnapshotEntry], old_size: int) -> None:
         """Write the snapshot table anew (complete entries, bounded extra data) into
         newly allocated clusters, point the header at it, free the old one. Only with
         refcounts that are now sound: allocating with wrong ones could hit data."""
@@ -1256,14 +1239,7 @@ class _Checker:
         if res.check_errors or (self.mismatch[1] < self.mismatch[2]).any() or self.rebuild:
             res.msg("ERROR snapshot table not rewritten: refcounts are not sound")
             return
-        parts = []
-        pos = 0
-        for sn in snapshots:
-            pad = (-pos) % 8
-            e = sn.pack(self.h.size)
-            parts.append(bytes(pad) + e)
-            pos += pad + len(e)
-        blob = b"".join(parts)
+        blob = pack_snapshot_table([_repaired(e, self.h.size) for e in snapshots])
         img = self.img
         h = img.header
         rc = img._make_refcounts()
