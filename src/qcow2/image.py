@@ -152,6 +152,17 @@ class Image:
         guard_allocator(rc, self._alloc_guard)
         return rc
 
+    def _usage_refcounts(self) -> RefcountStrategy:
+        """Refcounts to ask whether host clusters are in use (in_use_many): the open
+        ones, or for a read-only image ones made for the question, with what the mode
+        keeps in memory about the live tree."""
+        rc = self.refcounts
+        if rc is None:
+            rc = self._make_refcounts()
+            if rc.needs_live_map:
+                rc.set_live(self._snapshots._live_counts())
+        return rc
+
     def _reopen_refcounts(self) -> None:
         """Refcounts (and, where the mode needs it, the live state's references) as the
         header now names them: on open for writing, after a repair or a mode switch."""
