@@ -212,7 +212,7 @@ def change_refcount_width(img: Any, bits: int, progress: Progress | None = None)
     are then unreferenced (free) clusters."""
     import numpy as np
 
-    from .check import CheckResult, _Checker, _quiesce, _reload
+    from .check import CheckResult, _Checker, _quiesce
     from .errors import CorruptImageError
     from .format import encode_refblock, encode_table
 
@@ -273,7 +273,7 @@ def change_refcount_width(img: Any, bits: int, progress: Progress | None = None)
     st.sync()
     img._update_header(refcount_order=order, refcount_table_offset=table_off,
                        refcount_table_clusters=table)
-    _reload(img)
+    img._reload_metadata()
 
 
 def decode_table_clusters(img: Any, offset: int, clusters: int) -> list[int]:

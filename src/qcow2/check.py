@@ -35,7 +35,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -67,6 +67,14 @@ from .format import (
 from .geometry import div_round_up
 from .modes import live_weight_of
 from .snapshot import pack_snapshot_table
+
+if TYPE_CHECKING:
+    from .cluster import ClusterMap
+    from .format import Header, ImageLayout
+    from .geometry import Geometry
+    from .refcount import RefcountStrategy
+    from .snapshot import SnapshotOps
+    from .storage import Storage
 
 REPAIR_MODES = (None, "leaks", "all")
 MAX_MESSAGES = 10000  # detailed lines kept per check; the rest are only counted
@@ -354,10 +362,35 @@ _MAX_READ_OFFSET = ((1 << 63) - 1) & ~((1 << 20) - 1)
 
 
 # ------------------------------------------------------------------------- checker --
+class CheckHost(Protocol):
+    """What check needs from the image it checks (Image is one): its metadata as read
+    at open, its storage, the live tree's references (from its snapshot operations),
+    a refcount strategy for repairs, and the header writes and metadata reload a
+    repair does."""
+
+    path: str
+    header: Header
+    layout: ImageLayout
+    storage: Storage
+    geo: Geometry
+    clusters: ClusterMap
+    refcounts: RefcountStrategy | None
+    writable: bool
+    closed: bool
+    _snapshots: SnapshotOps
+
+    @property
+    def cluster_size(self) -> int: ...
+    def flush(self) -> None: ...
+    def _update_header(self, **changes: Any) -> None: ...
+    def _make_refcounts(self) -> Any: ...
+    def _reload_metadata(self) -> None: ...
+
+
 class _Checker:
     """One pass of qemu-img's qcow2 check (with the repairs asked for)."""
 
-    def __init__(self, img: Any, fix: str | None, res: CheckResult) -> None:
+    def __init__(self, img: CheckHost, fix: str | None, res: CheckResult) -> None:
         self.img = img
         self.storage = img.storage
         self.h = img.header
@@ -1419,7 +1452,7 @@ def _ramp(span: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- API --
-def _quiesce(img: Any) -> None:
+def _quiesce(img: CheckHost) -> None:
     """Bring the on-disk state up to date before looking at it (writable images keep
     unwritten tables and a pool of reserved clusters in memory)."""
     if img.writable and img.refcounts is not None:
@@ -1429,15 +1462,7 @@ def _quiesce(img: Any) -> None:
         img.storage.sync()
 
 
-def _reload(img: Any) -> None:
-    """Forget in-memory metadata after a repair changed it on disk."""
-    had_refcounts = img.refcounts is not None
-    img._load(img._cache_tables * img.cluster_size, img._refcount_cache_tables * img.cluster_size)
-    if had_refcounts:
-        img._reopen_refcounts()
-
-
-def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
+def _one_pass(img: CheckHost, fix: str | None) -> tuple[CheckResult, bool]:
     res = CheckResult(filename=img.path)
     from .modes import MODES, mode_of  # noqa: PLC0415 - modes imports the strategies
 
@@ -1454,7 +1479,7 @@ def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
     return res, checker.changed
 
 
-def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = False) -> CheckResult:
+def check_image(img: CheckHost, repair: str | None = None, from_dirty_open: bool = False) -> CheckResult:
     """Check img; with repair ("leaks" or "all") fix what can be fixed, then check again
     and report the second check with the repair counts (as qemu-img does).
 
@@ -1471,7 +1496,7 @@ def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = Fal
     first, changed = _one_pass(img, repair)
     result = first
     if changed:
-        _reload(img)
+        img._reload_metadata()  # forget what the repair changed on disk
     if repair and (first.corruptions_fixed or first.leaks_fixed):
         second, _ = _one_pass(img, None)
         second.corruptions_fixed = first.corruptions_fixed

@@ -152,6 +152,14 @@ class Image:
         guard_allocator(rc, self._alloc_guard)
         return rc
 
+    def _reload_metadata(self) -> None:
+        """Forget in-memory metadata and read it again (after check repaired it on disk)."""
+        had_refcounts = self.refcounts is not None
+        cs = self.header.cluster_size
+        self._load(self._cache_tables * cs, self._refcount_cache_tables * cs)
+        if had_refcounts:
+            self._reopen_refcounts()
+
     def _usage_refcounts(self) -> RefcountStrategy:
         """Refcounts to ask whether host clusters are in use (in_use_many): the open
         ones, or for a read-only image ones made for the question, with what the mode
