@@ -400,6 +400,10 @@ def live_refs(img: Any) -> np.ndarray:
 
 
 # ======================================================================= operations ==
+# (This module's functions that take `img`, here and above, are given the image's
+# SnapshotOps (snapshot.py): the snapshot table, tree walker and transaction helpers,
+# with the image's storage, geometry, header and cluster map. OwnerRefcounts' hooks
+# and the conversions below take the Image and pass its SnapshotOps on.)
 def _write_padded(img: Any, table: np.ndarray, kind: str = "l1") -> int:
     """A table in new clusters of the current owner, padded to whole clusters (so that
     what a snapshot writes does not depend on the image size)."""
