@@ -237,7 +237,7 @@ class SnapshotView:
         self.geo = img.geo
         self.storage = img.storage
         self.backing = img.backing
-        self.refcounts = img.refcounts  # mapping looks at refcounts (preallocation test)
+        self.refcounts = img.refcounts  # (as the image's: None when read-only)
         self.writable = False
         self.path = img.path
         ops._check_disk_size(entry)
