@@ -8,6 +8,8 @@ import pytest
 from conftest import assert_clean, qemu_img, raw_bytes
 
 import qcow2
+from qcow2.check import CheckHost
+from qcow2.snapshot import SnapshotHost
 
 
 def test_create_write_read_check(tmp):
@@ -49,3 +51,20 @@ def test_qemu_written_image_reads_identically(tmp):
     qemu_io(p, "write -P 0x11 0 100k", "write -z 1M 64k", "write -P 0x22 2M 12345")
     with qcow2.open(p) as img:
         assert img.pread(img.size, 0) == raw_bytes(p, tmp)
+
+
+def test_image_provides_what_its_collaborators_ask(tmp):
+    """The snapshot operations and check reach the image only through the SnapshotHost
+    and CheckHost protocols: an open image (read-only and read-write) has every member
+    they name, so a renamed or removed image member fails here, not midway through a
+    snapshot or a repair."""
+    p = tmp / "h.qcow2"
+    qcow2.create(p, 1 << 20)
+    for how in ("r", "r+"):
+        with qcow2.open(p, how) as img:
+            for proto in (SnapshotHost, CheckHost):
+                names = {n for n in vars(proto)
+                         if not n.startswith("__") and n not in ("_is_protocol", "_abc_impl")}
+                names |= set(proto.__annotations__)
+                missing = sorted(n for n in names if not hasattr(img, n))
+                assert not missing, (proto.__name__, how, missing)

@@ -116,14 +116,14 @@ def test_delete_with_zero_one_and_several_children(tmp: Path) -> None:
         img.pwrite(b"3" * 4096, 0)
         img.delete_snapshot("a")  # two children: hidden, not listed
         assert [s.name for s in img.snapshots] == ["b"]
-        hidden = [e for e in img._snapshot_entries() if node_of(e).hidden]
+        hidden = [e for e in img._snapshots._snapshot_entries() if node_of(e).hidden]
         assert [e.name for e in hidden] == ["a"]
         with pytest.raises(qcow2.SnapshotNotFoundError):
             img.apply_snapshot("a")
         assert img.snapshot("b").pread(2 * MiB, 0) == b"1" * MiB + b"2" * MiB
         _owner_check_clean(img)
         img.delete_snapshot("b")  # no child: freed; "a" has one child left: merged
-        assert img._snapshot_entries() == []
+        assert img._snapshots._snapshot_entries() == []
         assert img.pread(MiB, 0) == b"3" * 4096 + b"1" * (MiB - 4096)
         assert img.pread(MiB, MiB) == bytes(MiB)
         _owner_check_clean(img)
@@ -437,7 +437,7 @@ class TreeMachine(RuleBasedStateMachine):
         from qcow2.owner import Tree
 
         name = data.draw(st.sampled_from(sorted(self.snaps)))
-        entries = self.img._snapshot_entries()
+        entries = self.img._snapshots._snapshot_entries()
         tree = Tree.of(entries, self.img.refcounts.live_id)
         node = node_of(self.img.find_snapshot(name)).node_id
         self.kids_seen.add(min(len(tree.children(node)), 2))

@@ -333,7 +333,7 @@ def _rewrite_table(img, entries):
     table = pack_snapshot_table(entries)
     img.storage.pwrite(table, img.header.snapshots_offset, "snapshot_table")
     img._update_header(nb_snapshots=len(entries))
-    img._snap_cache = None
+    img._snapshots._snap_cache = None
 
 
 # ------------------------------------------------------------------ table format --
@@ -458,10 +458,10 @@ def _install_table(p: Path, entries) -> None:
         off = img.refcounts.allocate(n)
         img.storage.pwrite(table, off, "snapshot_table")
         img.storage.sync()
-        old_off, old_size = img.header.snapshots_offset, img._table_size()
+        old_off, old_size = img.header.snapshots_offset, img._snapshots._table_size()
         img._update_header(nb_snapshots=len(entries), snapshots_offset=off)
-        img._free_tables(old_off, old_size)
-        img._snap_cache = None
+        img._snapshots._free_tables(old_off, old_size)
+        img._snapshots._snap_cache = None
 
 
 def test_header_limit_on_open(tmp):
@@ -511,6 +511,51 @@ def test_refcount_overflow_bits2(tmp):
         img.create_snapshot("c")
     assert_clean(p)
     assert [s["name"] for s in _qemu_snapshots(p)] == ["b", "c"]
+
+
+# In lazy-count mode the live state counts 0: only snapshot counts can overflow, one
+# snapshot later than in standard mode. (Owner mode stores owners, not counts.)
+def test_refcount_overflow_bits1_lazy_count(tmp):
+    p = tmp / "r1.qcow2"
+    qcow2.create(p, 1 * MiB, refcount_bits=1, refcount_mode="lazy-count")
+    qemu_io(p, "write -P 3 0 256k")
+    before = raw_bytes(p, tmp)
+    with qcow2.open(p, "r+") as img:
+        img.create_snapshot("s")  # every count becomes 1: fits in one bit
+        head = p.read_bytes()[:65536]
+        for _ in range(2):  # a second snapshot would count 2
+            with pytest.raises(qcow2.RefcountOverflowError):
+                img.create_snapshot("t", vm_state=b"v" * 70000)
+        assert p.read_bytes()[:65536] == head  # header and tables as they were
+        assert [s.name for s in img.snapshots] == ["s"]
+        s0 = img.stats.copy()
+        img.pwrite(b"z" * 4096, 0)  # copied away from the snapshot's cluster
+        assert (img.stats - s0).refcount_writes == 0
+        assert img.check().clean
+        img.delete_snapshot("s")  # standard now fits again (every count 1)
+    assert_clean(p)
+    after = bytearray(before)
+    after[:4096] = b"z" * 4096
+    assert raw_bytes(p, tmp) == bytes(after)
+
+
+def test_refcount_overflow_bits2_lazy_count(tmp):
+    p = tmp / "r2.qcow2"
+    qcow2.create(p, 1 * MiB, refcount_bits=2, refcount_mode="lazy-count")
+    qemu_io(p, "write -P 3 0 256k")
+    with qcow2.open(p, "r+") as img:
+        for name in "abc":  # three snapshots fit (standard: two, the live state counts)
+            img.create_snapshot(name)
+        with pytest.raises(qcow2.RefcountOverflowError):
+            img.create_snapshot("d")
+        assert [s.name for s in img.snapshots] == ["a", "b", "c"]
+        img.pwrite(b"q" * 4096, 0)  # COW still works (the copy counts 0)
+        img.delete_snapshot("a")
+        img.create_snapshot("d")
+        assert img.check().clean
+        img.delete_snapshot("b")  # live state + c + d: 3, what standard can count
+    assert_clean(p)
+    assert [s["name"] for s in _qemu_snapshots(p)] == ["c", "d"]
 
 
 # ------------------------------------------------------------------ counters --

@@ -211,7 +211,7 @@ def change_refcount_width(img: Any, bits: int, progress: Progress | None = None)
     are then unreferenced (free) clusters."""
     import numpy as np
 
-    from .check import CheckResult, _Checker, _quiesce, _reload
+    from .check import CheckResult, _Checker, _quiesce
     from .errors import CorruptImageError
     from .format import encode_refblock, encode_table
 
@@ -272,7 +272,7 @@ def change_refcount_width(img: Any, bits: int, progress: Progress | None = None)
     st.sync()
     img._update_header(refcount_order=order, refcount_table_offset=table_off,
                        refcount_table_clusters=table)
-    _reload(img)
+    img._reload_metadata()
 
 
 def decode_table_clusters(img: Any, offset: int, clusters: int) -> list[int]:
@@ -344,7 +344,7 @@ def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress 
     rc = img.refcounts
     cmap = img.clusters
     tables: dict[int, None] = {}  # L2 table offsets in first-seen order
-    l1s = [cmap.l1] + [img._snapshot_l1(e) for e in img.snapshots]
+    l1s = [cmap.l1] + [img._snapshots._snapshot_l1(e) for e in img.snapshots]
     for l1 in l1s:
         for off in (l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
             if off:

@@ -34,8 +34,8 @@ import json
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -57,12 +57,24 @@ from .format import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
+    SNAPSHOT_EXTRA_V3_SIZE,
+    SNAPSHOT_HEADER,
+    SnapshotEntry,
     decode_refblock,
     encode_refblock,
     encode_table,
 )
 from .geometry import div_round_up
 from .modes import live_weight_of
+from .snapshot import pack_snapshot_table
+
+if TYPE_CHECKING:
+    from .cluster import ClusterMap
+    from .format import Header, ImageLayout
+    from .geometry import Geometry
+    from .refcount import RefcountStrategy
+    from .snapshot import SnapshotOps
+    from .storage import Storage
 
 REPAIR_MODES = (None, "leaks", "all")
 MAX_MESSAGES = 10000  # detailed lines kept per check; the rest are only counted
@@ -205,33 +217,16 @@ class _Abort(Exception):
     """The check cannot go on (qemu-img: the check returns an error)."""
 
 
-@dataclass
-class _Snapshot:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    extra_data_size: int
-    # the rest of the entry, kept to rewrite the table
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size32: int = 0
-    extra: bytes = b""
-
-    def pack(self, disk_size: int) -> bytes:
-        """The entry as a repaired table holds it: at least the 24 bytes of extra data
-        version 3 defines (QEMU's rewrite does the same)."""
-        extra = self.extra
-        if len(extra) < 24:
-            vm_large = struct.unpack(">Q", extra[:8])[0] if len(extra) >= 8 else self.vm_state_size32
-            disk = struct.unpack(">Q", extra[8:16])[0] if len(extra) >= 16 else disk_size
-            extra = struct.pack(">QQQ", vm_large, disk, 0xFFFFFFFFFFFFFFFF)
-        ib = self.id.encode("utf-8", "surrogateescape")
-        nb = self.name.encode("utf-8", "surrogateescape")
-        return struct.pack(">QIHHIIQII", self.l1_table_offset, self.l1_size, len(ib), len(nb),
-                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
-                           self.vm_state_size32, len(extra)) + extra + ib + nb
+def _repaired(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
+    """The entry as a repaired table holds it: at least the 24 bytes of extra data
+    version 3 defines (QEMU's rewrite does the same; an old entry gets the current
+    disk size and no icount), at most the extra data a reader accepts."""
+    if e.extra_data_size < SNAPSHOT_EXTRA_V3_SIZE:
+        return replace(e, disk_size=disk_size if e.disk_size is None else e.disk_size,
+                       icount=None, extra_data_size=SNAPSHOT_EXTRA_V3_SIZE)
+    if e.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
+        return replace(e, extra_data_size=MAX_SNAPSHOT_EXTRA_DATA)
+    return e
 
 
 # ---------------------------------------------------------------------------- I/O --
@@ -367,10 +362,35 @@ _MAX_READ_OFFSET = ((1 << 63) - 1) & ~((1 << 20) - 1)
 
 
 # ------------------------------------------------------------------------- checker --
+class CheckHost(Protocol):
+    """What check needs from the image it checks (Image is one): its metadata as read
+    at open, its storage, the live tree's references (from its snapshot operations),
+    a refcount strategy for repairs, and the header writes and metadata reload a
+    repair does."""
+
+    path: str
+    header: Header
+    layout: ImageLayout
+    storage: Storage
+    geo: Geometry
+    clusters: ClusterMap
+    refcounts: RefcountStrategy | None
+    writable: bool
+    closed: bool
+    _snapshots: SnapshotOps
+
+    @property
+    def cluster_size(self) -> int: ...
+    def flush(self) -> None: ...
+    def _update_header(self, **changes: Any) -> None: ...
+    def _make_refcounts(self) -> Any: ...
+    def _reload_metadata(self) -> None: ...
+
+
 class _Checker:
     """One pass of qemu-img's qcow2 check (with the repairs asked for)."""
 
-    def __init__(self, img: Any, fix: str | None, res: CheckResult) -> None:
+    def __init__(self, img: CheckHost, fix: str | None, res: CheckResult) -> None:
         self.img = img
         self.storage = img.storage
         self.h = img.header
@@ -425,7 +445,7 @@ class _Checker:
                 self.changed = True
 
     # -- snapshot table ------------------------------------------------------------------
-    def _read_snapshots(self) -> tuple[list[_Snapshot], int]:
+    def _read_snapshots(self) -> tuple[list[SnapshotEntry], int]:
         """Parse the snapshot table leniently: what qemu-img check reports as corruption
         is reported, what stops its check stops ours."""
         h, res = self.h, self.res
@@ -441,9 +461,9 @@ class _Checker:
             res.msg("ERROR Snapshot table offset invalid")
             raise _Abort("Invalid argument")
         buf = bytearray()
-        hdr = struct.Struct(">QIHHIIQII")
+        hdr = SNAPSHOT_HEADER
         pos = 0
-        out: list[_Snapshot] = []
+        out: list[SnapshotEntry] = []
 
         def need(k: int) -> None:
             nonlocal buf
@@ -457,7 +477,7 @@ class _Checker:
         for i in range(n):
             pos = (pos + 7) & ~7
             need(pos + hdr.size)
-            l1_off, l1_size, id_len, name_len, ds, dn, clk, vm, extra = hdr.unpack_from(buf, pos)
+            _l1, _n, id_len, name_len, _ds, _dn, _clk, _vm, extra = hdr.unpack_from(buf, pos)
             if extra > MAX_SNAPSHOT_EXTRA_DATA:
                 if not self.fix_errors:
                     res.check_errors += 1
@@ -475,12 +495,8 @@ class _Checker:
                 res.msg("ERROR failed to read the snapshot table: Snapshot table is too big")
                 raise _Abort("File too large")
             need(end)
-            p = pos + hdr.size + extra
-            # names are bytes on disk: kept byte for byte through a rewrite
-            sid = bytes(buf[p : p + id_len]).decode("utf-8", "surrogateescape")
-            name = bytes(buf[p + id_len : end]).decode("utf-8", "surrogateescape")
-            xb = bytes(buf[pos + hdr.size : pos + hdr.size + min(extra, MAX_SNAPSHOT_EXTRA_DATA)])
-            out.append(_Snapshot(sid, name, l1_off, l1_size, extra, ds, dn, clk, vm, xb))
+            # (names are bytes on disk: kept byte for byte through a rewrite)
+            out.append(SnapshotEntry.unpack_from(buf, pos, lenient=True)[0])
             pos = end
         if h.version >= 3:
             word = "Repairing" if self.fix_errors else "ERROR"
@@ -492,7 +508,7 @@ class _Checker:
         return out, pos
 
     # -- reference counting --------------------------------------------------------------
-    def _calculate(self, snapshots: list[_Snapshot], snap_size: int) -> None:
+    def _calculate(self, snapshots: list[SnapshotEntry], snap_size: int) -> None:
         h, res = self.h, self.res
         refs = self.refs = _Refs(self.file_size, self.cb, res)
         self.active_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
@@ -1130,7 +1146,7 @@ class _Checker:
         return fixed
 
     # -- rebuild -------------------------------------------------------------------------
-    def _rebuild_and_recheck(self, snapshots: list[_Snapshot], snap_size: int) -> None:
+    def _rebuild_and_recheck(self, snapshots: list[SnapshotEntry], snap_size: int) -> None:
         res = self.res
         old_corruptions, old_leaks = res.corruptions, res.leaks
         res.msg("Rebuilding refcount structure")
@@ -1253,7 +1269,7 @@ class _Checker:
                                 refcount_table_clusters=table_clusters)
         self.changed = True
 
-    def _rewrite_snapshot_table(self, snapshots: list[_Snapshot], old_size: int) -> None:
+    def _rewrite_snapshot_table(self, snapshots: list[SnapshotEntry], old_size: int) -> None:
         """Write the snapshot table anew (complete entries, bounded extra data) into
         newly allocated clusters, point the header at it, free the old one. Only with
         refcounts that are now sound: allocating with wrong ones could hit data."""
@@ -1261,19 +1277,12 @@ class _Checker:
         if res.check_errors or (self.mismatch[1] < self.mismatch[2]).any() or self.rebuild:
             res.msg("ERROR snapshot table not rewritten: refcounts are not sound")
             return
-        parts = []
-        pos = 0
-        for sn in snapshots:
-            pad = (-pos) % 8
-            e = sn.pack(self.h.size)
-            parts.append(bytes(pad) + e)
-            pos += pad + len(e)
-        blob = b"".join(parts)
+        blob = pack_snapshot_table([_repaired(e, self.h.size) for e in snapshots])
         img = self.img
         h = img.header
         rc = img._make_refcounts()
         if rc.needs_live_map:
-            rc.set_live(img._live_counts())
+            rc.set_live(img._snapshots._live_counts())
         try:
             new = rc.allocate_deferred(div_round_up(len(blob), self.cs)) if blob else 0
             rc.commit()  # counted and durable before the header points at it
@@ -1448,7 +1457,7 @@ def _ramp(span: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- API --
-def _quiesce(img: Any) -> None:
+def _quiesce(img: CheckHost) -> None:
     """Bring the on-disk state up to date before looking at it (writable images keep
     unwritten tables and a pool of reserved clusters in memory)."""
     if img.writable and img.refcounts is not None:
@@ -1458,15 +1467,7 @@ def _quiesce(img: Any) -> None:
         img.storage.sync()
 
 
-def _reload(img: Any) -> None:
-    """Forget in-memory metadata after a repair changed it on disk."""
-    had_refcounts = img.refcounts is not None
-    img._load(img._cache_tables * img.cluster_size, img._refcount_cache_tables * img.cluster_size)
-    if had_refcounts:
-        img._reopen_refcounts()
-
-
-def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
+def _one_pass(img: CheckHost, fix: str | None) -> tuple[CheckResult, bool]:
     res = CheckResult(filename=img.path)
     from .modes import MODES, mode_of  # noqa: PLC0415 - modes imports the strategies
 
@@ -1483,7 +1484,7 @@ def _one_pass(img: Any, fix: str | None) -> tuple[CheckResult, bool]:
     return res, checker.changed
 
 
-def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = False) -> CheckResult:
+def check_image(img: CheckHost, repair: str | None = None, from_dirty_open: bool = False) -> CheckResult:
     """Check img; with repair ("leaks" or "all") fix what can be fixed, then check again
     and report the second check with the repair counts (as qemu-img does).
 
@@ -1500,7 +1501,7 @@ def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = Fal
     first, changed = _one_pass(img, repair)
     result = first
     if changed:
-        _reload(img)
+        img._reload_metadata()  # forget what the repair changed on disk
     if repair and (first.corruptions_fixed or first.leaks_fixed):
         second, _ = _one_pass(img, None)
         second.corruptions_fixed = first.corruptions_fixed
@@ -1517,21 +1518,6 @@ def check_image(img: Any, repair: str | None = None, from_dirty_open: bool = Fal
             img.storage.sync()
             img._update_header(incompatible_features=img.header.incompatible_features & ~INCOMPAT_DIRTY)
     return result
-
-
-class CheckMixin:
-    """check(repair=None|"leaks"|"all") method of Image."""
-
-    def check(self, repair: str | None = None) -> CheckResult:
-        """Check the image like `qemu-img check`; with repair="leaks" or "all" (image
-        opened read-write) repair it and report the re-check."""
-        # a repair rewrites metadata wholesale, from what it counted: no overlap guard
-        st = self.storage  # type: ignore[attr-defined]
-        guard, st.meta_guard = st.meta_guard, None
-        try:
-            return check_image(self, repair)
-        finally:
-            st.meta_guard = guard
 
 
 def check_file(path: str | os.PathLike[str], repair: str | None = None) -> CheckResult:

@@ -241,6 +241,15 @@ class ClusterMap:
             self.refcounts.release(old)
         return table, new
 
+    def replace_l1(self, l1: np.ndarray, offset: int) -> None:
+        """The header now names this L1 table (written and durable): make it the
+        in-memory one. Cached tables and the in-place memo speak for the old tree."""
+        self.l1 = l1
+        self.l1_offset = offset
+        self.owned.clear()
+        self._l1_dirty_lo = self._l1_dirty_hi = -1
+        self.l2cache.drop_all()
+
     def mark_l1_dirty(self, lo: int, hi: int | None = None) -> None:
         self.owned.clear()
         hi = lo + 1 if hi is None else hi

@@ -641,49 +641,51 @@ __all__ = ["BitmapNotFoundError", "DirtyBitmaps", "Qcow2Error", "listing", "open
            "rewriting", "tracker"]
 
 
-class BitmapMixin:
-    """The Image's bitmap API (persistent dirty bitmaps, as `qemu-img bitmap`)."""
+class BitmapKeeper:
+    """The Image's bitmap API (persistent dirty bitmaps, as `qemu-img bitmap`): Image
+    holds one and delegates its bitmap methods to it."""
 
-    _dirty: Any
+    def __init__(self, img: Any) -> None:
+        self._img = img
 
     @property
     def bitmaps(self) -> list[BitmapEntry]:
         """Persistent dirty bitmaps (bitmaps.BitmapEntry: name, granularity, flags)."""
-        return listing(self)
+        return listing(self._img)
 
     def dirty_ranges(self, name: str) -> Iterator[tuple[int, int]]:
         """(offset, length) runs of guest data marked dirty in bitmap name."""
-        if self._dirty is not None:
-            return self._dirty.dirty_ranges(name)
+        if self._img._dirty is not None:
+            return self._img._dirty.dirty_ranges(name)
         from .bitmaps import dirty_ranges
 
-        return dirty_ranges(self, name)
+        return dirty_ranges(self._img, name)
 
     def add_bitmap(self, name: str, granularity: int | None = None, *,
                    disabled: bool = False) -> None:
         """Add an empty persistent bitmap (enabled unless disabled; granularity by
         default the cluster size, at least 4 KiB, as qemu-img's)."""
-        tracker(self).add(name, granularity, disabled)
+        tracker(self._img).add(name, granularity, disabled)
 
     def remove_bitmap(self, name: str) -> None:
-        tracker(self).remove(name)
+        tracker(self._img).remove(name)
 
     def clear_bitmap(self, name: str) -> None:
-        tracker(self).clear(name)
+        tracker(self._img).clear(name)
 
     def enable_bitmap(self, name: str) -> None:
-        tracker(self).set_enabled(name, True)
+        tracker(self._img).set_enabled(name, True)
 
     def disable_bitmap(self, name: str) -> None:
-        tracker(self).set_enabled(name, False)
+        tracker(self._img).set_enabled(name, False)
 
     def merge_bitmap(self, name: str, source: str, source_image: Any = None) -> None:
         """Set in bitmap name every granule dirty in bitmap source (of this image, or
         of source_image)."""
-        d = tracker(self)
+        d = tracker(self._img)
         d._entry(name)
-        src = self if source_image is None else source_image
-        if src.size != self.size:  # (QEMU's rule: same size)
+        src = self._img if source_image is None else source_image
+        if src.size != self._img.size:  # (QEMU's rule: same size)
             raise InvalidArgumentError("Bitmaps are incompatible and can't be merged")
         d.merge(name, list(src.dirty_ranges(source)))
 

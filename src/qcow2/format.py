@@ -235,6 +235,7 @@ def unpack_feature_table(data: bytes) -> dict[tuple[int, int], str]:
 
 
 _SNAP_HDR = struct.Struct(">QIHHIIQII")
+SNAPSHOT_HEADER = _SNAP_HDR  # fixed part of a snapshot table entry (40 bytes)
 SNAPSHOT_EXTRA_V3_SIZE = 24  # vm_state_size_large, disk_size, icount
 
 
@@ -289,28 +290,32 @@ class SnapshotEntry:
         return out + b"\0" * ((-len(out)) % 8)
 
     @classmethod
-    def unpack_from(cls, buf: bytes, pos: int) -> tuple[SnapshotEntry, int]:
-        """Parse one entry at buf[pos:]; returns (entry, position after padding)."""
+    def unpack_from(cls, buf: bytes, pos: int, *, lenient: bool = False
+                    ) -> tuple[SnapshotEntry, int]:
+        """Parse one entry at buf[pos:]; returns (entry, position after padding).
+        lenient (check reading a damaged table): extra data beyond the limit is skipped
+        rather than refused (the entry keeps its first MAX_SNAPSHOT_EXTRA_DATA bytes;
+        extra_data_size stays the size on disk)."""
         if pos + _SNAP_HDR.size > len(buf):
             raise FormatError("Snapshot table is truncated")
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32, extra_size) = (
             _SNAP_HDR.unpack_from(buf, pos)
         )
         pos += _SNAP_HDR.size
-        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
+        if extra_size > MAX_SNAPSHOT_EXTRA_DATA and not lenient:
             raise FormatError("Too much extra metadata in snapshot table entry")
         end = pos + extra_size + id_len + name_len
         if end > len(buf):
             raise FormatError("Snapshot table is truncated")
-        extra = bytes(buf[pos : pos + extra_size])
+        extra = bytes(buf[pos : pos + min(extra_size, MAX_SNAPSHOT_EXTRA_DATA)])
         pos += extra_size
         vm_size = vm32
         disk_size = icount = None
-        if extra_size >= 8:
+        if len(extra) >= 8:
             vm_size = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_size >= 16:
+        if len(extra) >= 16:
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_size >= 24:
+        if len(extra) >= 24:
             icount = struct.unpack_from(">Q", extra, 16)[0]
         sid = bytes(buf[pos : pos + id_len]).decode("utf-8", "surrogateescape")
         pos += id_len

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from . import backing as _backing
-from .check import CheckMixin, check_image
+from .bitmaps import BitmapEntry
+from .check import CheckResult, check_image
 from .cluster import (
     BITMAP_ALLOC_ALL,
     BITMAP_ZERO_ALL,
@@ -21,7 +22,7 @@ from .cluster import (
     ClusterMap,
 )
 from .compress import compress_cluster, decompress_cluster
-from .dirtybitmaps import BitmapMixin, open_for_writing
+from .dirtybitmaps import BitmapKeeper, open_for_writing
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -47,7 +48,7 @@ from .header import read_layout
 from .modes import MODES, mode_of, set_refcount_mode
 from .overlap import OverlapGuard, guard_allocator, validate_reftable
 from .refcount import RefcountStrategy, StandardRefcounts
-from .snapshot import SnapshotMixin
+from .snapshot import SnapshotEntry, SnapshotOps, SnapshotView
 from .storage import Backend, FileBackend, Stats, Storage
 
 DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables kept in memory
@@ -60,7 +61,7 @@ _FAST_MAX = 1 << 30
 _OWNED_MAX = 1 << 16
 
 
-class Image(SnapshotMixin, CheckMixin, BitmapMixin):
+class Image:
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
     _corrupt = False  # set once a write onto metadata was refused (see _guard)
@@ -69,6 +70,10 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
 
     def __init__(self) -> None:  # use Image._open
         self.closed = True
+        # the snapshot table and operations, a collaborator working through the narrow
+        # SnapshotHost interface this class provides (snapshot.py)
+        self._snapshots = SnapshotOps(self)
+        self._bitmaps = BitmapKeeper(self)  # persistent dirty bitmaps (dirtybitmaps.py)
 
     # ------------------------------------------------------------------ opening --
     @classmethod
@@ -145,6 +150,25 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
         rc.write_guard = self._guard
         rc.alloc_guard = self._alloc_guard
         guard_allocator(rc, self._alloc_guard)
+        return rc
+
+    def _reload_metadata(self) -> None:
+        """Forget in-memory metadata and read it again (after check repaired it on disk)."""
+        had_refcounts = self.refcounts is not None
+        cs = self.header.cluster_size
+        self._load(self._cache_tables * cs, self._refcount_cache_tables * cs)
+        if had_refcounts:
+            self._reopen_refcounts()
+
+    def _usage_refcounts(self) -> RefcountStrategy:
+        """Refcounts to ask whether host clusters are in use (in_use_many): the open
+        ones, or for a read-only image ones made for the question, with what the mode
+        keeps in memory about the live tree."""
+        rc = self.refcounts
+        if rc is None:
+            rc = self._make_refcounts()
+            if rc.needs_live_map:
+                rc.set_live(self._snapshots._live_counts())
         return rc
 
     def _reopen_refcounts(self) -> None:
@@ -1033,6 +1057,98 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
                 yield guest, n, COMPRESSED, 0
             else:
                 yield guest, n, kind, host
+
+    # ------------------------------------------------------------------ snapshots --
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        """The snapshot records, in table order (id, name, date, date_sec, date_nsec,
+        vm_clock, vm_clock_nsec, vm_state_size, disk_size, icount)."""
+        return self._snapshots.snapshots
+
+    def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        """The snapshot with this id, else the first one with this name."""
+        return self._snapshots.find_snapshot(name_or_id)
+
+    def snapshot(self, name_or_id: str) -> SnapshotView:
+        """A read-only view of a snapshot (pread, size, map, file), without applying it."""
+        return self._snapshots.snapshot(name_or_id)
+
+    def read_vm_state(self, name_or_id: str) -> bytes:
+        """The VM state saved with a snapshot (b"" for a disk-only snapshot)."""
+        return self._snapshots.read_vm_state(name_or_id)
+
+    def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
+                        icount: int | None = 0, date_sec: int | None = None,
+                        date_nsec: int | None = None) -> SnapshotEntry:
+        """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
+
+        vm_state (bytes-like, any size) is stored past the end of the disk in the
+        snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
+        defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
+        """
+        return self._snapshots.create_snapshot(
+            name, vm_state, vm_clock_nsec=vm_clock_nsec, icount=icount,
+            date_sec=date_sec, date_nsec=date_nsec)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Make the active state equal to the snapshot (as `qemu-img snapshot -a`),
+        including its disk size. The discarded active state's clusters are released."""
+        self._snapshots.apply_snapshot(name_or_id)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete a snapshot (as `qemu-img snapshot -d`): remove its entry, then release
+        what its L1 table reached, then fix the COPIED flags of the active tree."""
+        self._snapshots.delete_snapshot(name_or_id)
+
+    def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
+        """The header now names this active L1 table: make it the in-memory one."""
+        self.clusters.replace_l1(l1, offset)
+        self._compressed_cache = None
+
+    # ------------------------------------------------------------------ bitmaps --
+    @property
+    def bitmaps(self) -> list[BitmapEntry]:
+        """Persistent dirty bitmaps (bitmaps.BitmapEntry: name, granularity, flags)."""
+        return self._bitmaps.bitmaps
+
+    def dirty_ranges(self, name: str) -> Iterator[tuple[int, int]]:
+        """(offset, length) runs of guest data marked dirty in bitmap name."""
+        return self._bitmaps.dirty_ranges(name)
+
+    def add_bitmap(self, name: str, granularity: int | None = None, *,
+                   disabled: bool = False) -> None:
+        """Add an empty persistent bitmap (enabled unless disabled; granularity by
+        default the cluster size, at least 4 KiB, as qemu-img's)."""
+        self._bitmaps.add_bitmap(name, granularity, disabled=disabled)
+
+    def remove_bitmap(self, name: str) -> None:
+        self._bitmaps.remove_bitmap(name)
+
+    def clear_bitmap(self, name: str) -> None:
+        self._bitmaps.clear_bitmap(name)
+
+    def enable_bitmap(self, name: str) -> None:
+        self._bitmaps.enable_bitmap(name)
+
+    def disable_bitmap(self, name: str) -> None:
+        self._bitmaps.disable_bitmap(name)
+
+    def merge_bitmap(self, name: str, source: str, source_image: Any = None) -> None:
+        """Set in bitmap name every granule dirty in bitmap source (of this image, or
+        of source_image)."""
+        self._bitmaps.merge_bitmap(name, source, source_image)
+
+    # ------------------------------------------------------------------ check --
+    def check(self, repair: str | None = None) -> CheckResult:
+        """Check the image like `qemu-img check`; with repair="leaks" or "all" (image
+        opened read-write) repair it and report the re-check."""
+        # a repair rewrites metadata wholesale, from what it counted: no overlap guard
+        st = self.storage
+        guard, st.meta_guard = st.meta_guard, None
+        try:
+            return check_image(self, repair)
+        finally:
+            st.meta_guard = guard
 
     # ------------------------------------------------------------------ file view --
     def file(self) -> ImageFile:

@@ -79,7 +79,8 @@ def _layer_fd(layer: Any) -> int | None:
 def _metadata_preallocated(layer: Any) -> bool:
     """QEMU's test for a metadata-preallocated image: clearly more clusters are in use
     (refcount > 0) than the host file has allocated. Only then does qemu-img look for
-    host holes under qcow2 data clusters (and report them as zero)."""
+    host holes under qcow2 data clusters (and report them as zero). In use is what the
+    refcount mode says (lazy-count: the live state's clusters count 0 but are used)."""
     cs = layer.geo.cluster_size
     storage = layer.storage
     real_clusters = storage.allocated_bytes() // cs
@@ -88,12 +89,12 @@ def _metadata_preallocated(layer: Any) -> bool:
     if end_cluster < threshold:
         return False
     try:
-        rc = layer.refcounts if layer.refcounts is not None else layer._make_refcounts()
+        rc = layer._usage_refcounts()
         per = layer.geo.refblock_entries
         count = 0
         for first in range(0, end_cluster, per):
             clusters = np.arange(first, min(first + per, end_cluster), dtype=np.int64)
-            count += int(np.count_nonzero(rc.get_many(clusters)))
+            count += int(np.count_nonzero(rc.in_use_many(clusters)))
             if count >= threshold:
                 return True
     except Qcow2Error:

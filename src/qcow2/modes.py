@@ -99,7 +99,7 @@ def set_refcount_mode(img: Any, new_mode: str, *, fresh: bool = False) -> None:
             set_refcount_mode(img, new_mode)
         return
     delta = MODES[new_mode].live_weight - MODES[old_mode].live_weight
-    live = img._live_counts()
+    live = img._snapshots._live_counts()
     if delta < 0:
         stored = rc.get_range(0, len(live)).astype(np.int64)
         if (stored < live).any():

@@ -33,7 +33,6 @@ import numpy as np
 
 from .errors import CorruptImageError, InvalidArgumentError, SnapshotError, UnsupportedFeatureError
 from .format import (
-    L1E_OFFSET_MASK,
     QCOW_OFLAG_COPIED,
     SNAPSHOT_EXTRA_V3_SIZE,
     SnapshotEntry,
@@ -71,13 +70,14 @@ class OwnerRefcounts(StandardRefcounts):
         return not node_of(entry).hidden
 
     def attach(self, img: Any) -> None:
-        self.live_id = live_node_id(img, self)
+        ops = img._snapshots
+        self.live_id = live_node_id(ops, self)
         self._comp_releases = []
         self._comp_live = None  # compressed references of the live tree, counted on demand
 
         def live_compressed() -> np.ndarray:
-            cmap = img.clusters
-            return tree_refs(img, cmap.l1, 0, 0)[1]
+            cmap = ops.clusters
+            return ops._references(cmap.l1, 0, 0)[1]
 
         self._live_compressed = live_compressed
 
@@ -97,7 +97,7 @@ class OwnerRefcounts(StandardRefcounts):
 
     @staticmethod
     def parents(img: Any) -> dict[str, str]:
-        return snapshot_parents(img)
+        return snapshot_parents(img._snapshots)
 
     @classmethod
     def checker(cls) -> type | None:
@@ -384,47 +384,9 @@ def live_node_id(img: Any, rc: OwnerRefcounts) -> int:
     return Tree.of(entries, 0).new_id(img.geo.refcount_max)
 
 
-def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The host clusters a node's tree references: (plain, compressed). Plain: its L1
-    table's clusters, its L2 tables (once per L1 entry) and their data clusters (VM
-    state included); compressed: the clusters each compressed cluster touches, which
-    packed compressed clusters share (QEMU packs them; we do not)."""
-    from .snapshot import _compressed_ranges, _expand_ranges
-
-    geo = img.geo
-    cs, cbits = geo.cluster_size, geo.cluster_bits
-    file_clusters = div_round_up(img.storage.size(), cs)
-    l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-    l2 = l2[l2 != 0]
-    if len(l2):
-        if (l2 & (cs - 1)).any():
-            raise CorruptImageError("L2 table offset in an L1 table is not cluster aligned")
-        if int(l2.max()) >> cbits >= file_clusters:
-            raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
-    plain = [l2 >> cbits]
-    comp: list[np.ndarray] = []
-    for _t, _offs, _buf, out, c in img._l2_chunks(_unique(l2), file_clusters, None):
-        flat = out.reshape(-1)
-        plain.append(flat[flat != 0].view(np.int64).copy())
-        if c is not None:
-            host, length = _compressed_ranges(geo, c[0])
-            first = host >> np.uint64(cbits)
-            n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-            cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
-            if len(cl) and int(cl.max()) >= file_clusters:
-                raise CorruptImageError("A compressed cluster lies past the end of the image file")
-            comp.append(cl)
-    if l1_offset and l1_size:
-        first_l1 = l1_offset // cs
-        plain.append(np.arange(first_l1, first_l1 + div_round_up(l1_size * 8, cs), dtype=np.int64))
-    return (np.concatenate(plain),
-            np.concatenate(comp) if comp else np.zeros(0, dtype=np.int64))
-
-
 def node_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int) -> np.ndarray:
     """Every host cluster a node's tree references, once."""
-    plain, comp = tree_refs(img, l1, l1_offset, l1_size)
+    plain, comp = img._references(l1, l1_offset, l1_size)
     return _unique(np.concatenate([plain, comp]))
 
 
@@ -438,6 +400,10 @@ def live_refs(img: Any) -> np.ndarray:
 
 
 # ======================================================================= operations ==
+# (This module's functions that take `img`, here and above, are given the image's
+# SnapshotOps (snapshot.py): the snapshot table, tree walker and transaction helpers,
+# with the image's storage, geometry, header and cluster map. OwnerRefcounts' hooks
+# and the conversions below take the Image and pass its SnapshotOps on.)
 def _write_padded(img: Any, table: np.ndarray, kind: str = "l1") -> int:
     """A table in new clusters of the current owner, padded to whole clusters (so that
     what a snapshot writes does not depend on the image size)."""
@@ -620,13 +586,14 @@ def reclaim_hidden(img: Any) -> None:
 
 
 # ======================================================================= conversion ==
-def from_standard(img: Any) -> None:
+def from_standard(image: Any) -> None:
     """Standard refcounts -> owners, crash-atomically. The tree: a chain in creation
     order (the live state last) when every cluster's referencing nodes are consecutive
     in it, the first of them owning it; otherwise every node is a child of one hidden
     root, which owns what several nodes share (anything a chain cannot express)."""
     from .snapshot import pack_snapshot_table
 
+    img = image._snapshots
     img._rc()
     geo = img.geo
     if geo.refcount_bits < 8:
@@ -635,9 +602,9 @@ def from_standard(img: Any) -> None:
     # chain position -> table index (the table keeps its order)
     order = sorted(range(len(entries)), key=lambda k: (entries[k].date_sec, entries[k].date_nsec, k))
     cmap = img.clusters
-    split = [tree_refs(img, img._snapshot_l1(entries[k]), entries[k].l1_table_offset,
-                       entries[k].l1_size) for k in order]
-    split.append(tree_refs(img, cmap.l1, cmap.l1_offset, len(cmap.l1)))
+    split = [img._references(img._snapshot_l1(entries[k]), entries[k].l1_table_offset,
+                             entries[k].l1_size) for k in order]
+    split.append(img._references(cmap.l1, cmap.l1_offset, len(cmap.l1)))
     n = len(split)
     refs = []
     for k, (plain, comp) in enumerate(split):
@@ -682,7 +649,7 @@ def from_standard(img: Any) -> None:
         flags = SnapshotNode.HIDDEN | SnapshotNode.LIVE_PARENT
         new_entries.insert(0, add_node(hidden, SnapshotNode(root, 0, flags)))
     pack_snapshot_table(new_entries)  # size check before anything changes
-    _switch_values(img, owner_of, new_entries, "owner")
+    _switch_values(image, owner_of, new_entries, "owner")
 
 
 def _unused_id(entries: list[SnapshotEntry]) -> str:
@@ -691,22 +658,23 @@ def _unused_id(entries: list[SnapshotEntry]) -> str:
     return next_snapshot_id(entries)
 
 
-def to_standard(img: Any) -> None:
+def to_standard(image: Any) -> None:
     """Owners -> standard refcounts, crash-atomically: hidden nodes go (what only they
     referenced is freed), every other reference is counted. The COPIED flags of the
     live tree are then set as standard qcow2 wants them (a second transaction)."""
+    img = image._snapshots
     entries = img._snapshot_entries()
     keep = [without_node(e) for e in entries if not node_of(e).hidden]
     cmap = img.clusters
     # standard counts every reference: a packed host cluster once per compressed cluster
-    refs = [np.concatenate(tree_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size))
+    refs = [np.concatenate(img._references(img._snapshot_l1(e), e.l1_table_offset, e.l1_size))
             for e in entries if not node_of(e).hidden]
-    refs.append(np.concatenate(tree_refs(img, cmap.l1, cmap.l1_offset, len(cmap.l1))))
+    refs.append(np.concatenate(img._references(cmap.l1, cmap.l1_offset, len(cmap.l1))))
     cl = np.concatenate(refs)
     counts = np.bincount(cl, minlength=1).astype(np.uint64) if len(cl) else np.zeros(1, np.uint64)
     if len(counts) and int(counts.max()) > img.geo.refcount_max:
         raise SnapshotError("A cluster has more references than refcount_bits can count")
-    _switch_values(img, counts, keep, "standard")
+    _switch_values(image, counts, keep, "standard")
     # the live tree's COPIED flags as the counts want them
     rc = img._rc()
     with img._bulk():
@@ -727,13 +695,14 @@ def to_standard(img: Any) -> None:
         img._switch_l1(new_l1, l1_off)
 
 
-def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], mode: str) -> None:
+def _switch_values(image: Any, values: np.ndarray, entries: list[SnapshotEntry], mode: str) -> None:
     """One transaction: every cluster's stored value becomes values[c] (0 past its
     end) except the image metadata (META in owner mode, 1 in standard: the same), the
     snapshot table is rewritten, and the header switches mode bit and tables."""
     from .format import INCOMPAT_REFCOUNT_MODES, REFCOUNT_MODE_BITS
     from .snapshot import pack_snapshot_table
 
+    img = image._snapshots
     rc = img._rc()
     cs = img.geo.cluster_size
     bits = (img.header.incompatible_features & ~INCOMPAT_REFCOUNT_MODES) | REFCOUNT_MODE_BITS[mode]
@@ -764,7 +733,7 @@ def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], m
             if old_t and old_size:
                 want[old_t // cs : old_t // cs + div_round_up(old_size, cs)] = 0
                 meta[old_t // cs : old_t // cs + div_round_up(old_size, cs)] = False
-            for c in _bitmap_clusters(img):
+            for c in _bitmap_clusters(image):
                 if c < len(meta):
                     meta[c] = True
             want[meta] = 1
@@ -785,7 +754,7 @@ def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], m
             raise
     img._snap_cache = None
     img._snapshot_gen += 1
-    img._reopen_refcounts()
+    image._reopen_refcounts()
 
 
 def _set_values(rc: StandardRefcounts, clusters: np.ndarray, values: np.ndarray) -> None:

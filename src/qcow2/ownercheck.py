@@ -28,7 +28,7 @@ from .format import (
     decode_table,
     encode_table,
 )
-from .owner import FIRST_NODE, META, node_of, tree_refs
+from .owner import FIRST_NODE, META, node_of
 
 _U64 = np.uint64
 _MAX_NODES_CHECKED = 4096  # the ancestor matrix is nodes x nodes booleans
@@ -80,7 +80,7 @@ class OwnerChecker(_Checker):
         img = self.img
         h = img.header
         try:
-            entries = img._snapshot_entries()
+            entries = img._snapshots._snapshot_entries()
         except Qcow2Error as exc:
             res.msg(f"ERROR snapshot table: {exc}")
             res.corruptions += 1
@@ -147,14 +147,15 @@ class OwnerChecker(_Checker):
         parts = []
         for k, e in enumerate(entries):
             try:
-                plain, comp = tree_refs(img, img._snapshot_l1(e), e.l1_table_offset, e.l1_size)
+                ops = img._snapshots
+                plain, comp = ops._references(ops._snapshot_l1(e), e.l1_table_offset, e.l1_size)
             except Qcow2Error:
                 continue  # reported by the structure checks
             parts.append((np.concatenate([plain, comp]) << shift) | k)
         try:
             l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size) \
                 if h.l1_size else np.zeros(0, dtype=np.uint64)
-            plain, comp = tree_refs(img, l1, h.l1_table_offset, h.l1_size)
+            plain, comp = img._snapshots._references(l1, h.l1_table_offset, h.l1_size)
             parts.append((np.concatenate([plain, comp]) << shift) | (n - 1))
         except Qcow2Error:
             pass

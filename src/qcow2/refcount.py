@@ -183,7 +183,7 @@ class RefcountStrategy(abc.ABC):
         in memory about the live tree."""
         if self.needs_live_map:
             with self.bulk(-(-img.storage.size() // self.geo.cluster_size)):  # type: ignore[attr-defined]
-                self.set_live(img._live_counts())
+                self.set_live(img._snapshots._live_counts())
 
     def snapshot_create(self, img: Any, *args: Any) -> Any:
         return img._create(*args)

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from .refcount import RefcountStrategy
     from .storage import Storage
 
-__all__ = ["SnapshotMixin", "SnapshotView", "read_snapshot_table", "pack_snapshot_table",
+__all__ = ["SnapshotHost", "SnapshotOps", "SnapshotView", "read_snapshot_table", "pack_snapshot_table",
            "format_snapshot_list", "register"]
 
 ICOUNT_NONE = 0xFFFFFFFFFFFFFFFF  # QEMU's "no instruction count" (-1)
@@ -226,23 +226,25 @@ class SnapshotView:
     """Read-only view of one snapshot: pread/readinto/map/file like an Image, without
     applying the snapshot. Reads fall through to the backing file as QEMU's do."""
 
-    def __init__(self, img: Any, entry: SnapshotEntry) -> None:
+    def __init__(self, ops: SnapshotOps, entry: SnapshotEntry) -> None:
         from .cluster import ClusterMap
 
+        img = ops._img
         self._img = img
+        self._ops = ops
         self.entry = entry
         self.size = int(entry.disk_size or 0)
         self.geo = img.geo
         self.storage = img.storage
         self.backing = img.backing
-        self.refcounts = img.refcounts  # mapping looks at refcounts (preallocation test)
+        self.refcounts = img.refcounts  # (as the image's: None when read-only)
         self.writable = False
         self.path = img.path
-        img._check_disk_size(entry)
-        l1 = img._snapshot_l1(entry)
+        ops._check_disk_size(entry)
+        l1 = ops._snapshot_l1(entry)
         self.clusters: ClusterMap = ClusterMap(img.storage, img.geo, l1, entry.l1_table_offset,
                                                None, img._cache_tables, img.header.version)
-        self._gen = img._snapshot_gen
+        self._gen = ops._snapshot_gen
 
     @property
     def id(self) -> str:
@@ -253,15 +255,15 @@ class SnapshotView:
         return self.entry.name
 
     def _check(self, offset: int, length: int) -> None:
-        img = self._img
-        if img.closed:
+        ops = self._ops
+        if ops.closed:
             raise Qcow2Error("I/O operation on a closed image")
-        if self._gen != img._snapshot_gen:
+        if self._gen != ops._snapshot_gen:
             # the table changed: make sure this snapshot (and so its clusters) still exists
             if not any(e.id == self.entry.id and e.l1_table_offset == self.entry.l1_table_offset
-                       for e in img._snapshot_entries()):
+                       for e in ops._snapshot_entries()):
                 raise SnapshotNotFoundError(f"Snapshot '{self.entry.name}' was deleted")
-            self._gen = img._snapshot_gen
+            self._gen = ops._snapshot_gen
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgumentError(
                 f"Request [{offset}, {offset + length}) is beyond the end of the snapshot "
@@ -293,8 +295,8 @@ class SnapshotView:
         self._check(0, 0)
         return image_map(self)
 
-    def _make_refcounts(self) -> Any:
-        return self._img._make_refcounts()
+    def _usage_refcounts(self) -> Any:
+        return self._img._usage_refcounts()
 
     def file(self) -> ImageFile:
         from .image import ImageFile
@@ -308,28 +310,78 @@ class SnapshotView:
         return f"<qcow2.SnapshotView id={self.entry.id!r} name={self.entry.name!r} size={self.size}>"
 
 
-class SnapshotMixin:
-    """Snapshot methods of Image: snapshots, create_snapshot, apply_snapshot,
-    delete_snapshot, read_vm_state, snapshot(name_or_id)."""
+class SnapshotHost(Protocol):
+    """What the snapshot operations need from the image they work on (Image is one):
+    its storage, header, geometry, live cluster map and refcount strategy (all of which
+    an image may replace while open, so they are read through the host), and the few
+    image operations a snapshot operation calls."""
 
-    if TYPE_CHECKING:
-        path: str
-        storage: Storage
-        header: Header
-        geo: Geometry
-        clusters: ClusterMap
-        refcounts: RefcountStrategy | None
-        closed: bool
-        writable: bool
-        backing: Any
-        _cache_tables: int
-        _compressed_cache: Any
+    path: str
+    storage: Storage
+    header: Header
+    geo: Geometry
+    clusters: ClusterMap
+    refcounts: RefcountStrategy | None
+    closed: bool
+    backing: Any
+    _cache_tables: int
 
-        def flush(self) -> None: ...
-        def _check_writable(self) -> None: ...
-        def _update_header(self, **changes: Any) -> None: ...
-        def _read_into(self, out: memoryview, offset: int, clusters: ClusterMap | None = None,
-                       backing: Any = "self") -> None: ...
+    def flush(self) -> None: ...
+    def _check_writable(self) -> None: ...
+    def _update_header(self, **changes: Any) -> None: ...
+    def _switch_l1(self, l1: np.ndarray, offset: int) -> None: ...
+    def _usage_refcounts(self) -> RefcountStrategy: ...
+    def _read_into(self, out: memoryview, offset: int, clusters: ClusterMap | None = None,
+                   backing: Any = "self") -> None: ...
+    def _segments(self, clusters: ClusterMap, offset: int, length: int) -> Any: ...
+
+
+class SnapshotOps:
+    """The snapshot operations of one image (Image holds one as `_snapshots` and
+    delegates snapshots, create_snapshot, apply_snapshot, delete_snapshot,
+    read_vm_state and snapshot(name_or_id) to it): the parsed snapshot table, the
+    generic parts of create/apply/delete, and the L1->L2 tree passes the refcount modes
+    use (a mode's hooks receive this object)."""
+
+    def __init__(self, host: SnapshotHost) -> None:
+        self._img = host
+
+    # the host's state, read through it (an image replaces these on reload)
+    @property
+    def storage(self) -> Storage:
+        return self._img.storage
+
+    @property
+    def header(self) -> Header:
+        return self._img.header
+
+    @property
+    def geo(self) -> Geometry:
+        return self._img.geo
+
+    @property
+    def clusters(self) -> ClusterMap:
+        return self._img.clusters
+
+    @property
+    def refcounts(self) -> RefcountStrategy | None:
+        return self._img.refcounts
+
+    @property
+    def closed(self) -> bool:
+        return self._img.closed
+
+    def flush(self) -> None:
+        self._img.flush()
+
+    def _check_writable(self) -> None:
+        self._img._check_writable()
+
+    def _update_header(self, **changes: Any) -> None:
+        self._img._update_header(**changes)
+
+    def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
+        self._img._switch_l1(l1, offset)
 
     _snap_cache: tuple[int, int, list[SnapshotEntry], int] | None = None
     _snapshot_gen = 0
@@ -416,12 +468,12 @@ class SnapshotMixin:
             raise CorruptImageError(
                 f"Snapshot '{e.name}': VM state size {e.vm_state_size} exceeds its L1 table")
         cmap = ClusterMap(self.storage, self.geo, sn_l1, e.l1_table_offset, None,
-                          self._cache_tables, self.header.version)
+                          self._img._cache_tables, self.header.version)
         start = first * self.geo.l1_coverage
         buf = bytearray(e.vm_state_size)
         mv = memoryview(buf)
         for pos in range(0, len(buf), _IO_MAX):
-            self._read_into(mv[pos : pos + _IO_MAX], start + pos, clusters=cmap, backing=None)
+            self._img._read_into(mv[pos : pos + _IO_MAX], start + pos, clusters=cmap, backing=None)
         return bytes(buf)
 
     def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
@@ -562,7 +614,7 @@ class SnapshotMixin:
         self.flush()
         from .dirtybitmaps import rewriting  # the whole disk changes for the bitmaps
 
-        with rewriting(self, disk, whole=True), self._bulk():
+        with rewriting(self._img, disk, whole=True), self._bulk():
             self._rc().snapshot_apply(self, e, disk, vm_index, sn_l1)
 
     def _apply(self, disk: int, vm_index: int, sn_l1: np.ndarray) -> None:
@@ -657,16 +709,6 @@ class SnapshotMixin:
         self._snapshot_entries()
         assert self._snap_cache is not None
         return self._snap_cache[3]
-
-    def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
-        """The header now names this active L1 table: make it the in-memory one."""
-        cmap = self.clusters
-        cmap.l1 = l1
-        cmap.l1_offset = offset
-        cmap.owned.clear()  # the in-place memo speaks for the old tree
-        cmap._l1_dirty_lo = cmap._l1_dirty_hi = -1
-        cmap.l2cache.drop_all()
-        self._compressed_cache = None
 
     def _write_new_bytes(self, data: bytes, kind: str, live: bool = False) -> int:
         """Write data to newly allocated clusters (inside a refcount transaction), for
@@ -857,7 +899,8 @@ class SnapshotMixin:
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
                     count_l2: bool = True, cache: _TreeCache | None = None,
                     live: bool = False,
-                    sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
+                    sink: Callable[[np.ndarray, int], None] | None = None,
+                    comp_sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
         """Add sign x every reference the tree under this L1 table holds to the
         refcounts: data clusters, compressed clusters by byte range and (with count_l2)
         the L2 tables, one per L1 entry. Applied chunk by chunk (memory stays bounded;
@@ -865,7 +908,9 @@ class SnapshotMixin:
         the L2 tables that hold entries with the COPIED flag when asked. Tables that
         cache wants are stored in it as they pass. live: the tree is the live state's
         (the mode decides what its references count); sink: receives the references
-        instead of the refcounts."""
+        instead of the refcounts; comp_sink: receives the clusters compressed clusters
+        touch (one per compressed cluster and cluster it touches: packed ones share a
+        host cluster) apart from the others, which sink then gets without them."""
         geo = self.geo
         cs = geo.cluster_size
         cbits = geo.cluster_bits
@@ -901,7 +946,10 @@ class SnapshotMixin:
                 if len(cl) and int(cl.max()) >= file_clusters:
                     raise CorruptImageError("A compressed cluster lies past the end of the image file")
                 reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
-                refs.append(np.repeat(cl, reps))
+                if comp_sink is not None:
+                    comp_sink(np.repeat(cl, reps), sign)
+                else:
+                    refs.append(np.repeat(cl, reps))
             for r in np.flatnonzero(mult[t : t + k] > 1).tolist():
                 # an L2 table that several L1 entries share (rare): count it again
                 row = out[r][out[r] != 0].astype(np.int64)
@@ -910,6 +958,24 @@ class SnapshotMixin:
         if count_l2 and len(l2):
             sink(l2 >> cbits, sign)
         return np.concatenate(copied) if copied else np.zeros(0, dtype=np.int64)
+
+    def _references(self, l1: np.ndarray, l1_offset: int, l1_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The host clusters a tree references, from the walker above: (plain,
+        compressed). Plain: the L1 table's clusters (l1_offset, l1_size; 0 for none), the
+        L2 tables (once per L1 entry) and their data clusters (VM state included);
+        compressed: the clusters each compressed cluster touches."""
+        plain: list[np.ndarray] = []
+        comp: list[np.ndarray] = []
+        self._apply_tree(l1, +1, sink=lambda refs, _sign: plain.append(refs),
+                         comp_sink=lambda refs, _sign: comp.append(refs))
+        if l1_offset and l1_size:
+            cs = self.geo.cluster_size
+            first = l1_offset // cs
+            plain.append(np.arange(first, first + div_round_up(l1_size * 8, cs), dtype=np.int64))
+        empty = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(plain) if plain else empty,
+                np.concatenate(comp) if comp else empty)
 
     def _live_counts(self) -> np.ndarray:
         """References the live state holds, per host cluster of the file: its L1 table,
@@ -1206,7 +1272,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
                         return 1
                     from .owner import tree_lines
 
-                    sys.stdout.write("".join(line + "\n" for line in tree_lines(img)))
+                    sys.stdout.write("".join(line + "\n" for line in tree_lines(img._snapshots)))
                     return 0
                 sys.stdout.write(format_snapshot_list(img.snapshots))
                 return 0
