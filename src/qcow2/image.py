@@ -60,6 +60,21 @@ _FAST_MAX = 1 << 30
 _OWNED_MAX = 1 << 16
 
 
+def open_image(path: str | os.PathLike[str], mode: str = "r", *, backing: bool = True,
+               **options: Any) -> Image:
+    """qcow2.open (which see): the modules of the package use this name, so that none
+    imports the package's __init__, which imports them."""
+    if mode not in ("r", "r+", "rb", "r+b", "rb+"):
+        raise InvalidArgumentError(f"Invalid mode {mode!r}: use 'r' or 'r+'")
+    return Image._open(path, writable="+" in mode, backing=backing, **options)
+
+
+def open_backing_image(path: str, seen: tuple[str, ...]) -> Image:
+    """A qcow2 backing file as an Image (read-only, with its own backing chain): the
+    opener that backing.open_backing takes."""
+    return Image._open(path, writable=False, backing=True, _seen=seen)
+
+
 class Image(SnapshotMixin, CheckMixin, BitmapMixin):
     """An open qcow2 image. Use `qcow2.open()` to get one."""
 
@@ -104,7 +119,7 @@ class Image(SnapshotMixin, CheckMixin, BitmapMixin):
                 real = os.path.realpath(self.path)
                 self.backing = _backing.open_backing(
                     self.path, self.layout.backing_file, self.layout.backing_format,
-                    _seen or (real,),
+                    _seen or (real,), open_backing_image,
                 )
         except BaseException:
             self._abandon()

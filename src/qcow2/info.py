@@ -25,8 +25,8 @@ from .format import (
     MAX_SNAPSHOT_TABLE_BYTES,
     MAX_SNAPSHOTS,
     SnapshotEntry,
+    mode_of,
 )
-from .modes import MODES, mode_of
 
 # ----------------------------------------------------------------------------- sizes --
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -175,6 +175,17 @@ def snapshot_info(rec: Any) -> dict[str, Any]:
     return d
 
 
+def tree_parents(img: Any) -> dict[str, str] | None:
+    """Each snapshot's parent, for a mode with a snapshot tree (else None). A standard
+    image has none: it is answered without the mode registry, which imports numpy."""
+    mode = mode_of(img.header)
+    if mode == "standard":
+        return None
+    from .modes import MODES
+
+    return MODES[mode].parents(img)
+
+
 def _bitmaps(img: Any) -> list[dict[str, Any]]:
     """Persistent dirty bitmaps listed in the bitmaps extension."""
     _ext, entries = read_directory(img.storage, img.layout.bitmaps_ext,
@@ -208,7 +219,7 @@ def image_info(img: Any, filename: str | None = None) -> dict[str, Any]:
     snaps = _snapshot_records(img)
     if snaps:
         info["snapshots"] = [snapshot_info(s) for s in snaps]
-        parents = MODES[mode_of(h)].parents(img)
+        parents = tree_parents(img)
         if parents:  # a mode with a snapshot tree (owner): each snapshot's parent
             for d in info["snapshots"]:
                 if d["id"] in parents:

@@ -23,6 +23,7 @@ from .format import (
     REFCOUNT_MODE_IDS,
     Header,
     RefcountModeExt,
+    mode_of,
 )
 from .header import pack_cluster0, read_layout
 from .lazycount import LazyCountRefcounts
@@ -34,15 +35,6 @@ MODES: dict[str, type[StandardRefcounts]] = {
     "lazy-count": LazyCountRefcounts,
     "owner": OwnerRefcounts,
 }
-
-
-def mode_of(header: Header) -> str:
-    """The refcount mode an image's header names."""
-    bits = header.incompatible_features & INCOMPAT_REFCOUNT_MODES
-    for name, bit in REFCOUNT_MODE_BITS.items():
-        if bit == bits:
-            return name
-    raise UnsupportedFeatureError(f"Unknown refcount mode bits {bits:#x}")
 
 
 def live_weight_of(header: Header) -> int:

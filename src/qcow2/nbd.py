@@ -378,8 +378,8 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
                 bitmaps: Sequence[str] = ()) -> Export:
     """Open a file as an export the server closes when it stops. snapshot
     ("snapshot.name=X", "snapshot.id=N" or an id or name) makes it read-only."""
-    from . import open as qopen
     from .convert import _snapshot_view
+    from .image import open_image as qopen
 
     if not os.path.exists(path):
         raise Qcow2Error(f"Could not open '{path}': No such file or directory")

@@ -63,7 +63,7 @@ def rebase(path: str | os.PathLike[str], backing_file: str, backing_format: str 
            *, unsafe: bool = False, progress: Progress | None = None) -> None:
     """Make backing_file (a name as stored in the header; "" for none) the backing file
     of the qcow2 image at path. Safe mode keeps the guest content unchanged."""
-    from . import open as qopen
+    from .image import open_image as qopen
 
     path = os.fspath(path)
     if backing_format is not None and backing_format not in ("qcow2", "raw"):
@@ -107,6 +107,7 @@ def rebase_image(img: Any, backing_file: str, backing_format: str | None, *,
 
 def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
     from .backing import open_backing
+    from .image import open_backing_image
 
     if not name:
         return None
@@ -117,7 +118,7 @@ def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
         raise BackingFileError(f"Could not open new backing file '{name}': Could not open "
                                f"'{full}': No such file or directory")
     try:
-        return open_backing(path, name, fmt, (os.path.realpath(path),))
+        return open_backing(path, name, fmt, (os.path.realpath(path),), open_backing_image)
     except BackingFileError as exc:
         msg = str(exc)
         if "loop" in msg:
@@ -190,7 +191,7 @@ def commit(path: str | os.PathLike[str], base: str | None = None, *, drop: bool 
     """Write the data of the qcow2 overlay at path into its backing file (or into the
     chain down to `base`, a path or backing file name). Unless drop, the overlay is
     emptied afterwards (it then reads its backing file again)."""
-    from . import open as qopen
+    from .image import open_image as qopen
 
     path = os.fspath(path)
     with qopen(path, "r+") as img:
@@ -221,8 +222,8 @@ def _is(layer: Any, base: str, top: str) -> bool:
 
 def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | None) -> None:
     """Write what img and the images above the target provide into the target."""
-    from . import open as qopen
     from .backing import RawFile
+    from .image import open_image as qopen
     from .mapping import guest_size
 
     target = chain[-1]
