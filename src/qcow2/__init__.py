@@ -23,7 +23,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .image import Image, ImageFile
+    from .image import Image
+    from .imagefile import ImageFile
     from .storage import Stats
 
 __all__ = [
@@ -49,7 +50,7 @@ def open(path: str | os.PathLike[str], mode: str = "r", *, backing: bool = True,
 
 # Image, ImageFile and Stats are imported on first use (PEP 562): importing the package
 # (which `qcow2 info` does) must not import numpy, which the Image's tables need.
-_LAZY = {"Image": "image", "ImageFile": "image", "Stats": "storage"}
+_LAZY = {"Image": "image", "ImageFile": "imagefile", "Stats": "storage"}
 
 
 def __getattr__(name: str) -> Any:

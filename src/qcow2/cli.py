@@ -33,7 +33,7 @@ COMMANDS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("commands", (("create", "Create a new qcow2 image"),
                   ("info", "Show information about an image"),
                   ("map", "Show the allocation map of an image (and its backing chain)"))),
-    ("check", (("check", "check an image for consistency (and repair it)"),)),
+    ("checkcmd", (("check", "check an image for consistency (and repair it)"),)),
     ("snapshotcmd", (("snapshot", "list, create, apply or delete internal snapshots"),)),
     ("convert", (("convert", "copy images into a new qcow2 or raw image"),)),
     ("compare", (("compare", "compare the guest content of two images"),)),

@@ -306,6 +306,21 @@ def snapshot_table_lines(snaps: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
+    """`qemu-img snapshot -l` text (empty when there is no snapshot): the table
+    `qemu-img info` prints too, from the one printer (names padded by bytes, as C's
+    printf pads them)."""
+    if not entries:
+        return ""
+    recs = []
+    for e in entries:
+        d = snapshot_info(e)
+        if "icount" in d and d["icount"] >= 1 << 63:
+            d["icount"] -= 1 << 64  # QEMU prints it signed
+        recs.append(d)
+    return "\n".join(["Snapshot list:", *snapshot_table_lines(recs)]) + "\n"
+
+
 def _dump_value(value: Any, indent: int, lines: list[str], prefix: str) -> None:
     pad = " " * (4 * indent)
     if isinstance(value, dict):

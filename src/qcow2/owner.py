@@ -390,7 +390,7 @@ def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
     table's clusters, its L2 tables (once per L1 entry) and their data clusters (VM
     state included); compressed: the clusters each compressed cluster touches, which
     packed compressed clusters share (QEMU packs them; we do not)."""
-    from .snapshot import _compressed_ranges, _expand_ranges
+    from .cluster import compressed_ranges, expand_ranges
 
     geo = img.geo
     cs, cbits = geo.cluster_size, geo.cluster_bits
@@ -408,10 +408,10 @@ def tree_refs(img: Any, l1: np.ndarray, l1_offset: int, l1_size: int
         flat = out.reshape(-1)
         plain.append(flat[flat != 0].view(np.int64).copy())
         if c is not None:
-            host, length = _compressed_ranges(geo, c[0])
+            host, length = compressed_ranges(geo, c[0])
             first = host >> np.uint64(cbits)
             n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-            cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
+            cl = expand_ranges(first.astype(np.int64), n.astype(np.int64))
             if len(cl) and int(cl.max()) >= file_clusters:
                 raise CorruptImageError("A compressed cluster lies past the end of the image file")
             comp.append(cl)
@@ -453,7 +453,7 @@ def _write_padded(img: Any, table: np.ndarray, kind: str = "l1") -> int:
 
 def _write_table(img: Any, tree: Tree) -> tuple[int, bytes]:
     """The snapshot table into new META clusters; the old one is freed."""
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     rc = img._rc()
     table = pack_snapshot_table(tree.entries) if tree.entries else b""
@@ -625,7 +625,7 @@ def from_standard(img: Any) -> None:
     order (the live state last) when every cluster's referencing nodes are consecutive
     in it, the first of them owning it; otherwise every node is a child of one hidden
     root, which owns what several nodes share (anything a chain cannot express)."""
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     img._rc()
     geo = img.geo
@@ -686,7 +686,7 @@ def from_standard(img: Any) -> None:
 
 
 def _unused_id(entries: list[SnapshotEntry]) -> str:
-    from .snapshot import next_snapshot_id
+    from .snaptable import next_snapshot_id
 
     return next_snapshot_id(entries)
 
@@ -732,7 +732,7 @@ def _switch_values(img: Any, values: np.ndarray, entries: list[SnapshotEntry], m
     end) except the image metadata (META in owner mode, 1 in standard: the same), the
     snapshot table is rewritten, and the header switches mode bit and tables."""
     from .format import INCOMPAT_REFCOUNT_MODES, REFCOUNT_MODE_BITS
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     rc = img._rc()
     cs = img.geo.cluster_size

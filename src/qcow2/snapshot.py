@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .cluster import compressed_ranges, expand_ranges
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -54,12 +55,12 @@ from .format import (
     encode_table,
 )
 from .geometry import div_round_up
+from .info import format_snapshot_list  # (imported from here too)
 from .modes import MODES, mode_of
 from .snaptable import (  # the table's records (numpy-free), also imported from here
     ICOUNT_NONE,
     MAX_NAME_BYTES,
     find_snapshot,
-    format_snapshot_list,
     next_snapshot_id,
     pack_snapshot_table,
     read_snapshot_table,
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
     from .cluster import ClusterMap
     from .format import Header
     from .geometry import Geometry
-    from .image import ImageFile
+    from .imagefile import ImageFile
     from .refcount import RefcountStrategy
     from .storage import Storage
 
@@ -166,7 +167,7 @@ class SnapshotView:
         return self._img._make_refcounts()
 
     def file(self) -> ImageFile:
-        from .image import ImageFile
+        from .imagefile import ImageFile
 
         return ImageFile(self)
 
@@ -763,10 +764,10 @@ class SnapshotMixin:
                 if has.any():
                     copied.append(offs[has])
             if comp is not None:
-                host, length = _compressed_ranges(geo, comp[0])
+                host, length = compressed_ranges(geo, comp[0])
                 first = host >> np.uint64(cbits)
                 n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-                cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
+                cl = expand_ranges(first.astype(np.int64), n.astype(np.int64))
                 if len(cl) and int(cl.max()) >= file_clusters:
                     raise CorruptImageError("A compressed cluster lies past the end of the image file")
                 reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
@@ -993,22 +994,3 @@ def _runs(offs: np.ndarray, cs: int) -> list[tuple[int, int]]:
     starts = np.r_[0, brk]
     ends = np.r_[brk, len(offs)]
     return list(zip(starts.tolist(), ends.tolist()))
-
-
-def _compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(host offset, byte length) of compressed L2 entries, vectorized
-    (Geometry.compressed_range for many entries)."""
-    e = entries.astype(np.uint64)
-    host = e & np.uint64(geo.coffset_mask)
-    nb = ((e >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
-    end = (host & ~np.uint64(511)) + nb * np.uint64(512)
-    return host, end - host
-
-
-def _expand_ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(first[i], first[i] + counts[i])."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(counts) - counts
-    return np.repeat(first, counts) + (np.arange(total, dtype=np.int64) - np.repeat(starts, counts))

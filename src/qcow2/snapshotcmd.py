@@ -8,9 +8,8 @@ import sys
 from typing import Any
 
 from .errors import Qcow2Error, SnapshotNotFoundError
-from .info import tree_parents
+from .info import format_snapshot_list, tree_parents
 from .meta import open_metadata
-from .snaptable import format_snapshot_list
 
 
 class _Op(argparse.Action):

@@ -136,20 +136,3 @@ def size_to_str(value: int) -> str:
     i = max(0, min(int((exp - 1) / 10), 6))
     unit = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")[i]
     return f"{value / (1 << (i * 10)):0.3g} {unit}B"
-
-
-def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
-    """`qemu-img snapshot -l` text (empty when there is no snapshot): the table
-    `qemu-img info` prints too, from the one printer (names padded by bytes, as C's
-    printf pads them)."""
-    if not entries:
-        return ""
-    from .info import snapshot_info, snapshot_table_lines
-
-    recs = []
-    for e in entries:
-        d = snapshot_info(e)
-        if "icount" in d and d["icount"] >= 1 << 63:
-            d["icount"] -= 1 << 64  # QEMU prints it signed
-        recs.append(d)
-    return "\n".join(["Snapshot list:", *snapshot_table_lines(recs)]) + "\n"
