@@ -39,7 +39,8 @@ def qcow2_cli() -> list[str]:
 _ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def _timed(args: list[str]) -> float:
+def timed_run(args: list[str]) -> float:
+    """Seconds of one whole-process run (also the report's `info` row, report_tools.py)."""
     t0 = time.perf_counter()
     p = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV)
     dt = time.perf_counter() - t0
@@ -60,10 +61,10 @@ def interleaved(sides: dict[str, list[str]], n: int) -> dict[str, list[float]]:
     """n whole-process runs of each command line, alternating between the sides."""
     samples: dict[str, list[float]] = {k: [] for k in sides}
     for args in sides.values():  # one unmeasured run each: page cache, .pyc files
-        _timed(args)
+        timed_run(args)
     for _ in range(n):
         for k, args in sides.items():
-            samples[k].append(_timed(args))
+            samples[k].append(timed_run(args))
     return samples
 
 

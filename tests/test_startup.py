@@ -86,6 +86,8 @@ def test_light_errors_and_resize_of_a_raw_file(tmp_path: Path) -> None:
 def test_help_and_python_dash_m_are_light() -> None:
     rc, out = light_run("--help")
     assert rc == 0 and "snapshot" in out
+    rc, out = light_run("--version")  # qemu-img's --version, -V: one line, exit code 0
+    assert rc == 0 and out.startswith("qcow2 version ")
     # `python -m qcow2` (the console script imports qcow2.cli the same way)
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcow2", "measure", "--size", "1G"],
                        capture_output=True, text=True)

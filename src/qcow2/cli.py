@@ -52,6 +52,9 @@ COMMANDS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 def build_parser(command: str | None = "", *, full: bool = False) -> argparse.ArgumentParser:
     """The parser, with the real sub-parser for `command` only (full: for every command)."""
     parser = _Parser(prog="qcow2", description="qcow2 image utility (qemu-img compatible)")
+    from . import __version__  # (the package is loaded: this module is part of it)
+
+    parser.add_argument("-V", "--version", action="version", version=f"qcow2 version {__version__}")
     # prog given: argparse would compute the same "qcow2" with a help formatter, which
     # imports shutil (and lzma, bz2) for the terminal width: start-up time
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="qcow2")
