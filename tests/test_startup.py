@@ -105,5 +105,6 @@ def test_the_lazy_parser_is_the_full_parser() -> None:
     names = [name for _, group in COMMANDS for name, _ in group]
     assert names == list(sub_full)
     for name in names:
-        lazy = build_parser(name)._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-        assert lazy[name].format_help() == sub_full[name].format_help(), name
+        for only in (False, True):
+            lazy = build_parser(name, only=only)._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+            assert lazy[name].format_help() == sub_full[name].format_help(), name

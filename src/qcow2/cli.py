@@ -49,8 +49,11 @@ COMMANDS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
-def build_parser(command: str | None = "", *, full: bool = False) -> argparse.ArgumentParser:
-    """The parser, with the real sub-parser for `command` only (full: for every command)."""
+def build_parser(command: str | None = "", *, full: bool = False,
+                 only: bool = False) -> argparse.ArgumentParser:
+    """The parser, with the real sub-parser for `command` only (full: for every command).
+    only: without the stubs of the other commands, for a command line that starts with
+    the command's name (the top-level parser then neither prints help nor an error)."""
     parser = _Parser(prog="qcow2", description="qcow2 image utility (qemu-img compatible)")
     from . import __version__  # (the package is loaded: this module is part of it)
 
@@ -62,7 +65,7 @@ def build_parser(command: str | None = "", *, full: bool = False) -> argparse.Ar
     for module, names in COMMANDS:
         if full or any(name == command for name, _ in names):
             importlib.import_module(f".{module}", __package__).register(sub)
-        else:
+        elif not only:
             for name, help_text in names:
                 sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -93,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     try:
-        args = build_parser(_command_of(argv)).parse_args(argv)
+        command = _command_of(argv)
+        known = any(command == name for _, names in COMMANDS for name, _ in names)
+        args = build_parser(command, only=known and argv[0] == command).parse_args(argv)
         if not hasattr(args, "func"):  # a stub ran after all: parse again with every command
             args = build_parser(full=True).parse_args(argv)
     except SystemExit as exc:  # argparse already printed one line of usage error
