@@ -37,7 +37,7 @@ from common import (  # noqa: E402
 )
 
 import qcow2  # noqa: E402
-from qcow2.check import check_file  # noqa: E402
+from qcow2.checkcmd import check_file  # noqa: E402
 
 BENCH = "check"
 

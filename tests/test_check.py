@@ -17,7 +17,8 @@ from conftest import assert_clean, qemu_check, qemu_img, qemu_io
 from qcow2_edit import COPIED, OFFSET_MASK, ZERO, RawImage
 
 import qcow2
-from qcow2.check import MAX_MESSAGES, CheckResult, check_file
+from qcow2.check import MAX_MESSAGES, CheckResult
+from qcow2.checkcmd import check_file
 from qcow2.cli import main as cli_main
 
 MB = 1 << 20

@@ -18,7 +18,7 @@ import pytest
 from conftest import qemu_img
 
 import qcow2
-from qcow2.check import check_file
+from qcow2.checkcmd import check_file
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 CHUNK = 4 << 20

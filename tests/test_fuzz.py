@@ -26,7 +26,7 @@ from qcow2_edit import FIELDS, OFFSET_MASK, RawImage
 from test_hostile import in_child
 
 import qcow2
-from qcow2.check import check_file
+from qcow2.checkcmd import check_file
 
 K, M = 1 << 10, 1 << 20
 pytestmark = pytest.mark.standard_only

@@ -24,7 +24,7 @@ from conftest import qemu_check, qemu_img, qemu_io
 from qcow2_edit import OFFSET_MASK, RawImage
 
 import qcow2
-from qcow2.check import check_file
+from qcow2.checkcmd import check_file
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 pytestmark = pytest.mark.standard_only  # (the damage edits standard refcounts by hand)

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 )
 
 import qcow2
-from qcow2.check import check_file
+from qcow2.checkcmd import check_file
 from qcow2.cli import main as cli_main
 from qcow2.owner import node_of
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .amend import amend
 from .create import create
@@ -21,8 +21,11 @@ from .errors import (
     SnapshotNotFoundError,
     UnsupportedFeatureError,
 )
-from .image import Image, ImageFile
-from .storage import Stats
+
+if TYPE_CHECKING:
+    from .image import Image
+    from .imagefile import ImageFile
+    from .storage import Stats
 
 __all__ = [
     "open", "create", "amend", "Image", "ImageFile", "Stats",
@@ -40,6 +43,22 @@ def open(path: str | os.PathLike[str], mode: str = "r", *, backing: bool = True,
     backing=False does not follow the backing file name (for untrusted images).
     Options: cache_size (bytes of L2 tables cached), refcount_cache_size, backend.
     """
-    if mode not in ("r", "r+", "rb", "r+b", "rb+"):
-        raise InvalidArgumentError(f"Invalid mode {mode!r}: use 'r' or 'r+'")
-    return Image._open(path, writable="+" in mode, backing=backing, **options)
+    from .image import open_image
+
+    return open_image(path, mode, backing=backing, **options)
+
+
+# Image, ImageFile and Stats are imported on first use (PEP 562): importing the package
+# (which `qcow2 info` does) must not import numpy, which the Image's tables need.
+_LAZY = {"Image": "image", "ImageFile": "imagefile", "Stats": "storage"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -113,7 +113,7 @@ def amend(path: str | os.PathLike[str], options: dict[str, Any],
     """Change the options of the qcow2 image at path. options: compat ("0.10"/"1.1" or
     2/3), lazy_refcounts (bool), size (int), refcount_bits (int), backing_file/backing_fmt
     (their current values only)."""
-    from . import open as qopen
+    from .image import open_image as qopen
 
     opts = dict(options)
     if isinstance(opts.get("compat"), str):

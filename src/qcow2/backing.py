@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import BackingFileError, Qcow2Error
@@ -84,9 +85,12 @@ def probe_format(path: str, what: str = "backing file") -> str:
         os.close(fd)
 
 
-def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, ...]) -> Readable:
-    from .image import Image  # circular at import time only
-
+def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, ...],
+                 open_qcow2: Callable[[str, tuple[str, ...]], Readable]) -> Readable:
+    """The backing file `name` of the image at image_path, checked (no loop, chain depth,
+    supported format). open_qcow2(path, seen) opens a qcow2 backing file: an Image
+    (image.open_backing_image), or its metadata only (meta.py), with its own chain; seen
+    holds the real paths of the chain so far."""
     path = resolve_backing_name(image_path, name)
     if not os.path.exists(path):
         raise BackingFileError(f"Could not open backing file '{path}': No such file or directory")
@@ -101,7 +105,7 @@ def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, .
     if fmt != "qcow2":
         raise BackingFileError(f"Backing file format '{fmt}' is not supported")
     try:
-        return Image._open(path, writable=False, backing=True, _seen=seen + (real,))
+        return open_qcow2(path, seen + (real,))
     except BackingFileError:
         raise
     except Qcow2Error as exc:

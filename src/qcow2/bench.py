@@ -81,7 +81,7 @@ def _num(text: str, what: str, size: bool = False, minimum: int = 0) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import open as qopen
+    from .image import open_image as qopen
 
     o = BenchOptions()
     if args.count is not None:

@@ -23,9 +23,9 @@ class _Act(argparse.Action):
 
 
 def _open(path: str, fmt: str | None, writable: bool) -> Any:
-    from . import open as qopen
     from .backing import probe_format
     from .errors import FormatError
+    from .image import open_image as qopen
 
     if not os.path.exists(path):
         raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "

@@ -10,9 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CorruptImageError,
@@ -21,6 +19,9 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .format import AUTOCLEAR_BITMAPS
+
+if TYPE_CHECKING:  # numpy is imported where bits are read: info lists bitmaps without it
+    import numpy as np
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -171,12 +172,16 @@ def read_table(storage: Any, ent: BitmapEntry) -> np.ndarray:
     raw = storage.pread(ent.table_size * 8, ent.table_offset)
     if len(raw) != ent.table_size * 8:
         raise FormatError(f"Bitmap '{ent.name}' table is truncated")
+    import numpy as np
+
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
 def read_bits(storage: Any, ent: BitmapEntry, size: int, cluster_size: int,
               file_size: int) -> np.ndarray:
     """Dirty bits of a bitmap, one bool per granule of the disk."""
+    import numpy as np
+
     validate_entry(ent, size, cluster_size, file_size)
     table = read_table(storage, ent)
     granules = -(-size // ent.granularity)
@@ -201,6 +206,8 @@ def runs(bits: np.ndarray, granularity: int, size: int) -> Iterator[tuple[int, i
     """(offset, length) of each run of set bits, clipped to the disk size."""
     if not len(bits):
         return
+    import numpy as np
+
     edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.view(np.int8), [0]))))
     for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
         off = start * granularity

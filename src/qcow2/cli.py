@@ -1,12 +1,14 @@
 """The `qcow2` command: qemu-img compatible syntax, output and exit codes.
 
 Each sub-command module registers itself with `register(subparsers)`; the handler it sets
-as `func` returns the exit code.
+as `func` returns the exit code. Only the module of the command that runs is imported, so
+that the commands that need no table pass start without numpy (issue 12, start-up).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -23,50 +25,61 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The sub-commands in `qcow2 --help` order: (module, [(name, help)]). Only the module of
+# the command that runs is imported (each costs start-up time, some import numpy); the
+# others get a stub parser with the same help line. A module's register() adds exactly
+# these names with these help texts (tests/test_startup.py compares both parsers).
+COMMANDS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("commands", (("create", "Create a new qcow2 image"),
+                  ("info", "Show information about an image"),
+                  ("map", "Show the allocation map of an image (and its backing chain)"))),
+    ("checkcmd", (("check", "check an image for consistency (and repair it)"),)),
+    ("snapshotcmd", (("snapshot", "list, create, apply or delete internal snapshots"),)),
+    ("convert", (("convert", "copy images into a new qcow2 or raw image"),)),
+    ("compare", (("compare", "compare the guest content of two images"),)),
+    ("amend", (("amend", "change the options of an existing image"),)),
+    ("measure", (("measure", "compute the size a new image needs"),)),
+    ("nbd", (("nbd", "serve an image over NBD (qemu-nbd compatible options)"),)),
+    ("resize", (("resize", "change the virtual size of an image"),)),
+    ("rebase", (("rebase", "change the backing file of an image"),
+                ("commit", "write an overlay's data into its backing file"))),
+    ("dd", (("dd", "copy an image like dd(1)"),)),
+    ("bench", (("bench", "run a simple I/O benchmark"),)),
+    ("bitmapcmd", (("bitmap", "manage persistent dirty bitmaps"),)),
+)
+
+
+def build_parser(command: str | None = "", *, full: bool = False,
+                 only: bool = False) -> argparse.ArgumentParser:
+    """The parser, with the real sub-parser for `command` only (full: for every command).
+    only: without the stubs of the other commands, for a command line that starts with
+    the command's name (the top-level parser then neither prints help nor an error)."""
     parser = _Parser(prog="qcow2", description="qcow2 image utility (qemu-img compatible)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import __version__  # (the package is loaded: this module is part of it)
+
+    parser.add_argument("-V", "--version", action="version", version=f"qcow2 version {__version__}")
+    # prog given: argparse would compute the same "qcow2" with a help formatter, which
+    # imports shutil (and lzma, bz2) for the terminal width: start-up time
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="qcow2")
     sub.required = True
-    from . import commands
-
-    commands.register(sub)
-    from . import check
-
-    check.register(sub)
-    from . import snapshot
-
-    snapshot.register(sub)
-    from . import convert
-
-    convert.register(sub)
-    from . import compare
-
-    compare.register(sub)
-    from .amend import register as register_amend  # (qcow2.amend is the function)
-
-    register_amend(sub)
-    from . import measure
-
-    measure.register(sub)
-    from . import nbd
-
-    nbd.register(sub)
-    from . import resize
-
-    resize.register(sub)
-    from . import rebase
-
-    rebase.register(sub)
-    from . import dd
-
-    dd.register(sub)
-    from . import bench
-
-    bench.register(sub)
-    from . import bitmapcmd
-
-    bitmapcmd.register(sub)
+    for module, names in COMMANDS:
+        if full or any(name == command for name, _ in names):
+            importlib.import_module(f".{module}", __package__).register(sub)
+        elif not only:
+            for name, help_text in names:
+                sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line: its first positional argument (the
+    top-level parser has no option that takes a value)."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,9 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reconfigure(errors="surrogateescape")
             except (ValueError, OSError):
                 pass
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
     try:
-        args = parser.parse_args(argv)
+        command = _command_of(argv)
+        known = any(command == name for _, names in COMMANDS for name, _ in names)
+        args = build_parser(command, only=known and argv[0] == command).parse_args(argv)
+        if not hasattr(args, "func"):  # a stub ran after all: parse again with every command
+            args = build_parser(full=True).parse_args(argv)
     except SystemExit as exc:  # argparse already printed one line of usage error
         return int(exc.code or 0)
     try:

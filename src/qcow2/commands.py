@@ -236,6 +236,7 @@ def formatting_line(filename: str, opts: dict[str, tuple[str, Any]]) -> str:
 def cmd_create(args: argparse.Namespace) -> int:
     from .backing import open_backing, probe_format, resolve_backing_name
     from .create import create
+    from .image import open_backing_image
     from .info import path_combine
     from .mapping import guest_size
 
@@ -291,7 +292,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             if backing_fmt is None:
                 raise fail("Backing file specified without backing format "
                            f"(detected format of {detected}; use -F {detected})")
-            bk: Any = open_backing(filename, backing, backing_fmt, ())
+            bk: Any = open_backing(filename, backing, backing_fmt, (), open_backing_image)
             try:
                 if size is None:
                     size = guest_size(bk)  # in whole sectors, as QEMU sizes it
@@ -365,7 +366,7 @@ def _tf(b: bool) -> str:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from . import open as qopen
+    from .image import open_image as qopen
     from .info import layer_names
     from .mapping import guest_size, image_map
 

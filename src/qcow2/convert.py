@@ -34,7 +34,7 @@ class Source:
     """One input: a qcow2 image (or one of its snapshots) or a raw file."""
 
     def __init__(self, path: str, fmt: str | None, snapshot: str | None) -> None:
-        from . import open as qopen
+        from .image import open_image as qopen
 
         if not os.path.exists(path):
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
@@ -147,7 +147,7 @@ class _Target:
 
     def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str],
                  compress: bool = False) -> None:
-        from . import open as qopen
+        from .image import open_image as qopen
         from .storage import FileBackend, Storage
 
         self.img: Any = None

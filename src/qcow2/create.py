@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from .errors import InvalidArgumentError, Qcow2Error
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -161,6 +159,8 @@ def create(
     layout = ImageLayout(header=header, backing_file=backing_file, backing_format=backing_format)
     cluster0 = pack_cluster0(layout, cluster_size)
 
+    import numpy as np  # here, not at the top: the package imports this module (start-up)
+
     reftable = np.zeros(rtable * cluster_size // 8, dtype=np.uint64)
     reftable[:rblocks] = rblocks_off + np.arange(rblocks, dtype=np.uint64) * cluster_size
     refs = np.zeros(rblocks * geo.refblock_entries, dtype=np.uint64)
@@ -205,6 +205,8 @@ def create(
 
 def _write_prealloc_l2(storage: Storage, geo: Geometry, l2_off: int, l2_tables: int,
                        data_off: int, data_clusters: int, size: int) -> None:
+    import numpy as np
+
     per = geo.l2_entries
     chunk_tables = max(1, (8 << 20) // geo.cluster_size)  # write 8 MiB of tables at a time
     cs = geo.cluster_size
@@ -245,8 +247,9 @@ def _write_zeros(storage: Storage, offset: int, length: int) -> None:
 
 def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:
     from .backing import open_backing
+    from .image import open_backing_image
 
-    bk: Any = open_backing(path, backing_file, backing_format, ())
+    bk: Any = open_backing(path, backing_file, backing_format, (), open_backing_image)
     try:
         return int(bk.size)
     finally:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from .errors import FormatError
+from .errors import FormatError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
+    import numpy as np
 
 MAGIC = b"QFI\xfb"
 
@@ -260,12 +264,16 @@ class SnapshotEntry:
     @property
     def date(self) -> datetime:
         """Creation time (timezone-aware, UTC)."""
+        from datetime import datetime, timedelta, timezone  # (start-up: only where used)
+
         return datetime.fromtimestamp(self.date_sec, tz=timezone.utc) + timedelta(
             microseconds=self.date_nsec // 1000)
 
     @property
     def vm_clock(self) -> timedelta:
         """Guest clock at the time of the snapshot."""
+        from datetime import timedelta
+
         return timedelta(microseconds=self.vm_clock_nsec // 1000)
 
     def pack(self) -> bytes:
@@ -400,13 +408,24 @@ class RefcountModeExt:
         return cls(mode_id, version)
 
 
-# --- table encodings (numpy, big-endian on disk, native in memory) ---------------------
+def mode_of(header: Header) -> str:
+    """The refcount mode an image's header names."""
+    bits = header.incompatible_features & INCOMPAT_REFCOUNT_MODES
+    for name, bit in REFCOUNT_MODE_BITS.items():
+        if bit == bits:
+            return name
+    raise UnsupportedFeatureError(f"Unknown refcount mode bits {bits:#x}")
 
-import numpy as np  # noqa: E402
+
+# --- table encodings (numpy, big-endian on disk, native in memory) ---------------------
+# numpy is imported by the functions that use it (once loaded, an import statement is a
+# dictionary lookup): reading records (info, snapshot -l) must not pay for its import.
 
 
 def decode_table(data: bytes) -> np.ndarray:
     """L1/L2/refcount-table bytes -> native uint64 array (writable copy)."""
+    import numpy as np
+
     return np.frombuffer(data, dtype=">u8").astype(np.uint64)
 
 
@@ -419,6 +438,8 @@ _REFCOUNT_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 
 def decode_refblock(data: bytes, refcount_order: int) -> np.ndarray:
     """Refcount block bytes -> uint64 array of refcounts (sub-byte widths LSB first)."""
+    import numpy as np
+
     if refcount_order >= 3:
         return np.frombuffer(data, dtype=_REFCOUNT_DTYPES[refcount_order]).astype(np.uint64)
     width = 1 << refcount_order
@@ -429,6 +450,8 @@ def decode_refblock(data: bytes, refcount_order: int) -> np.ndarray:
 
 
 def encode_refblock(values: np.ndarray, refcount_order: int) -> bytes:
+    import numpy as np
+
     if refcount_order >= 3:
         return values.astype(_REFCOUNT_DTYPES[refcount_order]).tobytes()
     width = 1 << refcount_order

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +44,7 @@ from .format import (
 )
 from .geometry import Geometry
 from .header import read_layout
+from .imagefile import ImageFile
 from .modes import MODES, mode_of, set_refcount_mode
 from .overlap import OverlapGuard, guard_allocator, validate_reftable
 from .refcount import RefcountStrategy, StandardRefcounts
@@ -59,6 +59,21 @@ _ZEROS = memoryview(bytes(1 << 21))  # one maximal cluster of zeros, sliced with
 _FAST_MAX = 1 << 30
 # Bound on ClusterMap.owned (guest clusters remembered as writable in place)
 _OWNED_MAX = 1 << 16
+
+
+def open_image(path: str | os.PathLike[str], mode: str = "r", *, backing: bool = True,
+               **options: Any) -> Image:
+    """qcow2.open (which see): the modules of the package use this name, so that none
+    imports the package's __init__, which imports them."""
+    if mode not in ("r", "r+", "rb", "r+b", "rb+"):
+        raise InvalidArgumentError(f"Invalid mode {mode!r}: use 'r' or 'r+'")
+    return Image._open(path, writable="+" in mode, backing=backing, **options)
+
+
+def open_backing_image(path: str, seen: tuple[str, ...]) -> Image:
+    """A qcow2 backing file as an Image (read-only, with its own backing chain): the
+    opener that backing.open_backing takes."""
+    return Image._open(path, writable=False, backing=True, _seen=seen)
 
 
 class Image:
@@ -109,7 +124,7 @@ class Image:
                 real = os.path.realpath(self.path)
                 self.backing = _backing.open_backing(
                     self.path, self.layout.backing_file, self.layout.backing_format,
-                    _seen or (real,),
+                    _seen or (real,), open_backing_image,
                 )
         except BaseException:
             self._abandon()
@@ -1167,64 +1182,3 @@ def _sc_state(bitmap: int, sc: int) -> int:
     if bitmap >> (32 + sc) & 1:
         return 2
     return 0
-
-
-class ImageFile(io.RawIOBase):
-    """File-like view of an image (or of a read-only snapshot view)."""
-
-    def __init__(self, source: Any) -> None:
-        super().__init__()
-        self._src = source
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return bool(getattr(self._src, "writable", False))
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._src.size + offset
-        else:
-            raise InvalidArgumentError(f"Invalid whence {whence}")
-        if pos < 0:
-            raise InvalidArgumentError("Negative seek position")
-        self._pos = pos
-        return pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        mv = memoryview(b).cast("B")
-        n = max(0, min(len(mv), self._src.size - self._pos))
-        if n:
-            data = self._src.pread(n, self._pos)
-            mv[:n] = data
-            self._pos += n
-        return n
-
-    def write(self, b: Any) -> int:
-        if not self.writable():
-            raise ReadOnlyError("Image is opened read-only")
-        mv = memoryview(b).cast("B")
-        if self._pos + len(mv) > self._src.size:
-            raise InvalidArgumentError("Write beyond the end of the image")
-        self._src.pwrite(mv, self._pos)
-        self._pos += len(mv)
-        return len(mv)
-
-    def flush(self) -> None:
-        if self.writable() and not self.closed:
-            self._src.flush()
-
-    def truncate(self, size: int | None = None) -> int:
-        raise io.UnsupportedOperation("qcow2 images cannot be truncated through the file view")

@@ -27,8 +27,8 @@ from .format import (
     MAX_SNAPSHOT_TABLE_BYTES,
     MAX_SNAPSHOTS,
     SnapshotEntry,
+    mode_of,
 )
-from .modes import MODES, mode_of
 
 # ----------------------------------------------------------------------------- sizes --
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -177,6 +177,17 @@ def snapshot_info(rec: Any) -> dict[str, Any]:
     return d
 
 
+def tree_parents(img: Any) -> dict[str, str] | None:
+    """Each snapshot's parent, for a mode with a snapshot tree (else None). A standard
+    image has none: it is answered without the mode registry, which imports numpy."""
+    mode = mode_of(img.header)
+    if mode == "standard":
+        return None
+    from .modes import MODES
+
+    return MODES[mode].parents(img)
+
+
 def _bitmaps(img: Any) -> list[dict[str, Any]]:
     """Persistent dirty bitmaps listed in the bitmaps extension."""
     _ext, entries = read_directory(img.storage, img.layout.bitmaps_ext,
@@ -210,7 +221,7 @@ def image_info(img: Any, filename: str | None = None) -> dict[str, Any]:
     snaps = _snapshot_records(img)
     if snaps:
         info["snapshots"] = [snapshot_info(s) for s in snaps]
-        parents = MODES[mode_of(h)].parents(img)
+        parents = tree_parents(img)
         if parents:  # a mode with a snapshot tree (owner): each snapshot's parent
             for d in info["snapshots"]:
                 if d["id"] in parents:
@@ -283,8 +294,8 @@ def info_list(filename: str, fmt: str | None = None, *,
     (without its backing file), by the name the layer above reports as its full backing
     filename and in the format it records, probed when it records none. qcow2 and raw
     files; errors are one line with qemu-img's wording."""
-    from . import open as qopen
     from .backing import probe_format, resolve_backing_name
+    from .meta import open_metadata  # records only: no Image, no numpy (start-up time)
 
     out: list[dict[str, Any]] = []
     seen_names: set[str] = set()
@@ -314,7 +325,7 @@ def info_list(filename: str, fmt: str | None = None, *,
                 finally:
                     raw.close()
                 break
-            with qopen(path, backing=False) as img:
+            with open_metadata(path, backing=False) as img:
                 info = image_info(img, name)
         except Qcow2Error as exc:
             raise exc.__class__(_open_error(name, exc)) from None
@@ -361,6 +372,21 @@ def snapshot_table_lines(snaps: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(f"{_cpad(s['id'], 9)} {_cpad(s['name'], 16)} "
                      f"{size:>8}{date:>20}{clock:>13}{icount:>11}")
     return lines
+
+
+def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
+    """`qemu-img snapshot -l` text (empty when there is no snapshot): the table
+    `qemu-img info` prints too, from the one printer (names padded by bytes, as C's
+    printf pads them)."""
+    if not entries:
+        return ""
+    recs = []
+    for e in entries:
+        d = snapshot_info(e)
+        if "icount" in d and d["icount"] >= 1 << 63:
+            d["icount"] -= 1 << 64  # QEMU prints it signed
+        recs.append(d)
+    return "\n".join(["Snapshot list:", *snapshot_table_lines(recs)]) + "\n"
 
 
 def _dump_value(value: Any, indent: int, lines: list[str], prefix: str) -> None:

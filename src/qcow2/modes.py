@@ -24,6 +24,7 @@ from .format import (
     Header,
     HeaderExtension,
     RefcountModeExt,
+    mode_of,
     pack_feature_table,
 )
 from .header import extension_area, set_extension, write_cluster0
@@ -36,15 +37,6 @@ MODES: dict[str, type[StandardRefcounts]] = {
     "lazy-count": LazyCountRefcounts,
     "owner": OwnerRefcounts,
 }
-
-
-def mode_of(header: Header) -> str:
-    """The refcount mode an image's header names."""
-    bits = header.incompatible_features & INCOMPAT_REFCOUNT_MODES
-    for name, bit in REFCOUNT_MODE_BITS.items():
-        if bit == bits:
-            return name
-    raise UnsupportedFeatureError(f"Unknown refcount mode bits {bits:#x}")
 
 
 def live_weight_of(header: Header) -> int:

@@ -104,7 +104,7 @@ class OverlapGuard:
         tables(img.clusters.l1, ACTIVE_L2)
         h = img.header
         try:
-            from .snapshot import read_snapshot_table  # noqa: PLC0415 - snapshot imports us late
+            from .snaptable import read_snapshot_table  # noqa: PLC0415
 
             entries, size = read_snapshot_table(st, h)
         except Qcow2Error:

@@ -419,7 +419,7 @@ def _write_padded(img: Any, table: np.ndarray, kind: str = "l1") -> int:
 
 def _write_table(img: Any, tree: Tree) -> tuple[int, bytes]:
     """The snapshot table into new META clusters; the old one is freed."""
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     rc = img._rc()
     table = pack_snapshot_table(tree.entries) if tree.entries else b""
@@ -591,7 +591,7 @@ def from_standard(image: Any) -> None:
     order (the live state last) when every cluster's referencing nodes are consecutive
     in it, the first of them owning it; otherwise every node is a child of one hidden
     root, which owns what several nodes share (anything a chain cannot express)."""
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     img = image._snapshots
     img._rc()
@@ -653,7 +653,7 @@ def from_standard(image: Any) -> None:
 
 
 def _unused_id(entries: list[SnapshotEntry]) -> str:
-    from .snapshot import next_snapshot_id
+    from .snaptable import next_snapshot_id
 
     return next_snapshot_id(entries)
 
@@ -700,7 +700,7 @@ def _switch_values(image: Any, values: np.ndarray, entries: list[SnapshotEntry],
     end) except the image metadata (META in owner mode, 1 in standard: the same), the
     snapshot table is rewritten, and the header switches mode bit and tables."""
     from .format import INCOMPAT_REFCOUNT_MODES, REFCOUNT_MODE_BITS
-    from .snapshot import pack_snapshot_table
+    from .snaptable import pack_snapshot_table
 
     img = image._snapshots
     rc = img._rc()

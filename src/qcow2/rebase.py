@@ -109,7 +109,7 @@ def rebase(path: str | os.PathLike[str], backing_file: str, backing_format: str 
            *, unsafe: bool = False, progress: Progress | None = None) -> None:
     """Make backing_file (a name as stored in the header; "" for none) the backing file
     of the qcow2 image at path. Safe mode keeps the guest content unchanged."""
-    from . import open as qopen
+    from .image import open_image as qopen
 
     path = os.fspath(path)
     if backing_format is not None and backing_format not in ("qcow2", "raw"):
@@ -153,6 +153,7 @@ def rebase_image(img: Any, backing_file: str, backing_format: str | None, *,
 
 def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
     from .backing import open_backing
+    from .image import open_backing_image
 
     if not name:
         return None
@@ -163,7 +164,7 @@ def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
         raise BackingFileError(f"Could not open new backing file '{name}': Could not open "
                                f"'{full}': No such file or directory")
     try:
-        return open_backing(path, name, fmt, (os.path.realpath(path),))
+        return open_backing(path, name, fmt, (os.path.realpath(path),), open_backing_image)
     except BackingFileError as exc:
         msg = str(exc)
         if "loop" in msg:
@@ -239,7 +240,7 @@ def commit(path: str | os.PathLike[str], base: str | None = None, *, drop: bool 
     in qemu-img (emptying the top would expose the older data of the images between).
     rate: at most that many bytes of data per second (0: unlimited), or a RateLimit (for
     its clock and sleep)."""
-    from . import open as qopen
+    from .image import open_image as qopen
 
     limit = rate if isinstance(rate, RateLimit) else RateLimit(rate)
     drop = drop or base is not None
@@ -273,8 +274,8 @@ def _is(layer: Any, base: str, top: str) -> bool:
 def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | None,
                  limit: RateLimit) -> None:
     """Write what img and the images above the target provide into the target."""
-    from . import open as qopen
     from .backing import RawFile
+    from .image import open_image as qopen
     from .mapping import guest_size
 
     target = chain[-1]

@@ -49,7 +49,7 @@ def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False,
         return
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
-    from . import open as qopen
+    from .image import open_image as qopen
 
     with qopen(path, "r+") as img:
         resize_image(img, size, shrink=shrink, preallocation=preallocation)
@@ -335,8 +335,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(f"Could not open '{path}': Unknown driver '{fmt}'")
     if fmt == "qcow2":
-        from . import open as qopen
         from .errors import FormatError
+        from .image import open_image as qopen
 
         try:
             img = qopen(path, "r+")

@@ -30,18 +30,16 @@ so they never pass through the active L1 table.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .cluster import compressed_ranges, expand_ranges
 from .errors import (
     CorruptImageError,
-    FormatError,
     InvalidArgumentError,
     Qcow2Error,
     SnapshotError,
@@ -50,30 +48,37 @@ from .errors import (
 from .format import (
     L1E_OFFSET_MASK,
     MAX_L1_SIZE_BYTES,
-    MAX_SNAPSHOT_TABLE_BYTES,
     MAX_SNAPSHOTS,
     QCOW_OFLAG_COPIED,
-    SNAPSHOT_EXTRA_V3_SIZE,
     SnapshotEntry,
     decode_table,
     encode_table,
 )
 from .geometry import div_round_up
+from .info import format_snapshot_list  # (imported from here too)
 from .modes import MODES, mode_of
+from .snaptable import (  # the table's records (numpy-free), also imported from here
+    ICOUNT_NONE,
+    MAX_NAME_BYTES,
+    find_snapshot,
+    next_snapshot_id,
+    pack_snapshot_table,
+    read_snapshot_table,
+    size_to_str,
+)
 
 if TYPE_CHECKING:
     from .cluster import ClusterMap
     from .format import Header
     from .geometry import Geometry
-    from .image import ImageFile
+    from .imagefile import ImageFile
     from .refcount import RefcountStrategy
     from .storage import Storage
 
-__all__ = ["SnapshotHost", "SnapshotOps", "SnapshotView", "read_snapshot_table", "pack_snapshot_table",
-           "format_snapshot_list", "register"]
+__all__ = ["SnapshotHost", "SnapshotOps", "SnapshotView", "read_snapshot_table",
+           "pack_snapshot_table", "format_snapshot_list", "find_snapshot", "next_snapshot_id",
+           "size_to_str", "ICOUNT_NONE", "MAX_NAME_BYTES"]
 
-ICOUNT_NONE = 0xFFFFFFFFFFFFFFFF  # QEMU's "no instruction count" (-1)
-MAX_NAME_BYTES = 0xFFFF  # id and name lengths are 16-bit fields
 _MAX_L1_ENTRIES = MAX_L1_SIZE_BYTES // 8
 _CHUNK_BYTES = 8 << 20  # L2 tables decoded per step: arrays stay in cache-friendly sizes
 _IO_MAX = 256 << 20  # largest single data write (Linux caps one call below 2 GiB)
@@ -84,141 +89,6 @@ _CACHE_MAX_BYTES = 512 << 20
 _B0_COPIED = 0x80
 _B0_COMPRESSED = 0x40
 _COPIED_MASK_CLEAR = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
-
-
-# ===================================================================== snapshot table ==
-def _normalize(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
-    """Fill the fields an old entry lacks the way QEMU does on reading (disk size = the
-    current size, no icount) and size the extra data as QEMU writes it back."""
-    extra = SNAPSHOT_EXTRA_V3_SIZE + len(e.unknown_extra)
-    if e.disk_size is not None and e.icount != ICOUNT_NONE and e.icount is not None \
-            and e.extra_data_size == extra:
-        return e  # the common case, without the cost of replace()
-    icount = None if e.icount == ICOUNT_NONE else e.icount
-    return replace(e, disk_size=disk_size if e.disk_size is None else e.disk_size,
-                   icount=icount, extra_data_size=extra)
-
-
-def read_snapshot_table(storage: Storage, header: Header) -> tuple[list[SnapshotEntry], int]:
-    """Parse the snapshot table: (entries, size of the table in bytes). Entries are
-    normalized (disk_size filled in, icount None when absent or -1)."""
-    n = header.nb_snapshots
-    if not n:
-        return [], 0
-    if n > MAX_SNAPSHOTS:
-        raise FormatError(f"Too many snapshots ({n}; the limit is {MAX_SNAPSHOTS})")
-    off = header.snapshots_offset
-    if off % header.cluster_size or off == 0:
-        raise FormatError("Snapshot table offset invalid")
-    avail = max(0, storage.size() - off)
-    limit = min(MAX_SNAPSHOT_TABLE_BYTES, avail)
-    # Entries are at least 40 bytes; read a guess and read more (bounded by the 64 MiB
-    # limit and the file) when the entries turn out longer, resuming where parsing stopped.
-    want = min(limit, max(65536, n * 80))
-    buf = storage.pread(want, off)
-    out: list[SnapshotEntry] = []
-    pos = 0
-    while len(out) < n:
-        try:
-            e, nxt = SnapshotEntry.unpack_from(buf, pos)
-        except FormatError as exc:
-            if "truncated" not in str(exc):
-                raise
-            if want >= limit:
-                if avail < MAX_SNAPSHOT_TABLE_BYTES:
-                    raise FormatError(
-                        "Snapshot table is truncated: it runs past the end of the file") from None
-                raise FormatError(
-                    "Snapshot table exceeds the size limit of "
-                    f"{MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB") from None
-            want = min(limit, want * 4)
-            buf = storage.pread(want, off)
-            continue
-        out.append(e)
-        pos = nxt
-    # QEMU counts the table up to the last byte of the last entry (no padding)
-    size = pos - ((-_entry_len(out[-1])) % 8)
-    return [_normalize(e, header.size) for e in out], size
-
-
-def _entry_len(e: SnapshotEntry) -> int:
-    return 40 + e.extra_data_size + len(e.id.encode("utf-8", "surrogateescape")) + len(
-        e.name.encode("utf-8", "surrogateescape"))
-
-
-def pack_snapshot_table(entries: Sequence[SnapshotEntry]) -> bytes:
-    """The table as QEMU writes it: entries 8-byte aligned, no padding after the last."""
-    out = b"".join(e.pack() for e in entries)
-    if entries:
-        out = out[: len(out) - ((-_entry_len(entries[-1])) % 8)]
-    if len(out) > MAX_SNAPSHOT_TABLE_BYTES:
-        raise SnapshotError(
-            f"Snapshot table would exceed the size limit of {MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB")
-    return out
-
-
-def _strtoul(s: str) -> int:
-    """C strtoul(s, NULL, 10) as QEMU uses it to read ids (wraps, saturates)."""
-    i, n = 0, len(s)
-    while i < n and s[i] in " \t\n\v\f\r":
-        i += 1
-    neg = False
-    if i < n and s[i] in "+-":
-        neg = s[i] == "-"
-        i += 1
-    j = i
-    while j < n and "0" <= s[j] <= "9":
-        j += 1
-    if j == i:
-        return 0
-    v = int(s[i:j])
-    if v > ICOUNT_NONE:
-        return ICOUNT_NONE
-    return (-v) % (1 << 64) if neg else v
-
-
-def next_snapshot_id(entries: Sequence[SnapshotEntry]) -> str:
-    """QEMU's choice of id: the largest numeric id plus one."""
-    top = max((_strtoul(e.id) for e in entries), default=0)
-    return str((top + 1) % (1 << 64))
-
-
-def find_snapshot(entries: Sequence[SnapshotEntry], name_or_id: str) -> int:
-    """Index of the snapshot with this id, else of the first with this name; -1."""
-    for i, e in enumerate(entries):
-        if e.id == name_or_id:
-            return i
-    for i, e in enumerate(entries):
-        if e.name == name_or_id:
-            return i
-    return -1
-
-
-def size_to_str(value: int) -> str:
-    """QEMU's human size: three significant digits, IEC units ("1.5 GiB")."""
-    import math
-
-    _, exp = math.frexp(value / (1000.0 / 1024.0))
-    i = max(0, min(int((exp - 1) / 10), 6))
-    unit = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")[i]
-    return f"{value / (1 << (i * 10)):0.3g} {unit}B"
-
-
-def format_snapshot_list(entries: Sequence[SnapshotEntry]) -> str:
-    """`qemu-img snapshot -l` text (empty when there is no snapshot): the table
-    `qemu-img info` prints too, from the one printer (names padded by bytes, as C's
-    printf pads them)."""
-    if not entries:
-        return ""
-    from .info import snapshot_info, snapshot_table_lines
-
-    recs = []
-    for e in entries:
-        d = snapshot_info(e)
-        if "icount" in d and d["icount"] >= 1 << 63:
-            d["icount"] -= 1 << 64  # QEMU prints it signed
-        recs.append(d)
-    return "\n".join(["Snapshot list:", *snapshot_table_lines(recs)]) + "\n"
 
 
 # ===================================================================== tree scans ==
@@ -299,7 +169,7 @@ class SnapshotView:
         return self._img._usage_refcounts()
 
     def file(self) -> ImageFile:
-        from .image import ImageFile
+        from .imagefile import ImageFile
 
         return ImageFile(self)
 
@@ -939,10 +809,10 @@ class SnapshotOps:
                 if has.any():
                     copied.append(offs[has])
             if comp is not None:
-                host, length = _compressed_ranges(geo, comp[0])
+                host, length = compressed_ranges(geo, comp[0])
                 first = host >> np.uint64(cbits)
                 n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-                cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
+                cl = expand_ranges(first.astype(np.int64), n.astype(np.int64))
                 if len(cl) and int(cl.max()) >= file_clusters:
                     raise CorruptImageError("A compressed cluster lies past the end of the image file")
                 reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
@@ -1190,126 +1060,3 @@ def _runs(offs: np.ndarray, cs: int) -> list[tuple[int, int]]:
     starts = np.r_[0, brk]
     ends = np.r_[brk, len(offs)]
     return list(zip(starts.tolist(), ends.tolist()))
-
-
-def _compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(host offset, byte length) of compressed L2 entries, vectorized
-    (Geometry.compressed_range for many entries)."""
-    e = entries.astype(np.uint64)
-    host = e & np.uint64(geo.coffset_mask)
-    nb = ((e >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
-    end = (host & ~np.uint64(511)) + nb * np.uint64(512)
-    return host, end - host
-
-
-def _expand_ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(first[i], first[i] + counts[i])."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(counts) - counts
-    return np.repeat(first, counts) + (np.arange(total, dtype=np.int64) - np.repeat(starts, counts))
-
-
-# ===================================================================== command line ==
-class _Op(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        ops = list(getattr(namespace, "ops", None) or [])
-        ops.append((self.const, values))
-        namespace.ops = ops
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "snapshot", help="list, create, apply or delete internal snapshots",
-        description="qcow2 snapshot [-l | -a NAME | -c NAME | -d NAME] [-q] FILE",
-    )
-    p.add_argument("-l", dest="ops", action=_Op, nargs=0, const="l", help="list snapshots")
-    p.add_argument("-c", dest="ops", action=_Op, const="c", metavar="NAME", help="create a snapshot")
-    p.add_argument("-a", dest="ops", action=_Op, const="a", metavar="NAME",
-                   help="apply a snapshot (revert the disk to it)")
-    p.add_argument("-d", dest="ops", action=_Op, const="d", metavar="NAME", help="delete a snapshot")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("--tree", action="store_true",
-                   help="with -l: draw the snapshot tree (refcount_mode=owner), deleted nodes "
-                   "kept for their children included")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
-                   help="accepted for compatibility")
-    p.add_argument("-f", dest="fmt", default=None, help="image format (qcow2 only)")
-    p.add_argument("filename")
-    p.set_defaults(func=_cmd_snapshot, ops=None)
-
-
-def _cmd_snapshot(args: argparse.Namespace) -> int:
-    from . import open as qopen
-
-    ops = args.ops or [("l", None)]
-    if len(ops) > 1:
-        print("qcow2: Cannot mix '-l', '-a', '-c', '-d'", file=sys.stderr)
-        print("Try 'qcow2 --help' for more information", file=sys.stderr)
-        return 1
-    if args.fmt not in (None, "qcow2"):
-        print(f"qcow2: Unsupported image format '{args.fmt}' (only qcow2)", file=sys.stderr)
-        return 1
-    op, name = ops[0]
-    path = args.filename
-    try:
-        img = qopen(path, "r" if op == "l" else "r+")
-    except OSError as exc:
-        print(f"qcow2: Could not open '{path}': {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except Qcow2Error as exc:
-        print(f"qcow2: Could not open '{path}': {exc}", file=sys.stderr)
-        return 1
-    try:
-        with img:
-            if op == "l":
-                if args.tree:
-                    if MODES[mode_of(img.header)].parents(img) is None:
-                        print("qcow2: --tree needs an image with a snapshot tree "
-                              "(refcount_mode=owner)", file=sys.stderr)
-                        return 1
-                    from .owner import tree_lines
-
-                    sys.stdout.write("".join(line + "\n" for line in tree_lines(img._snapshots)))
-                    return 0
-                sys.stdout.write(format_snapshot_list(img.snapshots))
-                return 0
-            if op == "c":
-                # qemu-img keeps at most 255 bytes of the name (QEMUSnapshotInfo.name)
-                raw = name.encode("utf-8", "surrogateescape")[:255]
-                try:
-                    img.create_snapshot(raw.decode("utf-8", "surrogateescape"))
-                except Qcow2Error as exc:
-                    print(f"qcow2: Could not create snapshot '{name}': {exc}", file=sys.stderr)
-                    return 1
-                return 0
-            if op == "a":
-                try:
-                    img.apply_snapshot(name)
-                except SnapshotNotFoundError:
-                    print(f"qcow2: Could not apply snapshot '{name}': Failed to load snapshot: "
-                          "No such file or directory", file=sys.stderr)
-                    return 1
-                except Qcow2Error as exc:
-                    print(f"qcow2: Could not apply snapshot '{name}': {exc}", file=sys.stderr)
-                    return 1
-                return 0
-            # qemu-img 7.2 looks a snapshot up by name only for -d
-            entries = img.snapshots
-            match = [e for e in entries if e.name == name]
-            if not match:
-                print(f"qcow2: Could not delete snapshot '{name}': snapshot not found",
-                      file=sys.stderr)
-                return 1
-            try:
-                img.delete_snapshot(match[0].id)
-            except Qcow2Error as exc:
-                print(f"qcow2: Could not delete snapshot '{name}': {exc}", file=sys.stderr)
-                return 1
-            return 0
-    except Qcow2Error as exc:
-        print(f"qcow2: {exc}", file=sys.stderr)
-        return 1
-

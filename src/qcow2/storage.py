@@ -6,7 +6,6 @@ record the write/sync sequence (crash simulation) or inject faults (EIO, ENOSPC)
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -33,6 +32,8 @@ def _find_sync_file_range() -> Any:
     """libc's sync_file_range(2) (Linux only), or None."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # on first use: reading an image (qcow2 info) does not need it
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
@@ -42,7 +43,7 @@ def _find_sync_file_range() -> Any:
     return fn
 
 
-_sync_file_range = _find_sync_file_range()
+_sync_file_range: Any = False  # not looked up yet
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -101,6 +102,9 @@ class FileBackend:
     def start_writeback(self, offset: int, length: int) -> None:
         """Ask the kernel to start writing a range to the disk now, without waiting
         (sync_file_range WRITE): a hint, not a barrier; it makes nothing durable."""
+        global _sync_file_range
+        if _sync_file_range is False:
+            _sync_file_range = _find_sync_file_range()
         if _sync_file_range is not None:
             _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
