@@ -659,10 +659,10 @@ def test_flush_does_not_stall_other_connections(tmp: Path,
     timed_out: list[bool] = []
     real = qnbd._early_sync
 
-    def held_sync(fd: int) -> None:
+    def held_sync(storage: object) -> None:
         started.set()
         timed_out.append(not release.wait(timeout=20))
-        real(fd)
+        real(storage)
 
     monkeypatch.setattr(qnbd, "_early_sync", held_sync)
     sock = tmp / "f.sock"

@@ -36,12 +36,15 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backing import probe_format
 from .cluster import UNALLOCATED, ZERO
 from .errors import InvalidArgumentError, NoSpaceError, Qcow2Error, ReadOnlyError
 from .mapping import guest_size, image_map
+
+if TYPE_CHECKING:
+    from .storage import Storage
 
 log = logging.getLogger("qcow2.nbd")
 
@@ -960,11 +963,12 @@ class NBDServer:
 
     async def flush(self, exp: Export) -> None:
         """Make every write to exp's image acknowledged so far durable, off the loop."""
-        fd = _file_fd(exp.image)
-        if fd is not None:
+        st = getattr(exp.image, "storage", None) if getattr(exp.image, "writable", False) \
+            else None
+        if st is not None:
             # without the lock: the other requests go on meanwhile. Its error is the
             # flush's (the kernel reports a failed writeback to one sync only)
-            await _in_thread(_early_sync, fd)
+            await _in_thread(_early_sync, st)
         async with self.lock_for(exp):
             await _in_thread(exp.image.flush)
 
@@ -1052,7 +1056,8 @@ class NBDServer:
             raise first
 
 
-_early_sync = os.fdatasync  # (a name of its own, for the test that holds it up)
+def _early_sync(storage: Storage) -> None:  # (a name of its own, for the test that holds it up)
+    storage.sync_ahead()
 
 
 async def _in_thread(fn: Callable[..., object], *args: Any) -> None:
@@ -1066,18 +1071,6 @@ async def _in_thread(fn: Callable[..., object], *args: Any) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({fut})
         raise
-
-
-def _file_fd(image: Any) -> int | None:
-    """The descriptor of a writable image's own host file (None for other backends:
-    memory, recording or fault-injecting ones get only the image's own syncs)."""
-    from .storage import FileBackend
-
-    st = getattr(image, "storage", None)
-    be = getattr(st, "backend", None)
-    if not getattr(image, "writable", False) or type(be) is not FileBackend:
-        return None
-    return be.fd
 
 
 # ------------------------------------------------------------------ listening sockets --
