@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img, qemu_io, raw_bytes
+from conftest import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io, raw_bytes
 
 from qcow2.cli import main
 
@@ -162,3 +162,114 @@ def test_failed_copy_removes_the_new_output(tmp: Path, capsys: pytest.CaptureFix
     assert err.startswith("qcow2: ") and "Traceback" not in err, err
     assert not out.exists()
     assert os.path.exists(src)
+
+
+# -- convert --snapshots ------------------------------------------------------------------
+
+def _snapshotted(tmp: Path) -> Path:
+    """An image (in the test's refcount mode) whose states share data: three snapshots
+    made by us with VM state, clocks, icount and dates, one made by qemu-img, one
+    deleted (ids are not 1..n), compressed and zero clusters, an older snapshot applied
+    and written over."""
+    import qcow2
+
+    p = tmp / "snaps.qcow2"
+    qcow2.create(str(p), 4 * MiB, cluster_size=65536)
+    rng = random.Random(12)
+    with qcow2.open(str(p), "r+") as img:
+        img.pwrite(rng.randbytes(2 * MiB), 0)
+        img.create_snapshot("first", rng.randbytes(100_000), vm_clock_nsec=123_456_789_012,
+                            icount=77, date_sec=1_600_000_000, date_nsec=999)
+        img.pwrite(b"\x22" * 65536, 256 * KiB)
+        img.write_zeroes(MiB, 128 * KiB)
+        img.create_snapshot("gone", b"x" * 10)
+        img.pwrite(b"\x33" * 4096, 3 * MiB)
+        img.create_snapshot("third", None, vm_clock_nsec=5, icount=None, date_sec=1_700_000_000,
+                            date_nsec=1)
+        img.delete_snapshot("gone")
+    qemu_io(p, f"write -c -P 0x44 {2 * MiB} 64k", f"discard {512 * KiB} 64k")
+    qemu_img("snapshot", "-c", "by-qemu", str(p))
+    with qcow2.open(str(p), "r+") as img:
+        img.apply_snapshot("first")  # back to the first state: shares it again
+        img.pwrite(b"\x55" * 8192, 1536 * KiB)
+    return p
+
+
+def _snapshot_raw(path: Path, tmp: Path, sid: str) -> bytes:
+    out = tmp / f"sn-{path.name}-{sid}.raw"
+    qemu_img("convert", "-O", "raw", "-l", f"snapshot.id={sid}", str(path), str(out))
+    return out.read_bytes()
+
+
+def _metadata_bound(path: Path, cs: int, states: int, vm_state: int) -> int:
+    """What an output may hold beyond the input's host clusters: per state an L1 table
+    and every L2 table of the disk, the header, refcount table and blocks, the snapshot
+    table, the VM states."""
+    info = qemu_info(path)
+    size = info["virtual-size"]
+    l2 = -(-size // cs // (cs // 8))
+    per_state = (1 + l2) * cs
+    host = os.path.getsize(path) + 64 * KiB
+    refblocks = -(-(host // 512) // (cs // 2)) + 1
+    return states * per_state + (4 + refblocks) * cs + vm_state + states * cs
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=16384", "compat=0.10", "-c"])
+def test_snapshots_are_kept_and_stay_shared(tmp: Path, mode: str, opts: str) -> None:
+    src = _snapshotted(tmp)
+    out = tmp / "out.qcow2"
+    argv = ["convert", "--snapshots", "-O", "qcow2"]
+    if opts == "-c":
+        argv.append("-c")
+    elif opts:
+        argv += ["-o", opts]
+    if opts != "compat=0.10":  # (v2 output is standard, whatever the input's mode)
+        argv += ["-o", f"refcount_mode={mode}"]
+    assert main([*argv, str(src), str(out)]) == 0
+    assert_clean(out)
+    # the same snapshot records: ids, names, dates, VM clocks, VM state sizes, icount
+    want, got = qemu_info(src)["snapshots"], qemu_info(out)["snapshots"]
+    assert got == want and len(got) == 3
+    import qcow2
+
+    with qcow2.open(str(src)) as a, qcow2.open(str(out)) as b:
+        for e in a.snapshots:
+            assert b.read_vm_state(e.id) == a.read_vm_state(e.id)
+        assert [(e.vm_clock_nsec, e.icount) for e in b.snapshots] == \
+            [(e.vm_clock_nsec, e.icount) for e in a.snapshots]
+    for s in want:  # every snapshot's disk, as QEMU reads it
+        assert _snapshot_raw(out, tmp, s["id"]) == _snapshot_raw(src, tmp, s["id"]), s
+    assert qemu_img("compare", str(src), str(out)).returncode == 0  # the active state
+    # shared data stays shared: no more than the input's clusters plus metadata
+    cs = 16384 if "16384" in opts else 65536
+    vm = sum(s["vm-state-size"] for s in want)
+    bound = os.path.getsize(src) + _metadata_bound(src, cs, len(want) + 1, vm)
+    end = qemu_check(out)["image-end-offset"]
+    assert end <= bound, (end, bound)
+    # ... which copies of every state would not meet (the bound is not vacuous)
+    assert 2 * MiB * (len(want) + 1) > bound
+    if opts == "-c":
+        assert qemu_check(out)["compressed-clusters"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--snapshots", "-O", "raw", "{img}", "{out}"], "needs qcow2 output"),
+    (["--snapshots", "-O", "qcow2", "-l", "a", "{img}", "{out}"], "cannot be used with -l"),
+    (["--snapshots", "-O", "qcow2", "{img}", "{img2}", "{out}"], "needs a single source"),
+    (["--snapshots", "-O", "qcow2", "-f", "raw", "{img}", "{out}"], "needs a qcow2 input"),
+    (["--snapshots", "-O", "qcow2", "{grown}", "{out}"], "snapshots of another size"),
+])
+def test_snapshots_refusals(tmp: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                            message: str) -> None:
+    img = tmp / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(MiB))
+    grown = tmp / "grown.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(grown), str(MiB))
+    qemu_img("snapshot", "-c", "small", str(grown))
+    qemu_img("resize", "-q", str(grown), str(2 * MiB))
+    names = {"{img}": str(img), "{img2}": str(img), "{out}": str(tmp / "out.img"),
+             "{grown}": str(grown)}
+    assert main(["convert", *[names.get(a, a) for a in argv]]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp / "out.img").exists()

@@ -24,9 +24,11 @@ import numpy as np
 from .backing import RawFile, probe_format
 from .cluster import UNALLOCATED, ZERO, entry_runs
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
+from .geometry import div_round_up
 
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
+MAX_SPARSE = 16 << 20  # qemu-img's largest -S
 FORMATS = ("qcow2", "raw")
 
 
@@ -146,7 +148,7 @@ class _Target:
     """The output: an open qcow2 image, or a raw file written through the storage layer."""
 
     def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str],
-                 compress: bool = False) -> None:
+                 compress: bool = False, threads: int | None = None) -> None:
         from . import open as qopen
         from .storage import FileBackend, Storage
 
@@ -156,6 +158,7 @@ class _Target:
         # written compressed in one piece
         self.compress = compress
         self._cluster: tuple[int, bytearray] | None = None
+        self._packer: CompressPipeline | None = None
         if not create and not os.path.exists(path):
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
         if fmt == "qcow2":
@@ -178,6 +181,11 @@ class _Target:
             self.close()
             raise InvalidArgumentError(
                 f"Target '{path}' is too small: {have} bytes for {size} bytes of input")
+        if compress:
+            img = self.img
+            self._packer = CompressPipeline(
+                img.header.compression_type, img.cluster_size, threads,
+                lambda at, data, comp: img.write_compressed(at, data, compressed=comp))
 
     def write(self, data: memoryview, offset: int) -> None:
         if self.compress:
@@ -206,10 +214,10 @@ class _Target:
             pos += k
 
     def _put_cluster(self) -> None:
-        assert self._cluster is not None
+        assert self._cluster is not None and self._packer is not None
         start, buf = self._cluster
         self._cluster = None
-        self.img.write_compressed(start, buf)
+        self._packer.put(start, buf)
 
     def zero(self, offset: int, n: int) -> None:
         if self.img is not None:
@@ -217,19 +225,71 @@ class _Target:
         else:
             self.raw.pwrite(bytes(n), offset, "data")
 
-    def finish(self) -> None:
+    def settle(self) -> None:
+        """Write the compressed clusters gathered or being compressed, if any."""
         if self._cluster is not None:
             self._put_cluster()
+        if self._packer is not None:
+            self._packer.drain()
+
+    def finish(self) -> None:
+        self.settle()
         if self.img is not None:
             self.img.flush()
         else:
             self.raw.sync()
 
     def close(self) -> None:
+        if self._packer is not None:
+            self._packer.close()
         if self.img is not None:
             self.img.close()
         if self.raw is not None:
             self.raw.close()
+
+
+class CompressPipeline:
+    """Clusters compressed in a thread pool (zlib and zstd release the GIL), written in
+    the order they came in, so that they are packed exactly as one by one: put() hands
+    a cluster over and writes the oldest ones whose compression is done once enough are
+    in flight; drain() writes them all. write(guest offset, data, compressed data)."""
+
+    def __init__(self, compression_type: int, cluster_size: int, threads: int | None,
+                 write: Any) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ctype = compression_type
+        self.cs = cluster_size
+        self.write = write
+        n = threads or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=n) if n > 1 else None
+        self.limit = 4 * n  # clusters in flight (bounded memory)
+        self.pending: deque[tuple[int, bytes | bytearray, Any]] = deque()
+
+    def _compress(self, data: bytes | bytearray) -> bytes:
+        from .compress import compress_cluster
+
+        return compress_cluster(bytes(data).ljust(self.cs, b"\0"), self.ctype)
+
+    def put(self, offset: int, data: bytes | bytearray) -> None:
+        if self.pool is None:
+            self.write(offset, data, self._compress(data))
+            return
+        self.pending.append((offset, data, self.pool.submit(self._compress, data)))
+        while len(self.pending) > self.limit or (self.pending and self.pending[0][2].done()):
+            at, buf, fut = self.pending.popleft()
+            self.write(at, buf, fut.result())
+
+    def drain(self) -> None:
+        while self.pending:
+            at, buf, fut = self.pending.popleft()
+            self.write(at, buf, fut.result())
+
+    def close(self) -> None:
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _create_qcow2(path: str, size: int, options: list[str]) -> None:
@@ -259,38 +319,156 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield s, e, bool(mask[s])
 
 
-def copy(sources: list[Source], target: _Target, zero_target: bool, progress: Any = None) -> None:
+def copy(sources: list[Source], target: _Target, zero_target: bool, progress: Any = None,
+         grain: int = GRAIN) -> None:
     """Copy the concatenated sources into target. With zero_target (a new image), zero
-    areas are left alone; otherwise they are written as zeros."""
-    # one buffer for every chunk (a fresh one each time costs page faults), padded
-    # with zeros to whole grains; zero grains are found on 64-bit words
-    buf = np.zeros(CHUNK // 8, dtype=np.uint64)
-    whole = memoryview(buf).cast("B")
+    areas are left alone; otherwise they are written as zeros. grain: the zero
+    detection unit (-S); 0 writes everything as data."""
+    buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
     base = 0
     for src in sources:
-        pos = 0
-        while pos < src.size:
-            n = min(CHUNK, src.size - pos)
-            if src.known_zero(pos, n):
-                if not zero_target:
-                    target.zero(base + pos, n)
+        copy_range(src, target, 0, src.size, base, zero_target, buf, progress, grain)
+        base += src.size
+
+
+def copy_range(src: Source, target: _Target, start: int, end: int, base: int, zero_target: bool,
+               buf: np.ndarray, progress: Any = None, grain: int = GRAIN) -> None:
+    """Copy [start, end) of src to base + start in target. buf: the one buffer for every
+    chunk (a fresh one each time costs page faults), padded with zeros to whole grains;
+    zero grains are found on 64-bit words."""
+    whole = memoryview(buf).cast("B")
+    chunk = len(whole) if not grain else len(whole) // grain * grain
+    pos = start
+    while pos < end:
+        n = min(chunk, end - pos)
+        if grain and src.known_zero(pos, n):
+            if not zero_target:
+                target.zero(base + pos, n)
+        else:
+            mv = whole[:n]
+            src.readinto(mv, pos)
+            if not grain:
+                target.write(mv, base + pos)
             else:
-                mv = whole[:n]
-                src.readinto(mv, pos)
-                grains = -(-n // GRAIN)
-                if n % GRAIN:
-                    whole[n : grains * GRAIN] = bytes(grains * GRAIN - n)
-                nonzero = buf[: grains * GRAIN // 8].reshape(grains, GRAIN // 8).any(axis=1)
+                grains = -(-n // grain)
+                if n % grain:
+                    whole[n : grains * grain] = bytes(grains * grain - n)
+                nonzero = buf[: grains * grain // 8].reshape(grains, grain // 8).any(axis=1)
                 for g0, g1, has_data in _runs(nonzero):
-                    s, e = g0 * GRAIN, min(g1 * GRAIN, n)
+                    s, e = g0 * grain, min(g1 * grain, n)
                     if has_data:
                         target.write(mv[s:e], base + pos + s)
                     elif not zero_target:
                         target.zero(base + pos + s, e - s)
-            pos += n
+        pos += n
+        if progress is not None:
+            progress.update(n)
+
+
+def check_snapshots(src: Source) -> None:
+    """--snapshots' refusals, before anything is created: every snapshot must have the
+    image's disk size (the output's states are made by snapshotting one image)."""
+    if src.img is None:
+        raise InvalidArgumentError("--snapshots needs a qcow2 input")
+    for e in src.img.snapshots:
+        if e.disk_size is not None and e.disk_size != src.img.size:
+            raise InvalidArgumentError(
+                f"--snapshots: snapshot '{e.name}' has a disk size of {e.disk_size} bytes, the "
+                f"image {src.img.size}: snapshots of another size cannot be copied")
+
+
+def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
+    """Guest clusters (input cluster size) whose L2 entry differs between two states of
+    one image: the clusters that do not share their host cluster (or zero/unallocated
+    state). Whole L2 tables that both states share are skipped without reading them."""
+    from .format import QCOW_OFLAG_COPIED
+
+    geo = cur.clusters.geo
+    n = div_round_up(size, geo.cluster_size)
+    n_l1 = div_round_up(n, geo.l2_entries)
+    words = 2 if geo.extended_l2 else 1
+    mask = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
+    empty = np.zeros(geo.l2_entries * words, dtype=np.uint64)
+    out: list[np.ndarray] = []
+    for i in range(n_l1):
+        a, b = prev.clusters.l2_offset(i), cur.clusters.l2_offset(i)
+        if a == b:
+            continue  # the same table (or none in both): the same entries
+        ta = prev.clusters.l2_table(i) if a else empty
+        tb = cur.clusters.l2_table(i) if b else empty
+        ea, eb = ta.reshape(-1, words).copy(), tb.reshape(-1, words).copy()
+        ea[:, 0] &= mask
+        eb[:, 0] &= mask
+        diff = np.flatnonzero((ea != eb).any(axis=1)) + i * geo.l2_entries
+        out.append(diff[diff < n])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int
+                    ) -> list[tuple[int, int]]:
+    """Byte ranges covering the changed input clusters, widened to whole output clusters
+    (a larger output cluster is rewritten whole: its content stays exact, its sharing
+    is then per output cluster), merged where they touch."""
+    if not len(changed):
+        return []
+    if in_cs >= out_cs:
+        per = in_cs // out_cs
+        oc = (changed[:, None] * per + np.arange(per)[None, :]).ravel()
+    else:
+        oc = np.unique(changed * in_cs // out_cs)
+    oc = oc[oc * out_cs < size]
+    brk = np.flatnonzero(np.diff(oc) != 1) + 1
+    starts, ends = np.r_[oc[:1], oc[brk]], np.r_[oc[brk - 1], oc[-1:]] + 1
+    return [(int(s) * out_cs, min(int(e) * out_cs, size)) for s, e in zip(starts, ends)]
+
+
+def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
+                        grain: int = GRAIN) -> None:
+    """Copy every internal snapshot and then the active state of a qcow2 input into a
+    new qcow2 target, keeping what the states share shared.
+
+    The oldest snapshot (table order, which is creation order) is copied whole, then the
+    output is snapshotted with the input snapshot's id, name, date, VM clock, icount and
+    VM state. Each later state is written as a difference on top: only the guest
+    clusters whose input L2 entry differs from the previous state's (another host
+    cluster, or zero/unallocated) are discarded in the output and copied again; every
+    other cluster stays shared between the output's states, as it was in the input."""
+    img = src.img
+    out = target.img
+    size = img.size
+    states: list[tuple[Any, Any]] = [(e, img.snapshot(e.id)) for e in img.snapshots]
+    states.append((None, img))
+    buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
+    in_cs, out_cs = img.cluster_size, out.cluster_size
+    prev: Any = None
+    for entry, view in states:
+        src.view = view
+        if prev is None:
+            copy_range(src, target, 0, size, 0, True, buf, progress, grain)
+        else:
+            done = 0
+            for s, e in _cluster_ranges(_changed_clusters(prev, view, size), in_cs, out_cs, size):
+                # the previous state's clusters there leave the active state (the
+                # snapshots keep theirs): the range reads as zeros, as in a new target
+                target.settle()
+                out.discard(s, e - s)
+                copy_range(src, target, s, e, 0, True, buf, progress, grain)
+                done += e - s
             if progress is not None:
-                progress.update(n)
-        base += src.size
+                progress.update(size - done)
+        target.settle()
+        if entry is not None:
+            # clusters reserved for later writes go back first: the snapshot's tables
+            # then follow the data, and later data follows them, leaving no free hole
+            # in the middle of the file
+            out.flush()
+            out.refcounts.return_pool()
+            out.create_snapshot(entry.name, img.read_vm_state(entry.id),
+                                vm_clock_nsec=entry.vm_clock_nsec, icount=entry.icount,
+                                date_sec=entry.date_sec, date_nsec=entry.date_nsec,
+                                snapshot_id=entry.id)
+        prev = view
+    src.view = img
 
 
 def check_bitmaps(src: Source, skip_broken: bool) -> None:
@@ -327,7 +505,47 @@ def copy_bitmaps(src: Source, img: Any, skip_broken: bool) -> None:
         img.merge_bitmap(ent.name, ent.name, src.img)
 
 
+def _sparse_size(text: str) -> int:
+    """-S: qemu-img's sparse size (bytes, suffixes), a multiple of 512 up to 16 MiB."""
+    from .commands import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            "Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E "
+            "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
+    if value % 512 or value > MAX_SPARSE:
+        raise InvalidArgumentError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+            f"up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output).")
+    return value
+
+
+def _parallel(text: str) -> int:
+    from .commands import parse_number
+
+    try:
+        value = parse_number(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise InvalidArgumentError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return value
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    # qemu-img's checks, in its order
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.no_create and args.options:
+        raise InvalidArgumentError("-o has no effect when skipping image creation")
+    if args.target_is_zero and not args.no_create:
+        raise InvalidArgumentError("--target-is-zero requires use of -n flag")
+    grain = GRAIN if args.sparse is None else _sparse_size(args.sparse)
+    threads = _parallel(args.parallel) if args.parallel is not None else None
     if len(args.files) < 2:
         raise InvalidArgumentError("Must specify image file name")
     out_fmt = args.out_fmt or "raw"  # qemu-img convert's default
@@ -335,21 +553,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"Unknown file format '{out_fmt}'")
     if args.compress and out_fmt != "qcow2":
         raise InvalidArgumentError("Compression not supported for this file format")
-    if args.compress and args.no_create:
-        raise InvalidArgumentError("Compression needs a new target image (not -n): compressed "
-                                   "clusters are written only where there is no data yet")
+    if args.compress and args.no_create and not args.target_is_zero:
+        raise InvalidArgumentError("Compression needs a new target image (not -n) or "
+                                   "--target-is-zero: compressed clusters are written only "
+                                   "where there is no data yet")
     if args.fmt is not None and args.fmt not in FORMATS:
         raise InvalidArgumentError(f"Unknown file format '{args.fmt}'")
     *inputs, output = args.files
     snapshot = args.snapshot_param if args.snapshot_param is not None else args.snapshot
-    if args.skip_broken_bitmaps and not args.bitmaps:
-        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
     if args.bitmaps and len(inputs) > 1:
         raise InvalidArgumentError("Copying bitmaps only possible with single source")
     if args.bitmaps and out_fmt != "qcow2":
         raise InvalidArgumentError(f"Format driver '{out_fmt}' does not support bitmaps")
     if snapshot is not None and len(inputs) > 1:
         raise InvalidArgumentError("No support for concatenating multiple snapshot")
+    if args.snapshots:
+        if snapshot is not None:
+            raise InvalidArgumentError("--snapshots copies every snapshot: it cannot be used with -l/-s")
+        if len(inputs) > 1:
+            raise InvalidArgumentError("--snapshots needs a single source")
+        if out_fmt != "qcow2":
+            raise InvalidArgumentError("--snapshots needs qcow2 output (-O qcow2)")
+        if args.no_create:
+            raise InvalidArgumentError("--snapshots needs a new target image (not -n)")
+    stream = output == "-"
+    if stream and args.no_create:
+        raise InvalidArgumentError("-n cannot write to standard output")
+    if stream and (args.snapshots or args.bitmaps):
+        raise InvalidArgumentError("--snapshots and --bitmaps cannot write to standard output")
     if output in inputs:
         raise InvalidArgumentError(f"Output '{output}' is also an input")
     sources: list[Source] = []
@@ -359,16 +590,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sources.append(Source(path, args.fmt, snapshot))
         if args.bitmaps:
             check_bitmaps(sources[0], args.skip_broken_bitmaps)
+        if args.snapshots:
+            check_snapshots(sources[0])
         size = sum(s.size for s in sources)
+        if stream:
+            from .stream import stream_convert
+
+            stream_convert(sources, sys.stdout.buffer, out_fmt, args.options, args.compress,
+                           grain, threads)
+            return 0
         create = not args.no_create
-        target = _Target(output, out_fmt, size, create, args.options, args.compress)
+        target = _Target(output, out_fmt, size, create, args.options, args.compress, threads)
         created = create
         try:
             from tqdm import tqdm
 
-            with tqdm(total=size, unit="B", unit_scale=True, disable=not args.progress or args.quiet,
-                      file=sys.stderr, desc="convert") as bar:
-                copy(sources, target, zero_target=create, progress=bar)
+            states = len(sources[0].img.snapshots) + 1 if args.snapshots else 1
+            with tqdm(total=size * states, unit="B", unit_scale=True,
+                      disable=not args.progress or args.quiet, file=sys.stderr,
+                      desc="convert") as bar:
+                if args.snapshots:
+                    copy_with_snapshots(sources[0], target, progress=bar, grain=grain)
+                else:
+                    copy(sources, target, zero_target=create or args.target_is_zero,
+                         progress=bar, grain=grain)
             if args.bitmaps:  # after the data, which would mark them
                 copy_bitmaps(sources[0], target.img, args.skip_broken_bitmaps)
             target.finish()
@@ -390,7 +635,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("convert", help="copy images into a new qcow2 or raw image",
                        description="Convert (copy) the concatenated guest content of the input "
-                       "images into OUTPUT, like `qemu-img convert`. Zero areas are not written.")
+                       "images into OUTPUT, like `qemu-img convert`. Zero areas are not written. "
+                       "OUTPUT '-' writes the image to standard output, strictly sequentially "
+                       "(a pipe will do). A failed convert removes the OUTPUT it created.")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="input format (qcow2 or raw; probed)")
     p.add_argument("-O", dest="out_fmt", metavar="FMT", help="output format (raw, default, or qcow2)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -398,10 +645,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-l", dest="snapshot_param", metavar="SNAPSHOT",
                    help="copy this internal snapshot: snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME")
     p.add_argument("-s", dest="snapshot", metavar="SNAPSHOT", help="the same as -l ID_OR_NAME")
+    p.add_argument("--snapshots", action="store_true",
+                   help="qcow2 to qcow2: copy every internal snapshot too (ids, names, dates, "
+                   "clocks, VM state), keeping the data they share shared")
     p.add_argument("-n", dest="no_create", action="store_true",
                    help="write into an existing OUTPUT (not assumed to be zeroed)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: the existing OUTPUT reads as zeros, zero areas are not written")
+    p.add_argument("-S", dest="sparse", metavar="SPARSE_SIZE",
+                   help="zero detection unit (default 4k; a multiple of 512 up to 16M; "
+                   "0: no sparse detection, everything is written as data)")
     p.add_argument("-c", dest="compress", action="store_true",
-                   help="write compressed clusters (qcow2 output; compression_type in -o)")
+                   help="write compressed clusters (qcow2 output; compression_type in -o), "
+                   "compressed in a thread pool")
+    p.add_argument("-m", dest="parallel", metavar="NUM",
+                   help="with -c: compression threads (1 to 16; default: the CPUs); otherwise "
+                   "accepted and ignored (qemu-img's coroutines: our copy is sequential)")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="accepted, no effect (qemu-img's out-of-order writes: ours are in order)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("--bitmaps", action="store_true",
                    help="copy the persistent dirty bitmaps too (qcow2 to qcow2)")
