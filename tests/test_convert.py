@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,3 +275,69 @@ def test_snapshots_refusals(tmp: Path, capsys: pytest.CaptureFixture[str], argv:
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp / "out.img").exists()
+
+
+# -- convert to standard output -----------------------------------------------------------
+
+def _through_pipe(argv: list[str], dest: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run `qcow2 convert ... -` with its stdout a real pipe, copied into dest."""
+    with open(dest, "wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "qcow2", "convert", *argv, "-"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        for block in iter(lambda: p.stdout.read(1 << 16), b""):  # type: ignore[union-attr]
+            f.write(block)
+        err = p.stderr.read() if p.stderr is not None else b""
+        p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, b"", err)
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096,refcount_bits=1", "compat=0.10",
+                                  "cluster_size=2M,refcount_bits=64"])
+def test_stream_qcow2_to_a_pipe(tmp: Path, opts: str) -> None:
+    odd = tmp / "odd.raw"  # a raw input whose size is not a multiple of a sector
+    odd.write_bytes(random.Random(5).randbytes(70_000) + bytes(20_000) + b"\x01" * 1000)
+    src = _qemu_mixed(tmp)
+    out = tmp / "streamed.qcow2"
+    argv = ["-O", "qcow2", *(["-o", opts] if opts else []), str(src), str(odd)]
+    r = _through_pipe(argv, out)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert_clean(out)
+    # the same content as qemu-img's own convert of the same inputs
+    ref = tmp / "ref.qcow2"
+    qemu_img("convert", "-O", "qcow2", *(["-o", opts] if opts else []), str(src), str(odd),
+             str(ref))
+    assert qemu_img("compare", str(ref), str(out)).returncode == 0
+    # zero clusters are not stored: no more data than in qemu-img's output
+    def data(p: Path) -> int:
+        extents = json.loads(qemu_img("map", "--output=json", str(p)).stdout)
+        return sum(e["length"] for e in extents if e["data"])
+
+    assert data(out) <= data(ref)
+
+
+def test_stream_raw_and_refusals(tmp: Path) -> None:
+    src = _qemu_mixed(tmp)
+    out = tmp / "streamed.raw"
+    r = _through_pipe([str(src)], out)  # -O raw is the default
+    assert r.returncode == 0
+    assert out.read_bytes() == raw_bytes(src, tmp)
+    for argv, message in [(["-c", "-O", "qcow2", str(src)], b"cannot write to standard output"),
+                          (["-O", "qcow2", "-o", "extended_l2=on", str(src)],
+                           b"not supported when writing to standard output"),
+                          (["--snapshots", "-O", "qcow2", str(src)], b"standard output")]:
+        r = _through_pipe(argv, tmp / "x")
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+
+
+def test_stream_into_a_closed_pipe_is_one_error(tmp: Path) -> None:
+    src = tmp / "big.raw"
+    src.write_bytes(b"\x07" * (8 * MiB))
+    p = subprocess.Popen([sys.executable, "-m", "qcow2", "convert", "-f", "raw", "-O", "qcow2",
+                          str(src), "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.read(4096)
+    p.stdout.close()  # the reader goes away
+    err = p.stderr.read()
+    assert p.wait() == 1
+    assert err.startswith(b"qcow2: ") and b"Broken pipe" in err and err.count(b"\n") == 1, err

@@ -596,8 +596,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if stream:
             from .stream import stream_convert
 
-            stream_convert(sources, sys.stdout.buffer, out_fmt, args.options, args.compress,
-                           grain, threads)
+            try:
+                stream_convert(sources, sys.stdout.buffer, out_fmt, args.options,
+                               args.compress, grain, threads)
+            except BaseException:
+                # what is buffered cannot go out either: point stdout at /dev/null so
+                # that the interpreter's last flush does not fail a second time
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+                raise
             return 0
         create = not args.no_create
         target = _Target(output, out_fmt, size, create, args.options, args.compress, threads)

@@ -1,0 +1,261 @@
+"""convert to standard output: a qcow2 (or raw) image written strictly sequentially, to a
+pipe or any other file that cannot seek.
+
+A qcow2 image is written in one go only if its layout is known before its first byte:
+a first pass over the input finds the clusters that hold data (metadata that says zeros
+spares the read), then the image goes out in file order: header cluster, refcount table,
+refcount blocks (every cluster counted once), L1 table, the L2 tables that map
+something, and the data clusters in guest order, as QEMU's scripts/qcow2-to-stdout.py
+lays it out. The second pass reads the data again. Nothing seeks, so a consumer may
+read the image from a pipe; `qemu-img check` finds it clean (no leaks: every cluster
+written is referenced once).
+
+A crash (or a closed pipe) leaves a truncated image: its header points past its end,
+which every reader refuses; nothing is there to repair.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .errors import InvalidArgumentError, Qcow2Error
+from .format import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_ZLIB,
+    COMPRESSION_ZSTD,
+    HEADER_LENGTH_WITH_COMPRESSION,
+    INCOMPAT_COMPRESSION,
+    QCOW_OFLAG_COPIED,
+    V2_HEADER_LENGTH,
+    Header,
+    ImageLayout,
+    encode_refblock,
+    encode_table,
+)
+from .geometry import Geometry, div_round_up
+
+CHUNK = 2 << 20
+# -o options a streamed image takes; the others need a layout this writer does not make
+_STREAM_OPTS = ("cluster_size", "refcount_bits", "compat", "compression_type", "lazy_refcounts")
+
+
+class _Concat:
+    """The inputs, concatenated: reads and zero knowledge across their boundaries."""
+
+    def __init__(self, sources: list[Any]) -> None:
+        self.parts: list[tuple[int, Any]] = []
+        base = 0
+        for s in sources:
+            self.parts.append((base, s))
+            base += s.size
+        self.size = base
+
+    def _pieces(self, offset: int, n: int) -> list[tuple[Any, int, int, int]]:
+        """(source, its offset, length, position in the request)."""
+        out = []
+        for base, s in self.parts:
+            lo, hi = max(offset, base), min(offset + n, base + s.size)
+            if lo < hi:
+                out.append((s, lo - base, hi - lo, lo - offset))
+        return out
+
+    def readinto(self, mv: memoryview, offset: int) -> None:
+        for s, at, k, pos in self._pieces(offset, len(mv)):
+            s.readinto(mv[pos : pos + k], at)
+
+    def known_zero(self, offset: int, n: int) -> bool:
+        return all(s.known_zero(at, k) for s, at, k, _pos in self._pieces(offset, n))
+
+
+class _Out:
+    """Sequential writes; a closed pipe or a full disk is one clear error."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pos = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            why = "Broken pipe" if exc.errno == errno.EPIPE else (exc.strerror or str(exc))
+            raise Qcow2Error(f"Could not write to standard output: {why}") from None
+        self.pos += len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as exc:
+            raise Qcow2Error(f"Could not write to standard output: {exc.strerror or exc}") from None
+
+
+def _options(options: list[str]) -> dict[str, Any]:
+    from .commands import parse_create_options, valid_option_list
+
+    for chunk in options:
+        if not valid_option_list(chunk):
+            raise InvalidArgumentError(f"Invalid option list: {chunk}")
+    opts = parse_create_options(",".join(options)) if options else {}
+    for name, (text, value) in opts.items():
+        if name not in _STREAM_OPTS and not (name == "preallocation" and value == "off") and \
+                not (name == "refcount_mode" and value == "standard") and \
+                not (name == "extended_l2" and not value):
+            raise InvalidArgumentError(
+                f"Parameter '{name}' ({text}) is not supported when writing to standard output")
+    return {name: value for name, (_text, value) in opts.items()}
+
+
+def stream_convert(sources: list[Any], f: BinaryIO, out_fmt: str, options: list[str],
+                   compress: bool, grain: int, threads: int | None = None) -> None:
+    """Write the concatenated sources to f (not seekable) as a qcow2 or raw image."""
+    del threads  # (no compression here: nothing runs in parallel)
+    src = _Concat(sources)
+    out = _Out(f)
+    if out_fmt == "raw":
+        if options:
+            raise InvalidArgumentError("raw output takes no -o options")
+        _stream_raw(src, out)
+    else:
+        if compress:
+            raise InvalidArgumentError(
+                "Compression (-c) cannot write to standard output: compressed sizes are not "
+                "known before the data")
+        _stream_qcow2(src, out, _options(options), grain)
+    out.flush()
+
+
+def _stream_raw(src: _Concat, out: _Out) -> None:
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    zeros = bytes(CHUNK)
+    for pos in range(0, src.size, CHUNK):
+        n = min(CHUNK, src.size - pos)
+        if src.known_zero(pos, n):
+            out.write(memoryview(zeros)[:n])
+        else:
+            src.readinto(mv[:n], pos)
+            out.write(mv[:n])
+
+
+def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> None:
+    from .create import COMPAT_ALIASES, _validate
+    from .header import pack_cluster0
+
+    cs = int(opts.get("cluster_size", 65536))
+    refcount_bits = int(opts.get("refcount_bits", 16))
+    compat = str(opts.get("compat", "1.1"))
+    ctype_name = str(opts.get("compression_type", "zlib"))
+    lazy = bool(opts.get("lazy_refcounts", False))
+    if compat not in COMPAT_ALIASES:
+        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
+    version = COMPAT_ALIASES[compat]
+    size = -(-src.size // 512) * 512  # as qemu-img creates it: whole sectors
+    _validate(size, cs, refcount_bits, version, False, lazy, ctype_name, None, None, "off")
+    geo = Geometry(cs.bit_length() - 1, refcount_bits.bit_length() - 1, False)
+    l1_size = geo.l1_size_for(size)
+    if l1_size * 8 > 32 * 1024 * 1024:
+        raise InvalidArgumentError("Image size too large for this cluster size (L1 table limit)")
+
+    # pass 1: which clusters hold data
+    n_clusters = div_round_up(size, cs)
+    has = _data_clusters(src, size, cs, grain)
+    per = geo.l2_entries
+    padded = np.zeros(l1_size * per, dtype=bool)
+    padded[:n_clusters] = has
+    tables = padded.reshape(l1_size, per).any(axis=1) if l1_size else np.zeros(0, dtype=bool)
+    n_l1 = div_round_up(l1_size * 8, cs)
+    n_l2 = int(tables.sum())
+    n_data = int(has.sum())
+    rblocks, rtable = geo.refcount_clusters_needed(1 + n_l1 + n_l2 + n_data)
+    rtable_off = cs
+    rblocks_off = rtable_off + rtable * cs
+    l1_off = rblocks_off + rblocks * cs
+    l2_off = l1_off + n_l1 * cs
+    data_off = l2_off + n_l2 * cs
+    total = 1 + rtable + rblocks + n_l1 + n_l2 + n_data
+
+    ctype = COMPRESSION_ZSTD if ctype_name == "zstd" else COMPRESSION_ZLIB
+    header = Header(
+        version=version, backing_file_offset=0, backing_file_size=0,
+        cluster_bits=geo.cluster_bits, size=size, crypt_method=0, l1_size=l1_size,
+        l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rtable_off,
+        refcount_table_clusters=rtable, nb_snapshots=0, snapshots_offset=0,
+        incompatible_features=INCOMPAT_COMPRESSION if ctype == COMPRESSION_ZSTD else 0,
+        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy else 0, autoclear_features=0,
+        refcount_order=geo.refcount_order,
+        header_length=HEADER_LENGTH_WITH_COMPRESSION if version == 3 else V2_HEADER_LENGTH,
+        compression_type=ctype)
+    out.write(pack_cluster0(ImageLayout(header=header), cs).ljust(cs, b"\0"))
+
+    reftable = np.zeros(rtable * cs // 8, dtype=np.uint64)
+    reftable[:rblocks] = rblocks_off + np.arange(rblocks, dtype=np.uint64) * np.uint64(cs)
+    out.write(encode_table(reftable))
+    entries = geo.refblock_entries
+    for b in range(rblocks):
+        counts = np.zeros(entries, dtype=np.uint64)
+        counts[: max(0, min(entries, total - b * entries))] = 1
+        out.write(encode_refblock(counts, geo.refcount_order))
+
+    l1 = np.zeros(n_l1 * cs // 8, dtype=np.uint64)
+    present = np.flatnonzero(tables)
+    l1[present] = (l2_off + np.arange(n_l2, dtype=np.uint64) * np.uint64(cs)) | \
+        np.uint64(QCOW_OFLAG_COPIED)
+    if n_l1:
+        out.write(encode_table(l1))
+    # data cluster k (in guest order) is at data_off + k * cs
+    rank = np.cumsum(padded, dtype=np.int64) - 1
+    for t in present.tolist():
+        sl = slice(t * per, (t + 1) * per)
+        l2 = np.where(padded[sl], (data_off + rank[sl] * cs).astype(np.uint64)
+                      | np.uint64(QCOW_OFLAG_COPIED), np.uint64(0))
+        out.write(encode_table(l2))
+    del rank, padded
+
+    # pass 2: the data clusters, in guest order
+    chunk = max(CHUNK, cs)
+    buf = bytearray(chunk)
+    mv = memoryview(buf)
+    for pos in range(0, size, chunk):
+        n = min(chunk, size - pos)
+        c0 = pos // cs
+        sel = has[c0 : c0 + div_round_up(n, cs)]
+        if not sel.any():
+            continue
+        k = min(n, src.size - pos)
+        src.readinto(mv[:k], pos)
+        mv[k : div_round_up(n, cs) * cs] = bytes(div_round_up(n, cs) * cs - k)
+        for s, e in _true_runs(sel):
+            out.write(mv[s * cs : e * cs])
+    if out.pos != data_off + n_data * cs:  # (the layout promised exactly this much)
+        raise Qcow2Error("Internal error: streamed image does not match its layout")
+
+
+def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
+    """One flag per output cluster: whether it holds data (any non-zero byte; with -S 0
+    every cluster does)."""
+    n_clusters = div_round_up(size, cs)
+    if grain == 0:
+        return np.ones(n_clusters, dtype=bool)
+    has = np.zeros(n_clusters, dtype=bool)
+    chunk = max(CHUNK, cs)
+    buf = np.zeros(chunk // 8, dtype=np.uint64)
+    mv = memoryview(buf).cast("B")
+    for pos in range(0, src.size, chunk):
+        n = min(chunk, src.size - pos)
+        if src.known_zero(pos, n):
+            continue
+        src.readinto(mv[:n], pos)
+        k = div_round_up(n, cs)
+        mv[n : k * cs] = bytes(k * cs - n)
+        has[pos // cs : pos // cs + k] = buf[: k * cs // 8].reshape(k, cs // 8).any(axis=1)
+    return has
+
+
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of True."""
+    m = np.r_[False, mask, False].astype(np.int8)
+    d = np.flatnonzero(np.diff(m))
+    return list(zip(d[0::2].tolist(), d[1::2].tolist()))
