@@ -132,6 +132,14 @@ def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
     (["convert", "{img}", "{img}"], "is also an input"),
     (["convert", "{dir}", "{out}"], "Could not open image"),
     (["convert", "{img}", "{dir}"], "Is a directory"),
+    (["convert", "-S", "100", "{img}", "{out}"], "Valid sizes are multiples of 512 up to 16777216"),
+    (["convert", "-S", "32M", "{img}", "{out}"], "Invalid buffer size for sparse output"),
+    (["convert", "-S", "x", "{img}", "{out}"], "You may use k, M, G, T, P or E suffixes"),
+    (["convert", "-m", "0", "{img}", "{out}"], "Allowed number of coroutines is between 1 and 16"),
+    (["convert", "-m", "17", "{img}", "{out}"], "Invalid number of coroutines"),
+    (["convert", "--target-is-zero", "{img}", "{out}"], "--target-is-zero requires use of -n flag"),
+    (["convert", "-n", "-o", "cluster_size=4k", "{img}", "{out}"],
+     "-o has no effect when skipping image creation"),
 ])
 def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
                                argv: list[str], message: str) -> None:
@@ -341,3 +349,80 @@ def test_stream_into_a_closed_pipe_is_one_error(tmp: Path) -> None:
     err = p.stderr.read()
     assert p.wait() == 1
     assert err.startswith(b"qcow2: ") and b"Broken pipe" in err and err.count(b"\n") == 1, err
+
+
+# -- options: -c in a thread pool, -S, --target-is-zero, -W, -m ---------------------------
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_pool_compression_packs_as_one_by_one(tmp: Path, ctype: str) -> None:
+    """-c compresses in threads but writes in guest order: the file is byte for byte the
+    one a single thread makes (-m 1), and QEMU reads the same data."""
+    rng = random.Random(8)
+    src = tmp / "in.raw"
+    # clusters that compress to different sizes, zero gaps, one that does not compress
+    src.write_bytes(b"".join(rng.randbytes(rng.randrange(1, 60) * KiB).ljust(64 * KiB, b"\x05")
+                             + bytes(rng.choice([0, 64 * KiB])) for _ in range(40))
+                    + rng.randbytes(64 * KiB))
+    outs = []
+    for m in ("1", "4"):
+        out = tmp / f"m{m}.qcow2"
+        assert main(["convert", "-c", "-m", m, "-W", "-f", "raw", "-O", "qcow2", "-o",
+                     f"compression_type={ctype}", str(src), str(out)]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    out = tmp / "m4.qcow2"
+    assert_clean(out)
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(src), str(out)).returncode == 0
+    assert qemu_check(out)["compressed-clusters"] >= 40
+
+
+def _alloc(path: Path) -> list[tuple[int, int]]:
+    return [(e["start"], e["length"]) for e in
+            json.loads(qemu_img("map", "--output=json", str(path)).stdout) if e["data"]]
+
+
+@pytest.mark.parametrize("sparse", ["0", "4k", "16k"])
+def test_sparse_size_allocates_as_qemu(tmp: Path, sparse: str) -> None:
+    """-S: zero runs shorter than the sparse size are written as data; -S 0 writes
+    everything. The output's allocation equals qemu-img convert's with the same -S."""
+    src = tmp / "in.raw"
+    cluster = b"\x09" * 4096
+    gap8, gap64 = bytes(8 * KiB), bytes(64 * KiB)
+    src.write_bytes((cluster + gap8 + cluster + gap64) * 8 + cluster)
+    ours, theirs = tmp / "ours.qcow2", tmp / "theirs.qcow2"
+    args = ["-S", sparse, "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096"]
+    assert main(["convert", *args, str(src), str(ours)]) == 0
+    qemu_img("convert", *args, str(src), str(theirs))
+    assert_clean(ours)
+    assert qemu_img("compare", str(ours), str(theirs)).returncode == 0
+    assert _alloc(ours) == _alloc(theirs)
+
+
+def test_target_is_zero_leaves_zero_areas_alone(tmp: Path) -> None:
+    """-n --target-is-zero trusts the user: the zero areas of the input are not written,
+    so what the target held there stays (as with qemu-img), while -n alone zeroes them;
+    -c is allowed with it (the target has no data where it writes)."""
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), str(2 * MiB))
+    qemu_io(src, "write -P 0x66 0 64k", f"write -P 0x67 {MiB} 64k")
+    results = []
+    for tool in ("ours", "qemu"):
+        dst = tmp / f"dst-{tool}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(dst), str(2 * MiB))
+        qemu_io(dst, f"write -P 0x77 {512 * KiB} 64k")
+        args = ["-n", "--target-is-zero", "-O", "qcow2", str(src), str(dst)]
+        if tool == "ours":
+            assert main(["convert", *args]) == 0
+        else:
+            qemu_img("convert", *args)
+        assert_clean(dst)
+        results.append(raw_bytes(dst, tmp))
+    assert results[0] == results[1]
+    assert results[0][512 * KiB : 576 * KiB] == b"\x77" * (64 * KiB)
+    fresh = tmp / "fresh.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(fresh), str(2 * MiB))
+    assert main(["convert", "-c", "-n", "--target-is-zero", "-O", "qcow2", str(src),
+                 str(fresh)]) == 0
+    assert_clean(fresh)
+    assert qemu_img("compare", str(src), str(fresh)).returncode == 0
+    assert qemu_check(fresh)["compressed-clusters"] == 2
