@@ -13,6 +13,7 @@ that; a copy that may vanish in a power cut is no copy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -29,6 +30,7 @@ from .geometry import div_round_up
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 MAX_SPARSE = 16 << 20  # qemu-img's largest -S
+WINDOW = 1 << 30  # zero ranges are looked up this much at a time
 FORMATS = ("qcow2", "raw")
 
 
@@ -72,11 +74,72 @@ class Source:
             return False
         return _layer_zero(self.view, self.img.backing, offset, n)
 
+    def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
+        """The (start, end) ranges of [offset, offset + n) that may hold data: all of it
+        but what known_zero would say reads as zeros, found in one pass."""
+        if self.raw is not None:
+            return _raw_data(self.raw.fd, offset, n)
+        if self.view is None:
+            return [(offset, offset + n)] if n else []
+        out: list[tuple[int, int]] = []
+        _layer_data(self.view, self.img.backing, offset, n, out)
+        return out
+
     def close(self) -> None:
         if self.raw is not None:
             self.raw.close()
         if self.img is not None:
             self.img.close()
+
+
+def _add(out: list[tuple[int, int]], s: int, e: int) -> None:
+    if out and out[-1][1] == s:
+        out[-1] = (out[-1][0], e)
+    elif s < e:
+        out.append((s, e))
+
+
+def _layer_data(layer: Any, backing: Any, offset: int, n: int, out: list[tuple[int, int]]) -> None:
+    """Append to out the ranges of a qcow2 layer (and below unallocated parts, its
+    backing chain) that its block status does not say read as zeros."""
+    for guest, length, kind in _status(layer, offset, n):
+        if kind == ZERO:
+            continue
+        if kind != UNALLOCATED:
+            _add(out, guest, guest + length)
+            continue
+        if backing is None or guest >= backing.size:
+            continue  # nothing below, or past the end of the backing file: zeros
+        k = min(length, backing.size - guest)
+        if isinstance(backing, RawFile):
+            for s, e in _raw_data(backing.fd, guest, k):
+                _add(out, s, e)
+        else:
+            _layer_data(backing, backing.backing, guest, k, out)
+
+
+def _raw_data(fd: int, offset: int, n: int) -> list[tuple[int, int]]:
+    """The data ranges of [offset, offset + n) of a raw file, from SEEK_DATA/SEEK_HOLE
+    (where the system has none, all of it)."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    end = offset + n
+    if seek_data is None or seek_hole is None:
+        return [(offset, end)] if n else []
+    out: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                break
+            return [(offset, end)]
+        if s >= end:
+            break
+        e = min(os.lseek(fd, s, seek_hole), end)
+        out.append((s, e))
+        pos = e
+    return out
 
 
 def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
@@ -335,31 +398,68 @@ def copy_range(src: Source, target: _Target, start: int, end: int, base: int, ze
                buf: np.ndarray, progress: Any = None, grain: int = GRAIN) -> None:
     """Copy [start, end) of src to base + start in target. buf: the one buffer for every
     chunk (a fresh one each time costs page faults), padded with zeros to whole grains;
-    zero grains are found on 64-bit words."""
+    zero grains are found on 64-bit words. Ranges the metadata says are zeros are not
+    read; they are found a window at a time (one pass over the L2 tables or the file's
+    holes), so that their list stays small."""
+    pos = start
+    while pos < end:
+        w_end = min(end, pos + WINDOW)
+        # with -S 0 nothing is sparse: every byte is written, zeros too
+        data = _aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
+            else [(pos, w_end)]
+        for s, e in data:
+            if s > pos:
+                if not zero_target:
+                    target.zero(base + pos, s - pos)
+                if progress is not None:
+                    progress.update(s - pos)
+            _copy_data(src, target, s, e, base, zero_target, buf, progress, grain)
+            pos = e
+        if pos < w_end:
+            if not zero_target:
+                target.zero(base + pos, w_end - pos)
+            if progress is not None:
+                progress.update(w_end - pos)
+            pos = w_end
+
+
+def _aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Ranges widened to whole grains (within [lo, hi)) and merged, so that zero
+    detection looks at the same grains whatever the input's cluster size."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        s, e = max(lo, s - s % grain), min(hi, -(-e // grain) * grain)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _copy_data(src: Source, target: _Target, start: int, end: int, base: int, zero_target: bool,
+               buf: np.ndarray, progress: Any, grain: int) -> None:
+    """Read [start, end) and write its data (its zero grains only to a target that is
+    not zeroed)."""
     whole = memoryview(buf).cast("B")
     chunk = len(whole) if not grain else len(whole) // grain * grain
     pos = start
     while pos < end:
         n = min(chunk, end - pos)
-        if grain and src.known_zero(pos, n):
-            if not zero_target:
-                target.zero(base + pos, n)
+        mv = whole[:n]
+        src.readinto(mv, pos)
+        if not grain:
+            target.write(mv, base + pos)
         else:
-            mv = whole[:n]
-            src.readinto(mv, pos)
-            if not grain:
-                target.write(mv, base + pos)
-            else:
-                grains = -(-n // grain)
-                if n % grain:
-                    whole[n : grains * grain] = bytes(grains * grain - n)
-                nonzero = buf[: grains * grain // 8].reshape(grains, grain // 8).any(axis=1)
-                for g0, g1, has_data in _runs(nonzero):
-                    s, e = g0 * grain, min(g1 * grain, n)
-                    if has_data:
-                        target.write(mv[s:e], base + pos + s)
-                    elif not zero_target:
-                        target.zero(base + pos + s, e - s)
+            grains = -(-n // grain)
+            if n % grain:
+                whole[n : grains * grain] = bytes(grains * grain - n)
+            nonzero = buf[: grains * grain // 8].reshape(grains, grain // 8).any(axis=1)
+            for g0, g1, has_data in _runs(nonzero):
+                s, e = g0 * grain, min(g1 * grain, n)
+                if has_data:
+                    target.write(mv[s:e], base + pos + s)
+                elif not zero_target:
+                    target.zero(base + pos + s, e - s)
         pos += n
         if progress is not None:
             progress.update(n)
@@ -536,6 +636,18 @@ def _parallel(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def _progress(total: int, show: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr, or None (tqdm is not even imported: it costs start-up time)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="convert") as bar:
+        yield bar
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     # qemu-img's checks, in its order
     if args.skip_broken_bitmaps and not args.bitmaps:
@@ -611,12 +723,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         target = _Target(output, out_fmt, size, create, args.options, args.compress, threads)
         created = create
         try:
-            from tqdm import tqdm
-
             states = len(sources[0].img.snapshots) + 1 if args.snapshots else 1
-            with tqdm(total=size * states, unit="B", unit_scale=True,
-                      disable=not args.progress or args.quiet, file=sys.stderr,
-                      desc="convert") as bar:
+            with _progress(size * states, args.progress and not args.quiet) as bar:
                 if args.snapshots:
                     copy_with_snapshots(sources[0], target, progress=bar, grain=grain)
                 else:
