@@ -314,8 +314,11 @@ class _Target:
 class CompressPipeline:
     """Clusters compressed in a thread pool (zlib and zstd release the GIL), written in
     the order they came in, so that they are packed exactly as one by one: put() hands
-    a cluster over and writes the oldest ones whose compression is done once enough are
-    in flight; drain() writes them all. write(guest offset, data, compressed data)."""
+    a cluster over, a batch of them is one task (fewer hand-overs between threads), and
+    the oldest batches whose compression is done are written once enough are in flight;
+    drain() writes them all. write(guest offset, data, compressed data)."""
+
+    BATCH = 8  # clusters per task
 
     def __init__(self, compression_type: int, cluster_size: int, threads: int | None,
                  write: Any) -> None:
@@ -327,30 +330,45 @@ class CompressPipeline:
         self.write = write
         n = threads or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(max_workers=n) if n > 1 else None
-        self.limit = 4 * n  # clusters in flight (bounded memory)
-        self.pending: deque[tuple[int, bytes | bytearray, Any]] = deque()
+        self.limit = 2 * n  # batches in flight (bounded memory)
+        self.batch: list[tuple[int, bytes | bytearray]] = []
+        self.pending: deque[tuple[list[tuple[int, bytes | bytearray]], Any]] = deque()
 
-    def _compress(self, data: bytes | bytearray) -> bytes:
+    def _compress(self, batch: list[tuple[int, bytes | bytearray]]) -> list[bytes]:
         from .compress import compress_cluster
 
-        return compress_cluster(bytes(data).ljust(self.cs, b"\0"), self.ctype)
+        cs, ctype = self.cs, self.ctype
+        return [compress_cluster(bytes(d) if len(d) == cs else bytes(d).ljust(cs, b"\0"), ctype)
+                for _at, d in batch]
+
+    def _write(self, batch: list[tuple[int, bytes | bytearray]], comps: list[bytes]) -> None:
+        for (at, data), comp in zip(batch, comps):
+            self.write(at, data, comp)
 
     def put(self, offset: int, data: bytes | bytearray) -> None:
-        if self.pool is None:
-            self.write(offset, data, self._compress(data))
+        self.batch.append((offset, data))
+        if len(self.batch) < self.BATCH:
             return
-        self.pending.append((offset, data, self.pool.submit(self._compress, data)))
-        while len(self.pending) > self.limit or (self.pending and self.pending[0][2].done()):
-            at, buf, fut = self.pending.popleft()
-            self.write(at, buf, fut.result())
+        batch, self.batch = self.batch, []
+        if self.pool is None:
+            self._write(batch, self._compress(batch))
+            return
+        self.pending.append((batch, self.pool.submit(self._compress, batch)))
+        while len(self.pending) > self.limit or (self.pending and self.pending[0][1].done()):
+            done, fut = self.pending.popleft()
+            self._write(done, fut.result())
 
     def drain(self) -> None:
         while self.pending:
-            at, buf, fut = self.pending.popleft()
-            self.write(at, buf, fut.result())
+            done, fut = self.pending.popleft()
+            self._write(done, fut.result())
+        batch, self.batch = self.batch, []
+        if batch:
+            self._write(batch, self._compress(batch))
 
     def close(self) -> None:
         self.pending.clear()
+        self.batch = []
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
