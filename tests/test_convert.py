@@ -260,6 +260,36 @@ def test_snapshots_are_kept_and_stay_shared(tmp: Path, mode: str, opts: str) -> 
     assert 2 * MiB * (len(want) + 1) > bound
     if opts == "-c":
         assert qemu_check(out)["compressed-clusters"] > 0
+    if opts in ("", "compat=0.10"):  # same cluster size: the very same sharing
+        assert _host_clusters(out) == _host_clusters(src) + _compressed_data(src)
+
+
+def _host_clusters(path: Path) -> int:
+    """Distinct host clusters holding (uncompressed) data, over every state."""
+    import qcow2
+
+    with qcow2.open(str(path)) as img:
+        cs = img.cluster_size
+        views = [img.snapshot(e.id) for e in img.snapshots] + [img]
+        hosts = {c for v in views for e in v.map() if e["data"] and "offset" in e
+                 for c in range(e["offset"] // cs, (e["offset"] + e["length"]) // cs)}
+    return len(hosts)
+
+
+def _compressed_data(path: Path) -> int:
+    """Distinct compressed clusters over every state (copied as plain data clusters)."""
+    import qcow2
+    from qcow2.cluster import COMPRESSED
+
+    with qcow2.open(str(path)) as img:
+        views = [img.snapshot(e.id) for e in img.snapshots] + [img]
+        found = set()
+        for v in views:
+            for c in range(-(-img.size // img.cluster_size)):
+                entry, _ = v.clusters.get(c)
+                if v.clusters.classify(entry) == COMPRESSED:
+                    found.add(entry)
+    return len(found)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -540,6 +540,23 @@ def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int
     return [(int(s) * out_cs, min(int(e) * out_cs, size)) for s, e in zip(starts, ends)]
 
 
+BASE_CANDIDATES = 16  # earlier states a state is compared with, newest first
+
+
+def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int) -> tuple[Any, np.ndarray]:
+    """The state already copied that differs from view in the fewest clusters (the
+    latest one on a tie: it needs no apply), and those clusters."""
+    best: tuple[Any, np.ndarray] | None = None
+    for entry, other in reversed(copied[-BASE_CANDIDATES:]):
+        changed = _changed_clusters(other, view, size)
+        if best is None or len(changed) < len(best[1]):
+            best = (entry, changed)
+            if not len(changed):
+                break
+    assert best is not None
+    return best
+
+
 def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
                         grain: int = GRAIN) -> None:
     """Copy every internal snapshot and then the active state of a qcow2 input into a
@@ -547,10 +564,14 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
 
     The oldest snapshot (table order, which is creation order) is copied whole, then the
     output is snapshotted with the input snapshot's id, name, date, VM clock, icount and
-    VM state. Each later state is written as a difference on top: only the guest
-    clusters whose input L2 entry differs from the previous state's (another host
-    cluster, or zero/unallocated) are discarded in the output and copied again; every
-    other cluster stays shared between the output's states, as it was in the input."""
+    VM state. Each later state is written as a difference on top of the closest state
+    copied before it (the previous one, or an older one that the output then applies
+    first, as after `snapshot -a` in the input): only the guest clusters whose input L2
+    entry differs (another host cluster, or zero/unallocated) are discarded in the
+    output and copied again; every other cluster stays shared between the output's
+    states, as it was in the input. A cluster that two states share without sharing it
+    with the states copied between them (rare: a cluster kept by a snapshot, written
+    over and then reverted to by a state that is not a child of it) is copied again."""
     img = src.img
     out = target.img
     size = img.size
@@ -558,15 +579,21 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
     states.append((None, img))
     buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
     in_cs, out_cs = img.cluster_size, out.cluster_size
-    prev: Any = None
+    copied: list[tuple[Any, Any]] = []  # states in the output (as snapshots), oldest first
     for entry, view in states:
         src.view = view
-        if prev is None:
+        if not copied:
             copy_range(src, target, 0, size, 0, True, buf, progress, grain)
         else:
+            base, changed = _best_base(copied, view, size)
+            if base is not copied[-1][0]:
+                # an older state is closer (a snapshot applied, then written over):
+                # start from it, as the input did
+                target.settle()
+                out.apply_snapshot(base.id)
             done = 0
-            for s, e in _cluster_ranges(_changed_clusters(prev, view, size), in_cs, out_cs, size):
-                # the previous state's clusters there leave the active state (the
+            for s, e in _cluster_ranges(changed, in_cs, out_cs, size):
+                # the base state's clusters there leave the active state (the
                 # snapshots keep theirs): the range reads as zeros, as in a new target
                 target.settle()
                 out.discard(s, e - s)
@@ -585,7 +612,7 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
                                 vm_clock_nsec=entry.vm_clock_nsec, icount=entry.icount,
                                 date_sec=entry.date_sec, date_nsec=entry.date_nsec,
                                 snapshot_id=entry.id)
-        prev = view
+            copied.append((entry, view))
     src.view = img
 
 
