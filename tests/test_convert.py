@@ -172,6 +172,18 @@ def test_failed_copy_removes_the_new_output(tmp: Path, capsys: pytest.CaptureFix
     assert err.startswith("qcow2: ") and "Traceback" not in err, err
     assert not out.exists()
     assert os.path.exists(src)
+    # the image is written under a temporary name and renamed when complete: an
+    # existing output stays as it was, and nothing else is left behind
+    out.write_bytes(b"old output")
+    before = sorted(os.listdir(tmp))
+    assert main(["convert", "-O", "qcow2", str(src), str(out)]) == 1
+    assert out.read_bytes() == b"old output"
+    assert sorted(os.listdir(tmp)) == before
+    good = tmp / "good.raw"
+    good.write_bytes(b"\x01" * 4096)
+    assert main(["convert", "-f", "raw", "-O", "qcow2", str(good), str(out)]) == 0
+    assert sorted(os.listdir(tmp)) == sorted([*before, "good.raw"])  # no temporary left
+    assert qemu_img("compare", "-f", "raw", str(good), str(out)).returncode == 0
 
 
 # -- convert --snapshots ------------------------------------------------------------------

@@ -681,6 +681,32 @@ def _parallel(text: str) -> int:
     return value
 
 
+def _temporary_name(output: str) -> str:
+    if os.path.isdir(output):
+        raise Qcow2Error(f"Could not create '{output}': Is a directory")
+    head, tail = os.path.split(output)
+    return os.path.join(head, f".{tail}.convert-{os.getpid()}")
+
+
+def _publish(path: str, output: str) -> None:
+    """Rename the finished (and flushed) output to its name, durably: the directory
+    entry is synced too."""
+    try:
+        os.replace(path, output)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not create '{output}': {exc.strerror}") from None
+    try:
+        fd = os.open(os.path.dirname(output) or ".", os.O_RDONLY)
+    except OSError:
+        return  # (a directory that cannot be opened cannot be synced either)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _progress(total: int, show: bool) -> Iterator[Any]:
     """A tqdm bar on stderr, or None (tqdm is not even imported: it costs start-up time)."""
@@ -765,8 +791,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 raise
             return 0
         create = not args.no_create
-        target = _Target(output, out_fmt, size, create, args.options, args.compress, threads)
+        # a new output is written under a temporary name next to it and renamed at the
+        # end: a crash never leaves a partial image under the output's name
+        path = _temporary_name(output) if create else output
         created = create
+        try:
+            target = _Target(path, out_fmt, size, create, args.options, args.compress, threads)
+        except Qcow2Error as exc:
+            raise type(exc)(str(exc).replace(path, output)) from None
         try:
             states = len(sources[0].img.snapshots) + 1 if args.snapshots else 1
             with _progress(size * states, args.progress and not args.quiet) as bar:
@@ -780,10 +812,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             target.finish()
         finally:
             target.close()
+        if create:
+            _publish(path, output)
     except BaseException:
         if created:
             try:  # a half-written new image is of no use to anyone
-                os.unlink(output)
+                os.unlink(path)
             except OSError:
                 pass
         raise
