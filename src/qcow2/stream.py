@@ -38,6 +38,7 @@ from .format import (
 from .geometry import Geometry, div_round_up
 
 CHUNK = 2 << 20
+WINDOW = 1 << 30  # zero ranges are looked up this much at a time
 # -o options a streamed image takes; the others need a layout this writer does not make
 _STREAM_OPTS = ("cluster_size", "refcount_bits", "compat", "compression_type", "lazy_refcounts")
 
@@ -68,6 +69,14 @@ class _Concat:
 
     def known_zero(self, offset: int, n: int) -> bool:
         return all(s.known_zero(at, k) for s, at, k, _pos in self._pieces(offset, n))
+
+    def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
+        """(start, end) ranges that may hold data (the others read as zeros)."""
+        out: list[tuple[int, int]] = []
+        for s, at, k, pos in self._pieces(offset, n):
+            shift = offset + pos - at
+            out += [(a + shift, b + shift) for a, b in s.data_ranges(at, k)]
+        return out
 
 
 class _Out:
@@ -243,14 +252,19 @@ def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
     chunk = max(CHUNK, cs)
     buf = np.zeros(chunk // 8, dtype=np.uint64)
     mv = memoryview(buf).cast("B")
-    for pos in range(0, src.size, chunk):
-        n = min(chunk, src.size - pos)
-        if src.known_zero(pos, n):
-            continue
-        src.readinto(mv[:n], pos)
-        k = div_round_up(n, cs)
-        mv[n : k * cs] = bytes(k * cs - n)
-        has[pos // cs : pos // cs + k] = buf[: k * cs // 8].reshape(k, cs // 8).any(axis=1)
+    for w in range(0, src.size, WINDOW):
+        for s, e in src.data_ranges(w, min(WINDOW, src.size - w)):
+            # whole clusters: the data range widened to cluster boundaries
+            pos = s - s % cs
+            end = min(src.size, -(-e // cs) * cs)
+            while pos < end:
+                n = min(chunk, end - pos)
+                src.readinto(mv[:n], pos)
+                k = div_round_up(n, cs)
+                mv[n : k * cs] = bytes(k * cs - n)
+                has[pos // cs : pos // cs + k] |= \
+                    buf[: k * cs // 8].reshape(k, cs // 8).any(axis=1)
+                pos += n
     return has
 
 
