@@ -8,6 +8,14 @@ written compressed (or plain, if it does not compress). With -n the target exist
 already and is not assumed to be zeroed: zero areas are written as zeros. The output is
 flushed to the disk at the end (qemu-img's default cache mode for convert, unsafe, skips
 that; a copy that may vanish in a power cut is no copy).
+
+Crash safety: a new output is written under a temporary name beside it and renamed once
+complete and flushed (the directory synced), so OUTPUT never names a partial image; a
+crash leaves only the temporary `.NAME.convert-PID` (a consistent, incomplete image to
+delete), an error removes it. With -n the target is written in place, as by qemu-img.
+
+Beyond qemu-img: --snapshots copies every internal snapshot (copy_with_snapshots), and
+OUTPUT '-' streams the image to stdout (stream.py).
 """
 
 from __future__ import annotations
@@ -832,7 +840,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Convert (copy) the concatenated guest content of the input "
                        "images into OUTPUT, like `qemu-img convert`. Zero areas are not written. "
                        "OUTPUT '-' writes the image to standard output, strictly sequentially "
-                       "(a pipe will do). A failed convert removes the OUTPUT it created.")
+                       "(a pipe will do). A new OUTPUT is written under a temporary name and "
+                       "renamed when complete: a failed or crashed convert leaves no partial "
+                       "OUTPUT.")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="input format (qcow2 or raw; probed)")
     p.add_argument("-O", dest="out_fmt", metavar="FMT", help="output format (raw, default, or qcow2)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",

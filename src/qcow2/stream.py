@@ -10,8 +10,10 @@ lays it out. The second pass reads the data again. Nothing seeks, so a consumer 
 read the image from a pipe; `qemu-img check` finds it clean (no leaks: every cluster
 written is referenced once).
 
-A crash (or a closed pipe) leaves a truncated image: its header points past its end,
-which every reader refuses; nothing is there to repair.
+A crash (or a closed pipe) leaves a truncated image. Cut in its metadata, readers refuse
+or `qemu-img check` flags it; cut in the data, its metadata is whole and the clusters
+past the cut read as zeros, which no check can tell: nothing written can be taken back
+on a pipe, so only convert's exit status (0) says the stream is complete.
 """
 
 from __future__ import annotations
