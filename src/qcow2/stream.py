@@ -6,7 +6,10 @@ a first pass over the input finds the clusters that hold data (metadata that say
 spares the read), then the image goes out in file order: header cluster, refcount table,
 refcount blocks (every cluster counted once), L1 table, the L2 tables that map
 something, and the data clusters in guest order, as QEMU's scripts/qcow2-to-stdout.py
-lays it out. The second pass reads the data again. Nothing seeks, so a consumer may
+lays it out. The second pass reads the data again. With -c the first pass compresses
+every data cluster to learn its size (the layout packs them as QEMU does) and the second
+compresses it again (zlib and zstd are deterministic): twice the CPU, in the thread pool,
+rather than a buffer as large as the image. Nothing seeks, so a consumer may
 read the image from a pipe; `qemu-img check` finds it clean (no leaks: every cluster
 written is referenced once).
 
@@ -30,6 +33,7 @@ from .format import (
     COMPRESSION_ZSTD,
     HEADER_LENGTH_WITH_COMPRESSION,
     INCOMPAT_COMPRESSION,
+    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
     Header,
@@ -122,7 +126,6 @@ def _options(options: list[str]) -> dict[str, Any]:
 def stream_convert(sources: list[Any], f: BinaryIO, out_fmt: str, options: list[str],
                    compress: bool, grain: int, threads: int | None = None) -> None:
     """Write the concatenated sources to f (not seekable) as a qcow2 or raw image."""
-    del threads  # (no compression here: nothing runs in parallel)
     src = _Concat(sources)
     out = _Out(f)
     if out_fmt == "raw":
@@ -130,11 +133,7 @@ def stream_convert(sources: list[Any], f: BinaryIO, out_fmt: str, options: list[
             raise InvalidArgumentError("raw output takes no -o options")
         _stream_raw(src, out)
     else:
-        if compress:
-            raise InvalidArgumentError(
-                "Compression (-c) cannot write to standard output: compressed sizes are not "
-                "known before the data")
-        _stream_qcow2(src, out, _options(options), grain)
+        _stream_qcow2(src, out, _options(options), grain, compress, threads)
     out.flush()
 
 
@@ -151,7 +150,8 @@ def _stream_raw(src: _Concat, out: _Out) -> None:
             out.write(mv[:n])
 
 
-def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> None:
+def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, compress: bool,
+                  threads: int | None) -> None:
     from .create import COMPAT_ALIASES, _validate
     from .header import pack_cluster0
 
@@ -170,25 +170,30 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> 
     if l1_size * 8 > 32 * 1024 * 1024:
         raise InvalidArgumentError("Image size too large for this cluster size (L1 table limit)")
 
-    # pass 1: which clusters hold data
+    ctype = COMPRESSION_ZSTD if ctype_name == "zstd" else COMPRESSION_ZLIB
+    # pass 1: which clusters hold data (and with -c, what each compresses to)
     n_clusters = div_round_up(size, cs)
     has = _data_clusters(src, size, cs, grain)
+    data_idx = np.flatnonzero(has)
+    clen = _compressed_sizes(src, data_idx, cs, ctype, threads) if compress else None
     per = geo.l2_entries
     padded = np.zeros(l1_size * per, dtype=bool)
     padded[:n_clusters] = has
     tables = padded.reshape(l1_size, per).any(axis=1) if l1_size else np.zeros(0, dtype=bool)
     n_l1 = div_round_up(l1_size * 8, cs)
     n_l2 = int(tables.sum())
-    n_data = int(has.sum())
+    # the data area: where each data cluster goes, relative to its start, and the
+    # references each of its host clusters gets
+    rel, area_refs = _data_area(clen, len(data_idx), cs, geo.refcount_max)
+    n_data = len(area_refs)
     rblocks, rtable = geo.refcount_clusters_needed(1 + n_l1 + n_l2 + n_data)
     rtable_off = cs
     rblocks_off = rtable_off + rtable * cs
     l1_off = rblocks_off + rblocks * cs
     l2_off = l1_off + n_l1 * cs
     data_off = l2_off + n_l2 * cs
-    total = 1 + rtable + rblocks + n_l1 + n_l2 + n_data
+    n_meta = 1 + rtable + rblocks + n_l1 + n_l2
 
-    ctype = COMPRESSION_ZSTD if ctype_name == "zstd" else COMPRESSION_ZLIB
     header = Header(
         version=version, backing_file_offset=0, backing_file_size=0,
         cluster_bits=geo.cluster_bits, size=size, crypt_method=0, l1_size=l1_size,
@@ -207,7 +212,11 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> 
     entries = geo.refblock_entries
     for b in range(rblocks):
         counts = np.zeros(entries, dtype=np.uint64)
-        counts[: max(0, min(entries, total - b * entries))] = 1
+        lo, hi = b * entries, (b + 1) * entries
+        counts[: max(0, min(entries, n_meta - lo))] = 1  # metadata: one reference each
+        a, z = max(lo, n_meta), min(hi, n_meta + n_data)
+        if a < z:
+            counts[a - lo : z - lo] = area_refs[a - n_meta : z - n_meta]
         out.write(encode_refblock(counts, geo.refcount_order))
 
     l1 = np.zeros(n_l1 * cs // 8, dtype=np.uint64)
@@ -216,16 +225,34 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> 
         np.uint64(QCOW_OFLAG_COPIED)
     if n_l1:
         out.write(encode_table(l1))
-    # data cluster k (in guest order) is at data_off + k * cs
-    rank = np.cumsum(padded, dtype=np.int64) - 1
+    # the L2 entry of every data cluster, in guest order
+    hosts = data_off + rel
+    if clen is None:
+        ent = hosts.astype(np.uint64) | np.uint64(QCOW_OFLAG_COPIED)
+    else:
+        plain = clen >= cs
+        nsec = (hosts + clen + 511) // 512 - hosts // 512  # sectors the data touches
+        desc = hosts.astype(np.uint64) | ((nsec - 1).astype(np.uint64) << np.uint64(geo.csize_shift))
+        ent = np.where(plain, hosts.astype(np.uint64) | np.uint64(QCOW_OFLAG_COPIED),
+                       desc | np.uint64(QCOW_OFLAG_COMPRESSED))
+    entries_all = np.zeros(l1_size * per, dtype=np.uint64)
+    entries_all[data_idx] = ent
     for t in present.tolist():
-        sl = slice(t * per, (t + 1) * per)
-        l2 = np.where(padded[sl], (data_off + rank[sl] * cs).astype(np.uint64)
-                      | np.uint64(QCOW_OFLAG_COPIED), np.uint64(0))
-        out.write(encode_table(l2))
-    del rank, padded
+        out.write(encode_table(entries_all[t * per : (t + 1) * per]))
+    del entries_all, padded
 
     # pass 2: the data clusters, in guest order
+    if clen is None:
+        _write_plain(src, out, has, size, cs)
+    else:
+        _write_compressed(src, out, data_idx, clen, hosts, cs, ctype, threads)
+    end = data_off + n_data * cs
+    if out.pos > end:  # (the layout promised exactly this much)
+        raise Qcow2Error("Internal error: streamed image does not match its layout")
+    out.write(bytes(end - out.pos))  # the rest of the last host cluster
+
+
+def _write_plain(src: _Concat, out: _Out, has: np.ndarray, size: int, cs: int) -> None:
     chunk = max(CHUNK, cs)
     buf = bytearray(chunk)
     mv = memoryview(buf)
@@ -240,8 +267,95 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int) -> 
         mv[k : div_round_up(n, cs) * cs] = bytes(div_round_up(n, cs) * cs - k)
         for s, e in _true_runs(sel):
             out.write(mv[s * cs : e * cs])
-    if out.pos != data_off + n_data * cs:  # (the layout promised exactly this much)
-        raise Qcow2Error("Internal error: streamed image does not match its layout")
+
+
+def _clusters(src: _Concat, data_idx: np.ndarray, cs: int) -> Any:
+    """(index among the data clusters, guest cluster, its bytes, zero-padded), in order."""
+    buf = bytearray(cs)
+    for k, c in enumerate(data_idx.tolist()):
+        at = c * cs
+        n = min(cs, src.size - at)
+        src.readinto(memoryview(buf)[:n], at)
+        yield k, c, bytes(buf[:n]).ljust(cs, b"\0")
+
+
+def _compressed_sizes(src: _Concat, data_idx: np.ndarray, cs: int, ctype: int,
+                      threads: int | None) -> np.ndarray:
+    """The compressed length of every data cluster (cs or more: stored plain)."""
+    from .convert import CompressPipeline
+
+    clen = np.zeros(len(data_idx), dtype=np.int64)
+
+    def note(k: int, _data: bytes, comp: bytes) -> None:
+        clen[k] = len(comp)
+
+    pipe = CompressPipeline(ctype, cs, threads, note)
+    try:
+        for k, _c, data in _clusters(src, data_idx, cs):
+            pipe.put(k, data)
+        pipe.drain()
+    finally:
+        pipe.close()
+    return clen
+
+
+def _data_area(clen: np.ndarray | None, n: int, cs: int, refcount_max: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each data cluster goes (byte offset from the start of the data area) and
+    how many references each host cluster of the area gets. Without compression, one
+    cluster each. With it, compressed clusters are packed back to back as QEMU packs
+    them (one that does not fit continues into the next host cluster and references
+    both), a plain one starts a host cluster; a host cluster is not packed past what
+    its refcount can count."""
+    if clen is None:
+        return np.arange(n, dtype=np.int64) * cs, np.ones(n, dtype=np.uint64)
+    rel = np.zeros(n, dtype=np.int64)
+    refs: list[int] = []
+    pos = 0
+    for k, length in enumerate(clen.tolist()):
+        if length >= cs:  # stored plain, at a cluster boundary
+            pos = -(-pos // cs) * cs
+            rel[k] = pos
+            refs.append(1)
+            pos += cs
+            continue
+        first, last = pos // cs, (pos + length - 1) // cs
+        if pos % cs and refs[first] + 1 > refcount_max:
+            pos = -(-pos // cs) * cs  # that host cluster cannot count one more
+            first, last = pos // cs, (pos + length - 1) // cs
+        rel[k] = pos
+        for h in range(first, last + 1):
+            if h < len(refs):
+                refs[h] += 1
+            else:
+                refs.append(1)
+        pos += length
+    return rel, np.array(refs, dtype=np.uint64)
+
+
+def _write_compressed(src: _Concat, out: _Out, data_idx: np.ndarray, clen: np.ndarray,
+                      hosts: np.ndarray, cs: int, ctype: int, threads: int | None) -> None:
+    """The data clusters again, compressed again (the codecs are deterministic), each
+    written where the layout put it."""
+    from .convert import CompressPipeline
+
+    def put(k: int, data: bytes, comp: bytes) -> None:
+        at = int(hosts[k])
+        if len(comp) != clen[k]:
+            raise Qcow2Error("Internal error: a cluster compressed differently the second time")
+        if at < out.pos:
+            raise Qcow2Error("Internal error: streamed image does not match its layout")
+        if at > out.pos:
+            out.write(bytes(at - out.pos))
+        out.write(data if len(comp) >= cs else comp)
+
+    pipe = CompressPipeline(ctype, cs, threads, put)
+    try:
+        for k, _c, data in _clusters(src, data_idx, cs):
+            pipe.put(k, data)
+        pipe.drain()
+    finally:
+        pipe.close()
 
 
 def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
