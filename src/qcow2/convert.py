@@ -699,20 +699,13 @@ def _temporary_name(output: str) -> str:
 def _publish(path: str, output: str) -> None:
     """Rename the finished (and flushed) output to its name, durably: the directory
     entry is synced too."""
+    from .storage import sync_directory
+
     try:
         os.replace(path, output)
     except OSError as exc:
         raise Qcow2Error(f"Could not create '{output}': {exc.strerror}") from None
-    try:
-        fd = os.open(os.path.dirname(output) or ".", os.O_RDONLY)
-    except OSError:
-        return  # (a directory that cannot be opened cannot be synced either)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    sync_directory(os.path.dirname(output))
 
 
 @contextlib.contextmanager

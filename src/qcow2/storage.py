@@ -65,6 +65,21 @@ def open_file(path: str, flags: int, mode: int = 0o644) -> int:
     return fd
 
 
+def sync_directory(path: str) -> None:
+    """Make a rename or a new name in directory path durable (best effort: a directory
+    that cannot be opened or synced is left alone)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def file_size(fd: int) -> int:
     """Size of a regular file or of a block device (whose st_size is 0)."""
     st = os.fstat(fd)
