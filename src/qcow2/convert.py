@@ -10,9 +10,11 @@ flushed to the disk at the end (qemu-img's default cache mode for convert, unsaf
 that; a copy that may vanish in a power cut is no copy).
 
 Crash safety: a new output is written under a temporary name beside it and renamed once
-complete and flushed (the directory synced), so OUTPUT never names a partial image; a
-crash leaves only the temporary `.NAME.convert-PID` (a consistent, incomplete image to
-delete), an error removes it. With -n the target is written in place, as by qemu-img.
+complete and synced (the directory synced too), so OUTPUT never names a partial image; a
+crash leaves only the temporary `.NAME.convert-PID` (an incomplete file to delete), an
+error removes it. Since nobody opens that file before the rename, the syncs that order
+metadata after data are left out: one sync when it is closed makes it durable. With -n
+the target is written in place with every ordering sync, as any image write.
 
 Beyond qemu-img: --snapshots copies every internal snapshot (copy_with_snapshots), and
 OUTPUT '-' streams the image to stdout (stream.py).
@@ -221,10 +223,13 @@ class _Target:
     def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str],
                  compress: bool = False, threads: int | None = None) -> None:
         from . import open as qopen
-        from .storage import FileBackend, Storage
+        from .storage import FileBackend, Storage, UnorderedFileBackend
 
         self.img: Any = None
         self.raw: Any = None
+        # a new output (under a temporary name, renamed once closed) is synced once,
+        # when it is closed, instead of at every ordering point
+        self._backend: UnorderedFileBackend | None = None
         # with compress: the cluster being gathered (guest offset, bytes) before it is
         # written compressed in one piece
         self.compress = compress
@@ -235,15 +240,25 @@ class _Target:
         if fmt == "qcow2":
             if create:
                 _create_qcow2(path, size, options)
-            self.img = qopen(path, "r+")
+                try:
+                    self._backend = UnorderedFileBackend(path, writable=True)
+                except OSError as exc:
+                    raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from None
+                self.img = qopen(path, "r+", backend=self._backend)
+            else:
+                self.img = qopen(path, "r+")
             have = self.img.size
         else:
             if create and options:
                 raise InvalidArgumentError("raw output takes no -o options")
             try:
-                backend = FileBackend(path, writable=True, create=create)
+                backend = (UnorderedFileBackend if create else FileBackend)(
+                    path, writable=True, create=create)
             except OSError as exc:
                 raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from None
+            if create:
+                assert isinstance(backend, UnorderedFileBackend)
+                self._backend = backend
             self.raw = Storage(backend, True)
             if create:
                 self.raw.truncate(size)

@@ -134,6 +134,25 @@ class FileBackend:
             self.fd = -1
 
 
+class UnorderedFileBackend(FileBackend):
+    """A FileBackend synced once, when it is closed: for a file that nobody can see
+    until it is complete (convert writes a new image under a temporary name and renames
+    it once closed), the syncs that order metadata after data protect nothing; the one
+    at the end makes it all durable before the rename."""
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise _io_error(exc, "Sync") from None
+            finally:
+                super().close()
+
+
 @dataclass
 class Stats:
     """Counters since open: writes by kind (count and bytes) and syncs."""
