@@ -475,3 +475,26 @@ def test_target_is_zero_leaves_zero_areas_alone(tmp: Path) -> None:
     assert_clean(fresh)
     assert qemu_img("compare", str(src), str(fresh)).returncode == 0
     assert qemu_check(fresh)["compressed-clusters"] == 2
+
+
+def test_killed_convert_leaves_no_partial_output(tmp: Path) -> None:
+    """SIGKILL in the middle of a convert: OUTPUT does not exist (the image was being
+    written under a temporary name), and the next convert makes a whole one."""
+    import signal
+    import time
+
+    src = tmp / "in.raw"
+    src.write_bytes(random.Random(4).randbytes(16 * MiB))  # -c on random data: slow enough
+    out = tmp / "out.qcow2"
+    p = subprocess.Popen([sys.executable, "-m", "qcow2", "convert", "-c", "-m", "1", "-f", "raw",
+                          "-O", "qcow2", str(src), str(out)])
+    deadline = time.monotonic() + 60
+    while not [n for n in os.listdir(tmp) if n.startswith(".out.qcow2.convert-")]:
+        assert p.poll() is None and time.monotonic() < deadline, "convert ended too soon"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    assert main(["convert", "-q", "-f", "raw", "-O", "qcow2", str(src), str(out)]) == 0
+    assert_clean(out)
+    assert qemu_img("compare", "-f", "raw", str(src), str(out)).returncode == 0
