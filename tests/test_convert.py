@@ -385,6 +385,16 @@ def test_stream_raw_and_refusals(tmp: Path) -> None:
                           (["--snapshots", "-O", "qcow2", str(src)], b"standard output")]:
         r = _through_pipe(argv, tmp / "x")
         assert r.returncode == 1 and message in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    import pty  # an image is not written to a terminal
+
+    master, slave = pty.openpty()
+    try:
+        t = subprocess.run([sys.executable, "-m", "qcow2", "convert", str(src), "-"], stdout=slave,
+                           stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert t.returncode == 1 and b"is a terminal" in t.stderr, t.stderr
 
 
 def test_stream_into_a_closed_pipe_is_one_error(tmp: Path) -> None:

@@ -778,6 +778,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     stream = output == "-"
     if stream and args.no_create:
         raise InvalidArgumentError("-n cannot write to standard output")
+    if stream and sys.stdout.isatty():
+        raise InvalidArgumentError("Standard output is a terminal: redirect it to a file or a pipe")
     if stream and (args.snapshots or args.bitmaps):
         raise InvalidArgumentError("--snapshots and --bitmaps cannot write to standard output")
     if output in inputs:
