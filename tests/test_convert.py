@@ -140,6 +140,8 @@ def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
     (["convert", "--target-is-zero", "{img}", "{out}"], "--target-is-zero requires use of -n flag"),
     (["convert", "-n", "-o", "cluster_size=4k", "{img}", "{out}"],
      "-o has no effect when skipping image creation"),
+    (["convert", "-c", "-O", "qcow2", "-o", "preallocation=metadata", "{img}", "{out}"],
+     "Compression and preallocation not supported at the same time"),
 ])
 def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
                                argv: list[str], message: str) -> None:

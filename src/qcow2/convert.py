@@ -239,7 +239,7 @@ class _Target:
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
         if fmt == "qcow2":
             if create:
-                _create_qcow2(path, size, options)
+                _create_qcow2(path, size, options, compress)
                 try:
                     self._backend = UnorderedFileBackend(path, writable=True)
                 except OSError as exc:
@@ -396,7 +396,7 @@ class CompressPipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _create_qcow2(path: str, size: int, options: list[str]) -> None:
+def _create_qcow2(path: str, size: int, options: list[str], compress: bool = False) -> None:
     from .commands import CREATE_KWARGS, parse_create_options, valid_option_list
     from .create import create
 
@@ -408,6 +408,8 @@ def _create_qcow2(path: str, size: int, options: list[str]) -> None:
         if name in opts:
             raise InvalidArgumentError(f"Parameter '{name}' is not supported by convert")
     kw = {name: value for name, (_text, value) in opts.items() if name in CREATE_KWARGS}
+    if compress and kw.get("preallocation", "off") != "off":
+        raise InvalidArgumentError("Compression and preallocation not supported at the same time")
     try:
         create(path, size, **kw)
     except Qcow2Error as exc:
