@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import zlib
 
 from .errors import CorruptImageError, UnsupportedFeatureError
@@ -45,12 +46,20 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int) ->
     return out
 
 
-def compress_cluster(data: bytes, compression_type: int) -> bytes:
+# one zstd compressor per thread (convert -c compresses in a pool): making one costs as
+# much as compressing a cluster, and a compressor serves one thread at a time
+_local = threading.local()
+
+
+def compress_cluster(data: bytes | bytearray | memoryview, compression_type: int) -> bytes:
     if compression_type == COMPRESSION_ZLIB:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
     if compression_type == COMPRESSION_ZSTD:
         if zstandard is None:
             raise UnsupportedFeatureError("zstd support needs the 'zstandard' package")
-        return zstandard.ZstdCompressor().compress(data)
+        z = getattr(_local, "zstd", None)
+        if z is None:
+            z = _local.zstd = zstandard.ZstdCompressor()
+        return z.compress(data)
     raise UnsupportedFeatureError(f"Unknown compression type {compression_type}")

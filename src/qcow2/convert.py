@@ -361,7 +361,8 @@ class CompressPipeline:
         from .compress import compress_cluster
 
         cs, ctype = self.cs, self.ctype
-        return [compress_cluster(bytes(d) if len(d) == cs else bytes(d).ljust(cs, b"\0"), ctype)
+        # (a whole cluster goes to the codec as it is: no copy)
+        return [compress_cluster(d if len(d) == cs else bytes(d).ljust(cs, b"\0"), ctype)
                 for _at, d in batch]
 
     def _write(self, batch: list[tuple[int, bytes | bytearray]], comps: list[bytes]) -> None:
