@@ -714,6 +714,22 @@ def _temporary_name(output: str) -> str:
     return os.path.join(head, f".{tail}.convert-{os.getpid()}")
 
 
+def _renamed(exc: Qcow2Error, path: str, output: str) -> Qcow2Error:
+    """The error with the output's name where it names the temporary file."""
+    from .errors import Qcow2IOError
+
+    msg = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else str(exc)
+    if path not in msg:
+        return exc
+    msg = msg.replace(path, output)
+    if isinstance(exc, Qcow2IOError):
+        return Qcow2IOError(exc.errno or errno.EIO, msg)
+    try:
+        return type(exc)(msg)
+    except TypeError:
+        return Qcow2Error(msg)
+
+
 def _publish(path: str, output: str) -> None:
     """Rename the finished (and flushed) output to its name, durably: the directory
     entry is synced too."""
@@ -819,7 +835,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         try:
             target = _Target(path, out_fmt, size, create, args.options, args.compress, threads)
         except Qcow2Error as exc:
-            raise type(exc)(str(exc).replace(path, output)) from None
+            raise _renamed(exc, path, output) from None
         try:
             states = len(sources[0].img.snapshots) + 1 if args.snapshots else 1
             with _progress(size * states, args.progress and not args.quiet) as bar:
