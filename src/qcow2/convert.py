@@ -555,15 +555,14 @@ def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int
     is then per output cluster), merged where they touch."""
     if not len(changed):
         return []
-    if in_cs >= out_cs:
-        per = in_cs // out_cs
-        oc = (changed[:, None] * per + np.arange(per)[None, :]).ravel()
-    else:
-        oc = np.unique(changed * in_cs // out_cs)
-    oc = oc[oc * out_cs < size]
+    unit = max(in_cs, out_cs)  # (both powers of two: one is a multiple of the other)
+    oc = np.unique(changed.astype(np.int64) * in_cs // unit)
+    oc = oc[oc * unit < size]
+    if not len(oc):
+        return []
     brk = np.flatnonzero(np.diff(oc) != 1) + 1
     starts, ends = np.r_[oc[:1], oc[brk]], np.r_[oc[brk - 1], oc[-1:]] + 1
-    return [(int(s) * out_cs, min(int(e) * out_cs, size)) for s, e in zip(starts, ends)]
+    return [(int(a) * unit, min(int(b) * unit, size)) for a, b in zip(starts, ends)]
 
 
 BASE_CANDIDATES = 16  # earlier states a state is compared with, newest first
