@@ -172,16 +172,13 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, com
 
     ctype = COMPRESSION_ZSTD if ctype_name == "zstd" else COMPRESSION_ZLIB
     # pass 1: which clusters hold data (and with -c, what each compresses to)
-    n_clusters = div_round_up(size, cs)
-    has = _data_clusters(src, size, cs, grain)
-    data_idx = np.flatnonzero(has)
+    # (arrays as long as the data, never as the disk: a huge sparse disk costs nothing)
+    data_idx = _data_clusters(src, size, cs, grain)
     clen = _compressed_sizes(src, data_idx, cs, ctype, threads) if compress else None
     per = geo.l2_entries
-    padded = np.zeros(l1_size * per, dtype=bool)
-    padded[:n_clusters] = has
-    tables = padded.reshape(l1_size, per).any(axis=1) if l1_size else np.zeros(0, dtype=bool)
+    present = np.unique(data_idx // per)  # the L2 tables that map something
     n_l1 = div_round_up(l1_size * 8, cs)
-    n_l2 = int(tables.sum())
+    n_l2 = len(present)
     # the data area: where each data cluster goes, relative to its start, and the
     # references each of its host clusters gets
     rel, area_refs = _data_area(clen, len(data_idx), cs, geo.refcount_max)
@@ -220,7 +217,6 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, com
         out.write(encode_refblock(counts, geo.refcount_order))
 
     l1 = np.zeros(n_l1 * cs // 8, dtype=np.uint64)
-    present = np.flatnonzero(tables)
     l1[present] = (l2_off + np.arange(n_l2, dtype=np.uint64) * np.uint64(cs)) | \
         np.uint64(QCOW_OFLAG_COPIED)
     if n_l1:
@@ -235,15 +231,17 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, com
         desc = hosts.astype(np.uint64) | ((nsec - 1).astype(np.uint64) << np.uint64(geo.csize_shift))
         ent = np.where(plain, hosts.astype(np.uint64) | np.uint64(QCOW_OFLAG_COPIED),
                        desc | np.uint64(QCOW_OFLAG_COMPRESSED))
-    entries_all = np.zeros(l1_size * per, dtype=np.uint64)
-    entries_all[data_idx] = ent
-    for t in present.tolist():
-        out.write(encode_table(entries_all[t * per : (t + 1) * per]))
-    del entries_all, padded
+    bounds = np.searchsorted(data_idx, np.r_[present, present[-1:] + 1] * per) \
+        if n_l2 else np.zeros(1, dtype=np.int64)
+    for j, t in enumerate(present.tolist()):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        table = np.zeros(per, dtype=np.uint64)
+        table[data_idx[a:b] - t * per] = ent[a:b]
+        out.write(encode_table(table))
 
     # pass 2: the data clusters, in guest order
     if clen is None:
-        _write_plain(src, out, has, size, cs)
+        _write_plain(src, out, data_idx, cs)
     else:
         _write_compressed(src, out, data_idx, clen, hosts, cs, ctype, threads)
     end = data_off + n_data * cs
@@ -252,21 +250,28 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, com
     out.write(bytes(end - out.pos))  # the rest of the last host cluster
 
 
-def _write_plain(src: _Concat, out: _Out, has: np.ndarray, size: int, cs: int) -> None:
+def _write_plain(src: _Concat, out: _Out, data_idx: np.ndarray, cs: int) -> None:
+    """The data clusters in guest order: each run of consecutive ones read in chunks."""
     chunk = max(CHUNK, cs)
     buf = bytearray(chunk)
     mv = memoryview(buf)
-    for pos in range(0, size, chunk):
-        n = min(chunk, size - pos)
-        c0 = pos // cs
-        sel = has[c0 : c0 + div_round_up(n, cs)]
-        if not sel.any():
-            continue
-        k = min(n, src.size - pos)
-        src.readinto(mv[:k], pos)
-        mv[k : div_round_up(n, cs) * cs] = bytes(div_round_up(n, cs) * cs - k)
-        for s, e in _true_runs(sel):
-            out.write(mv[s * cs : e * cs])
+    for first, end in _index_runs(data_idx):
+        pos, stop = first * cs, end * cs
+        while pos < stop:
+            n = min(chunk, stop - pos)
+            k = max(0, min(n, src.size - pos))
+            src.readinto(mv[:k], pos)
+            mv[k:n] = bytes(n - k)  # (past the input's end: the zero padding of the sector)
+            out.write(mv[:n])
+            pos += n
+
+
+def _index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) of each run of consecutive values of a sorted index array."""
+    if not len(idx):
+        return []
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    return list(zip(np.r_[idx[:1], idx[brk]].tolist(), (np.r_[idx[brk - 1], idx[-1:]] + 1).tolist()))
 
 
 def _clusters(src: _Concat, data_idx: np.ndarray, cs: int) -> Any:
@@ -359,12 +364,12 @@ def _write_compressed(src: _Concat, out: _Out, data_idx: np.ndarray, clen: np.nd
 
 
 def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
-    """One flag per output cluster: whether it holds data (any non-zero byte; with -S 0
-    every cluster does)."""
+    """The output clusters that hold data (any non-zero byte; with -S 0 all of them), as
+    sorted cluster indexes."""
     n_clusters = div_round_up(size, cs)
     if grain == 0:
-        return np.ones(n_clusters, dtype=bool)
-    has = np.zeros(n_clusters, dtype=bool)
+        return np.arange(n_clusters, dtype=np.int64)
+    found: list[np.ndarray] = []
     chunk = max(CHUNK, cs)
     buf = np.zeros(chunk // 8, dtype=np.uint64)
     mv = memoryview(buf).cast("B")
@@ -378,14 +383,9 @@ def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
                 src.readinto(mv[:n], pos)
                 k = div_round_up(n, cs)
                 mv[n : k * cs] = bytes(k * cs - n)
-                has[pos // cs : pos // cs + k] |= \
-                    buf[: k * cs // 8].reshape(k, cs // 8).any(axis=1)
+                flags = buf[: k * cs // 8].reshape(k, cs // 8).any(axis=1)
+                found.append(pos // cs + np.flatnonzero(flags))
                 pos += n
-    return has
-
-
-def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of True."""
-    m = np.r_[False, mask, False].astype(np.int8)
-    d = np.flatnonzero(np.diff(m))
-    return list(zip(d[0::2].tolist(), d[1::2].tolist()))
+    if not found:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate(found))  # (ranges widened may share a cluster)
