@@ -8,11 +8,22 @@ written compressed (or plain, if it does not compress). With -n the target exist
 already and is not assumed to be zeroed: zero areas are written as zeros. The output is
 flushed to the disk at the end (qemu-img's default cache mode for convert, unsafe, skips
 that; a copy that may vanish in a power cut is no copy).
+
+Crash safety: a new output is written under a temporary name beside it and renamed once
+complete and synced (the directory synced too), so OUTPUT never names a partial image; a
+crash leaves only the temporary `.NAME.convert-PID` (an incomplete file to delete), an
+error removes it. Since nobody opens that file before the rename, the syncs that order
+metadata after data are left out: one sync when it is closed makes it durable. With -n
+the target is written in place with every ordering sync, as any image write.
+
+Beyond qemu-img: --snapshots copies every internal snapshot (copy_with_snapshots), and
+OUTPUT '-' streams the image to stdout (stream.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -23,10 +34,14 @@ import numpy as np
 
 from .backing import RawFile, probe_format
 from .cluster import UNALLOCATED, ZERO, entry_runs
+from .compress import CompressPipeline
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
+from .geometry import div_round_up
 
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
+MAX_SPARSE = 16 << 20  # qemu-img's largest -S
+WINDOW = 1 << 30  # zero ranges are looked up this much at a time
 FORMATS = ("qcow2", "raw")
 
 
@@ -70,11 +85,72 @@ class Source:
             return False
         return _layer_zero(self.view, self.img.backing, offset, n)
 
+    def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
+        """The (start, end) ranges of [offset, offset + n) that may hold data: all of it
+        but what known_zero would say reads as zeros, found in one pass."""
+        if self.raw is not None:
+            return _raw_data(self.raw.fd, offset, n)
+        if self.view is None:
+            return [(offset, offset + n)] if n else []
+        out: list[tuple[int, int]] = []
+        _layer_data(self.view, self.img.backing, offset, n, out)
+        return out
+
     def close(self) -> None:
         if self.raw is not None:
             self.raw.close()
         if self.img is not None:
             self.img.close()
+
+
+def _add(out: list[tuple[int, int]], s: int, e: int) -> None:
+    if out and out[-1][1] == s:
+        out[-1] = (out[-1][0], e)
+    elif s < e:
+        out.append((s, e))
+
+
+def _layer_data(layer: Any, backing: Any, offset: int, n: int, out: list[tuple[int, int]]) -> None:
+    """Append to out the ranges of a qcow2 layer (and below unallocated parts, its
+    backing chain) that its block status does not say read as zeros."""
+    for guest, length, kind in _status(layer, offset, n):
+        if kind == ZERO:
+            continue
+        if kind != UNALLOCATED:
+            _add(out, guest, guest + length)
+            continue
+        if backing is None or guest >= backing.size:
+            continue  # nothing below, or past the end of the backing file: zeros
+        k = min(length, backing.size - guest)
+        if isinstance(backing, RawFile):
+            for s, e in _raw_data(backing.fd, guest, k):
+                _add(out, s, e)
+        else:
+            _layer_data(backing, backing.backing, guest, k, out)
+
+
+def _raw_data(fd: int, offset: int, n: int) -> list[tuple[int, int]]:
+    """The data ranges of [offset, offset + n) of a raw file, from SEEK_DATA/SEEK_HOLE
+    (where the system has none, all of it)."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    end = offset + n
+    if seek_data is None or seek_hole is None:
+        return [(offset, end)] if n else []
+    out: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                break
+            return [(offset, end)]
+        if s >= end:
+            break
+        e = min(os.lseek(fd, s, seek_hole), end)
+        out.append((s, e))
+        pos = e
+    return out
 
 
 def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
@@ -146,30 +222,44 @@ class _Target:
     """The output: an open qcow2 image, or a raw file written through the storage layer."""
 
     def __init__(self, path: str, fmt: str, size: int, create: bool, options: list[str],
-                 compress: bool = False) -> None:
+                 compress: bool = False, threads: int | None = None) -> None:
         from .image import open_image as qopen
-        from .storage import FileBackend, Storage
+        from .storage import FileBackend, Storage, UnorderedFileBackend
 
         self.img: Any = None
         self.raw: Any = None
+        # a new output (under a temporary name, renamed once closed) is synced once,
+        # when it is closed, instead of at every ordering point
+        self._backend: UnorderedFileBackend | None = None
         # with compress: the cluster being gathered (guest offset, bytes) before it is
         # written compressed in one piece
         self.compress = compress
         self._cluster: tuple[int, bytearray] | None = None
+        self._packer: CompressPipeline | None = None
         if not create and not os.path.exists(path):
             raise Qcow2Error(f"Could not open '{path}': No such file or directory")
         if fmt == "qcow2":
             if create:
-                _create_qcow2(path, size, options)
-            self.img = qopen(path, "r+")
+                _create_qcow2(path, size, options, compress)
+                try:
+                    self._backend = UnorderedFileBackend(path, writable=True)
+                except OSError as exc:
+                    raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from None
+                self.img = qopen(path, "r+", backend=self._backend)
+            else:
+                self.img = qopen(path, "r+")
             have = self.img.size
         else:
             if create and options:
                 raise InvalidArgumentError("raw output takes no -o options")
             try:
-                backend = FileBackend(path, writable=True, create=create)
+                backend = (UnorderedFileBackend if create else FileBackend)(
+                    path, writable=True, create=create)
             except OSError as exc:
                 raise Qcow2Error(f"Could not open '{path}': {exc.strerror}") from None
+            if create:
+                assert isinstance(backend, UnorderedFileBackend)
+                self._backend = backend
             self.raw = Storage(backend, True)
             if create:
                 self.raw.truncate(size)
@@ -178,6 +268,11 @@ class _Target:
             self.close()
             raise InvalidArgumentError(
                 f"Target '{path}' is too small: {have} bytes for {size} bytes of input")
+        if compress:
+            img = self.img
+            self._packer = CompressPipeline(
+                img.header.compression_type, img.cluster_size, threads,
+                lambda at, data, comp: img.write_compressed(at, data, compressed=comp))
 
     def write(self, data: memoryview, offset: int) -> None:
         if self.compress:
@@ -206,10 +301,10 @@ class _Target:
             pos += k
 
     def _put_cluster(self) -> None:
-        assert self._cluster is not None
+        assert self._cluster is not None and self._packer is not None
         start, buf = self._cluster
         self._cluster = None
-        self.img.write_compressed(start, buf)
+        self._packer.put(start, buf)
 
     def zero(self, offset: int, n: int) -> None:
         if self.img is not None:
@@ -217,22 +312,30 @@ class _Target:
         else:
             self.raw.pwrite(bytes(n), offset, "data")
 
-    def finish(self) -> None:
+    def settle(self) -> None:
+        """Write the compressed clusters gathered or being compressed, if any."""
         if self._cluster is not None:
             self._put_cluster()
+        if self._packer is not None:
+            self._packer.drain()
+
+    def finish(self) -> None:
+        self.settle()
         if self.img is not None:
             self.img.flush()
         else:
             self.raw.sync()
 
     def close(self) -> None:
+        if self._packer is not None:
+            self._packer.close()
         if self.img is not None:
             self.img.close()
         if self.raw is not None:
             self.raw.close()
 
 
-def _create_qcow2(path: str, size: int, options: list[str]) -> None:
+def _create_qcow2(path: str, size: int, options: list[str], compress: bool = False) -> None:
     from .commands import CREATE_KWARGS, parse_create_options, valid_option_list
     from .create import create
 
@@ -244,6 +347,8 @@ def _create_qcow2(path: str, size: int, options: list[str]) -> None:
         if name in opts:
             raise InvalidArgumentError(f"Parameter '{name}' is not supported by convert")
     kw = {name: value for name, (_text, value) in opts.items() if name in CREATE_KWARGS}
+    if compress and kw.get("preallocation", "off") != "off":
+        raise InvalidArgumentError("Compression and preallocation not supported at the same time")
     try:
         create(path, size, **kw)
     except Qcow2Error as exc:
@@ -259,38 +364,219 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield s, e, bool(mask[s])
 
 
-def copy(sources: list[Source], target: _Target, zero_target: bool, progress: Any = None) -> None:
+def copy(sources: list[Source], target: _Target, zero_target: bool, progress: Any = None,
+         grain: int = GRAIN) -> None:
     """Copy the concatenated sources into target. With zero_target (a new image), zero
-    areas are left alone; otherwise they are written as zeros."""
-    # one buffer for every chunk (a fresh one each time costs page faults), padded
-    # with zeros to whole grains; zero grains are found on 64-bit words
-    buf = np.zeros(CHUNK // 8, dtype=np.uint64)
-    whole = memoryview(buf).cast("B")
+    areas are left alone; otherwise they are written as zeros. grain: the zero
+    detection unit (-S); 0 writes everything as data."""
+    buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
     base = 0
     for src in sources:
-        pos = 0
-        while pos < src.size:
-            n = min(CHUNK, src.size - pos)
-            if src.known_zero(pos, n):
-                if not zero_target:
-                    target.zero(base + pos, n)
-            else:
-                mv = whole[:n]
-                src.readinto(mv, pos)
-                grains = -(-n // GRAIN)
-                if n % GRAIN:
-                    whole[n : grains * GRAIN] = bytes(grains * GRAIN - n)
-                nonzero = buf[: grains * GRAIN // 8].reshape(grains, GRAIN // 8).any(axis=1)
-                for g0, g1, has_data in _runs(nonzero):
-                    s, e = g0 * GRAIN, min(g1 * GRAIN, n)
-                    if has_data:
-                        target.write(mv[s:e], base + pos + s)
-                    elif not zero_target:
-                        target.zero(base + pos + s, e - s)
-            pos += n
-            if progress is not None:
-                progress.update(n)
+        copy_range(src, target, 0, src.size, base, zero_target, buf, progress, grain)
         base += src.size
+
+
+def copy_range(src: Source, target: _Target, start: int, end: int, base: int, zero_target: bool,
+               buf: np.ndarray, progress: Any = None, grain: int = GRAIN) -> None:
+    """Copy [start, end) of src to base + start in target. buf: the one buffer for every
+    chunk (a fresh one each time costs page faults), padded with zeros to whole grains;
+    zero grains are found on 64-bit words. Ranges the metadata says are zeros are not
+    read; they are found a window at a time (one pass over the L2 tables or the file's
+    holes), so that their list stays small."""
+    pos = start
+    while pos < end:
+        w_end = min(end, pos + WINDOW)
+        # with -S 0 nothing is sparse: every byte is written, zeros too
+        data = _aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
+            else [(pos, w_end)]
+        for s, e in data:
+            if s > pos:
+                if not zero_target:
+                    target.zero(base + pos, s - pos)
+                if progress is not None:
+                    progress.update(s - pos)
+            _copy_data(src, target, s, e, base, zero_target, buf, progress, grain)
+            pos = e
+        if pos < w_end:
+            if not zero_target:
+                target.zero(base + pos, w_end - pos)
+            if progress is not None:
+                progress.update(w_end - pos)
+            pos = w_end
+
+
+def _aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Ranges widened to whole grains (within [lo, hi)) and merged, so that zero
+    detection looks at the same grains whatever the input's cluster size."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        s, e = max(lo, s - s % grain), min(hi, -(-e // grain) * grain)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _copy_data(src: Source, target: _Target, start: int, end: int, base: int, zero_target: bool,
+               buf: np.ndarray, progress: Any, grain: int) -> None:
+    """Read [start, end) and write its data (its zero grains only to a target that is
+    not zeroed)."""
+    whole = memoryview(buf).cast("B")
+    chunk = len(whole) if not grain else len(whole) // grain * grain
+    pos = start
+    while pos < end:
+        n = min(chunk, end - pos)
+        mv = whole[:n]
+        src.readinto(mv, pos)
+        if not grain:
+            target.write(mv, base + pos)
+        else:
+            grains = -(-n // grain)
+            if n % grain:
+                whole[n : grains * grain] = bytes(grains * grain - n)
+            nonzero = buf[: grains * grain // 8].reshape(grains, grain // 8).any(axis=1)
+            for g0, g1, has_data in _runs(nonzero):
+                s, e = g0 * grain, min(g1 * grain, n)
+                if has_data:
+                    target.write(mv[s:e], base + pos + s)
+                elif not zero_target:
+                    target.zero(base + pos + s, e - s)
+        pos += n
+        if progress is not None:
+            progress.update(n)
+
+
+def check_snapshots(src: Source) -> None:
+    """--snapshots' refusals, before anything is created: every snapshot must have the
+    image's disk size (the output's states are made by snapshotting one image)."""
+    if src.img is None:
+        raise InvalidArgumentError("--snapshots needs a qcow2 input")
+    for e in src.img.snapshots:
+        if e.disk_size is not None and e.disk_size != src.img.size:
+            raise InvalidArgumentError(
+                f"--snapshots: snapshot '{e.name}' has a disk size of {e.disk_size} bytes, the "
+                f"image {src.img.size}: snapshots of another size cannot be copied")
+
+
+def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
+    """Guest clusters (input cluster size) whose L2 entry differs between two states of
+    one image: the clusters that do not share their host cluster (or zero/unallocated
+    state). Whole L2 tables that both states share are skipped without reading them."""
+    from .format import QCOW_OFLAG_COPIED
+
+    geo = cur.clusters.geo
+    n = div_round_up(size, geo.cluster_size)
+    n_l1 = div_round_up(n, geo.l2_entries)
+    words = 2 if geo.extended_l2 else 1
+    mask = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
+    empty = np.zeros(geo.l2_entries * words, dtype=np.uint64)
+    out: list[np.ndarray] = []
+    for i in range(n_l1):
+        a, b = prev.clusters.l2_offset(i), cur.clusters.l2_offset(i)
+        if a == b:
+            continue  # the same table (or none in both): the same entries
+        ta = prev.clusters.l2_table(i) if a else empty
+        tb = cur.clusters.l2_table(i) if b else empty
+        ea, eb = ta.reshape(-1, words).copy(), tb.reshape(-1, words).copy()
+        ea[:, 0] &= mask
+        eb[:, 0] &= mask
+        diff = np.flatnonzero((ea != eb).any(axis=1)) + i * geo.l2_entries
+        out.append(diff[diff < n])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int
+                    ) -> list[tuple[int, int]]:
+    """Byte ranges covering the changed input clusters, widened to whole output clusters
+    (a larger output cluster is rewritten whole: its content stays exact, its sharing
+    is then per output cluster), merged where they touch."""
+    if not len(changed):
+        return []
+    unit = max(in_cs, out_cs)  # (both powers of two: one is a multiple of the other)
+    oc = np.unique(changed.astype(np.int64) * in_cs // unit)
+    oc = oc[oc * unit < size]
+    if not len(oc):
+        return []
+    brk = np.flatnonzero(np.diff(oc) != 1) + 1
+    starts, ends = np.r_[oc[:1], oc[brk]], np.r_[oc[brk - 1], oc[-1:]] + 1
+    return [(int(a) * unit, min(int(b) * unit, size)) for a, b in zip(starts, ends)]
+
+
+BASE_CANDIDATES = 16  # earlier states a state is compared with, newest first
+
+
+def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int) -> tuple[Any, np.ndarray]:
+    """The state already copied that differs from view in the fewest clusters (the
+    latest one on a tie: it needs no apply), and those clusters."""
+    best: tuple[Any, np.ndarray] | None = None
+    for entry, other in reversed(copied[-BASE_CANDIDATES:]):
+        changed = _changed_clusters(other, view, size)
+        if best is None or len(changed) < len(best[1]):
+            best = (entry, changed)
+            if not len(changed):
+                break
+    assert best is not None
+    return best
+
+
+def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
+                        grain: int = GRAIN) -> None:
+    """Copy every internal snapshot and then the active state of a qcow2 input into a
+    new qcow2 target, keeping what the states share shared.
+
+    The oldest snapshot (table order, which is creation order) is copied whole, then the
+    output is snapshotted with the input snapshot's id, name, date, VM clock, icount and
+    VM state. Each later state is written as a difference on top of the closest state
+    copied before it (the previous one, or an older one that the output then applies
+    first, as after `snapshot -a` in the input): only the guest clusters whose input L2
+    entry differs (another host cluster, or zero/unallocated) are discarded in the
+    output and copied again; every other cluster stays shared between the output's
+    states, as it was in the input. A cluster that two states share without sharing it
+    with the states copied between them (rare: a cluster kept by a snapshot, written
+    over and then reverted to by a state that is not a child of it) is copied again."""
+    img = src.img
+    out = target.img
+    size = img.size
+    states: list[tuple[Any, Any]] = [(e, img.snapshot(e.id)) for e in img.snapshots]
+    states.append((None, img))
+    buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
+    in_cs, out_cs = img.cluster_size, out.cluster_size
+    copied: list[tuple[Any, Any]] = []  # states in the output (as snapshots), oldest first
+    for entry, view in states:
+        src.view = view
+        if not copied:
+            copy_range(src, target, 0, size, 0, True, buf, progress, grain)
+        else:
+            base, changed = _best_base(copied, view, size)
+            if base is not copied[-1][0]:
+                # an older state is closer (a snapshot applied, then written over):
+                # start from it, as the input did
+                target.settle()
+                out.apply_snapshot(base.id)
+            done = 0
+            for s, e in _cluster_ranges(changed, in_cs, out_cs, size):
+                # the base state's clusters there leave the active state (the
+                # snapshots keep theirs): the range reads as zeros, as in a new target
+                target.settle()
+                out.discard(s, e - s)
+                copy_range(src, target, s, e, 0, True, buf, progress, grain)
+                done += e - s
+            if progress is not None:
+                progress.update(size - done)
+        target.settle()
+        if entry is not None:
+            # clusters reserved for later writes go back first: the snapshot's tables
+            # then follow the data, and later data follows them, leaving no free hole
+            # in the middle of the file
+            out.flush()
+            out.refcounts.return_pool()
+            out.create_snapshot(entry.name, img.read_vm_state(entry.id),
+                                vm_clock_nsec=entry.vm_clock_nsec, icount=entry.icount,
+                                date_sec=entry.date_sec, date_nsec=entry.date_nsec,
+                                snapshot_id=entry.id)
+            copied.append((entry, view))
+    src.view = img
 
 
 def check_bitmaps(src: Source, skip_broken: bool) -> None:
@@ -327,7 +613,94 @@ def copy_bitmaps(src: Source, img: Any, skip_broken: bool) -> None:
         img.merge_bitmap(ent.name, ent.name, src.img)
 
 
+def _sparse_size(text: str) -> int:
+    """-S: qemu-img's sparse size (bytes, suffixes), a multiple of 512 up to 16 MiB."""
+    from .commands import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            "Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E "
+            "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
+    if value % 512 or value > MAX_SPARSE:
+        raise InvalidArgumentError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+            f"up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output).")
+    return value
+
+
+def _parallel(text: str) -> int:
+    from .commands import parse_number
+
+    try:
+        value = parse_number(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise InvalidArgumentError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return value
+
+
+def _temporary_name(output: str) -> str:
+    if os.path.isdir(output):
+        raise Qcow2Error(f"Could not create '{output}': Is a directory")
+    head, tail = os.path.split(output)
+    return os.path.join(head, f".{tail}.convert-{os.getpid()}")
+
+
+def _renamed(exc: Qcow2Error, path: str, output: str) -> Qcow2Error:
+    """The error with the output's name where it names the temporary file."""
+    from .errors import Qcow2IOError
+
+    msg = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else str(exc)
+    if path not in msg:
+        return exc
+    msg = msg.replace(path, output)
+    if isinstance(exc, Qcow2IOError):
+        return Qcow2IOError(exc.errno or errno.EIO, msg)
+    try:
+        return type(exc)(msg)
+    except TypeError:
+        return Qcow2Error(msg)
+
+
+def _publish(path: str, output: str) -> None:
+    """Rename the finished (and flushed) output to its name, durably: the directory
+    entry is synced too."""
+    from .storage import sync_directory
+
+    try:
+        os.replace(path, output)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not create '{output}': {exc.strerror}") from None
+    sync_directory(os.path.dirname(output))
+
+
+@contextlib.contextmanager
+def _progress(total: int, show: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr, or None (tqdm is not even imported: it costs start-up time)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="convert") as bar:
+        yield bar
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    # qemu-img's checks, in its order
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.no_create and args.options:
+        raise InvalidArgumentError("-o has no effect when skipping image creation")
+    if args.target_is_zero and not args.no_create:
+        raise InvalidArgumentError("--target-is-zero requires use of -n flag")
+    grain = GRAIN if args.sparse is None else _sparse_size(args.sparse)
+    threads = _parallel(args.parallel) if args.parallel is not None else None
     if len(args.files) < 2:
         raise InvalidArgumentError("Must specify image file name")
     out_fmt = args.out_fmt or "raw"  # qemu-img convert's default
@@ -335,21 +708,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"Unknown file format '{out_fmt}'")
     if args.compress and out_fmt != "qcow2":
         raise InvalidArgumentError("Compression not supported for this file format")
-    if args.compress and args.no_create:
-        raise InvalidArgumentError("Compression needs a new target image (not -n): compressed "
-                                   "clusters are written only where there is no data yet")
+    if args.compress and args.no_create and not args.target_is_zero:
+        raise InvalidArgumentError("Compression needs a new target image (not -n) or "
+                                   "--target-is-zero: compressed clusters are written only "
+                                   "where there is no data yet")
     if args.fmt is not None and args.fmt not in FORMATS:
         raise InvalidArgumentError(f"Unknown file format '{args.fmt}'")
     *inputs, output = args.files
     snapshot = args.snapshot_param if args.snapshot_param is not None else args.snapshot
-    if args.skip_broken_bitmaps and not args.bitmaps:
-        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
     if args.bitmaps and len(inputs) > 1:
         raise InvalidArgumentError("Copying bitmaps only possible with single source")
     if args.bitmaps and out_fmt != "qcow2":
         raise InvalidArgumentError(f"Format driver '{out_fmt}' does not support bitmaps")
     if snapshot is not None and len(inputs) > 1:
         raise InvalidArgumentError("No support for concatenating multiple snapshot")
+    if args.snapshots:
+        if snapshot is not None:
+            raise InvalidArgumentError("--snapshots copies every snapshot: it cannot be used with -l/-s")
+        if len(inputs) > 1:
+            raise InvalidArgumentError("--snapshots needs a single source")
+        if out_fmt != "qcow2":
+            raise InvalidArgumentError("--snapshots needs qcow2 output (-O qcow2)")
+        if args.no_create:
+            raise InvalidArgumentError("--snapshots needs a new target image (not -n)")
+    stream = output == "-"
+    if stream and args.no_create:
+        raise InvalidArgumentError("-n cannot write to standard output")
+    if stream and sys.stdout.isatty():
+        raise InvalidArgumentError("Standard output is a terminal: redirect it to a file or a pipe")
+    if stream and (args.snapshots or args.bitmaps):
+        raise InvalidArgumentError("--snapshots and --bitmaps cannot write to standard output")
     if output in inputs:
         raise InvalidArgumentError(f"Output '{output}' is also an input")
     sources: list[Source] = []
@@ -359,25 +747,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sources.append(Source(path, args.fmt, snapshot))
         if args.bitmaps:
             check_bitmaps(sources[0], args.skip_broken_bitmaps)
+        if args.snapshots:
+            check_snapshots(sources[0])
         size = sum(s.size for s in sources)
+        if stream:
+            from .stream import stream_convert
+
+            try:
+                stream_convert(sources, sys.stdout.buffer, out_fmt, args.options,
+                               args.compress, grain, threads)
+            except BaseException:
+                # what is buffered cannot go out either: point stdout at /dev/null so
+                # that the interpreter's last flush does not fail a second time
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+                raise
+            return 0
         create = not args.no_create
-        target = _Target(output, out_fmt, size, create, args.options, args.compress)
+        # a new output is written under a temporary name next to it and renamed at the
+        # end: a crash never leaves a partial image under the output's name
+        path = _temporary_name(output) if create else output
         created = create
         try:
-            from tqdm import tqdm
-
-            with tqdm(total=size, unit="B", unit_scale=True, disable=not args.progress or args.quiet,
-                      file=sys.stderr, desc="convert") as bar:
-                copy(sources, target, zero_target=create, progress=bar)
+            target = _Target(path, out_fmt, size, create, args.options, args.compress, threads)
+        except Qcow2Error as exc:
+            raise _renamed(exc, path, output) from None
+        try:
+            states = len(sources[0].img.snapshots) + 1 if args.snapshots else 1
+            with _progress(size * states, args.progress and not args.quiet) as bar:
+                if args.snapshots:
+                    copy_with_snapshots(sources[0], target, progress=bar, grain=grain)
+                else:
+                    copy(sources, target, zero_target=create or args.target_is_zero,
+                         progress=bar, grain=grain)
             if args.bitmaps:  # after the data, which would mark them
                 copy_bitmaps(sources[0], target.img, args.skip_broken_bitmaps)
             target.finish()
         finally:
             target.close()
+        if create:
+            _publish(path, output)
     except BaseException:
         if created:
             try:  # a half-written new image is of no use to anyone
-                os.unlink(output)
+                os.unlink(path)
             except OSError:
                 pass
         raise
@@ -390,7 +804,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("convert", help="copy images into a new qcow2 or raw image",
                        description="Convert (copy) the concatenated guest content of the input "
-                       "images into OUTPUT, like `qemu-img convert`. Zero areas are not written.")
+                       "images into OUTPUT, like `qemu-img convert`. Zero areas are not written. "
+                       "OUTPUT '-' writes the image to standard output, strictly sequentially "
+                       "(a pipe will do). A new OUTPUT is written under a temporary name and "
+                       "renamed when complete: a failed or crashed convert leaves no partial "
+                       "OUTPUT.")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="input format (qcow2 or raw; probed)")
     p.add_argument("-O", dest="out_fmt", metavar="FMT", help="output format (raw, default, or qcow2)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -398,10 +816,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-l", dest="snapshot_param", metavar="SNAPSHOT",
                    help="copy this internal snapshot: snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME")
     p.add_argument("-s", dest="snapshot", metavar="SNAPSHOT", help="the same as -l ID_OR_NAME")
+    p.add_argument("--snapshots", action="store_true",
+                   help="qcow2 to qcow2: copy every internal snapshot too (ids, names, dates, "
+                   "clocks, VM state), keeping the data they share shared")
     p.add_argument("-n", dest="no_create", action="store_true",
                    help="write into an existing OUTPUT (not assumed to be zeroed)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: the existing OUTPUT reads as zeros, zero areas are not written")
+    p.add_argument("-S", dest="sparse", metavar="SPARSE_SIZE",
+                   help="zero detection unit (default 4k; a multiple of 512 up to 16M; "
+                   "0: no sparse detection, everything is written as data)")
     p.add_argument("-c", dest="compress", action="store_true",
-                   help="write compressed clusters (qcow2 output; compression_type in -o)")
+                   help="write compressed clusters (qcow2 output; compression_type in -o), "
+                   "compressed in a thread pool")
+    p.add_argument("-m", dest="parallel", metavar="NUM",
+                   help="with -c: compression threads (1 to 16; default: the CPUs); otherwise "
+                   "accepted and ignored (qemu-img's coroutines: our copy is sequential)")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="accepted, no effect (qemu-img's out-of-order writes: ours are in order)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("--bitmaps", action="store_true",
                    help="copy the persistent dirty bitmaps too (qcow2 to qcow2)")

@@ -798,7 +798,8 @@ class Image:
         if tail < end:
             self._read_into(mvb[tail:end], guest_base + tail)
 
-    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview, *,
+                         compressed: bytes | None = None) -> int:
         """Write one cluster at a cluster-aligned offset as a compressed cluster, as QEMU's
         compressed writes (`qemu-io write -c`, `qemu-img convert -c`) do: only where this
         image has no data cluster yet (unallocated or zero), one whole cluster (the last
@@ -823,7 +824,8 @@ class Image:
             raise InvalidArgumentError(
                 f"Compressed writes go only where there is no data yet: the cluster at guest "
                 f"offset {offset:#x} is allocated")
-        comp = compress_cluster(bytes(mv) + bytes(cs - n), self.header.compression_type)
+        comp = compressed if compressed is not None else \
+            compress_cluster(bytes(mv) + bytes(cs - n), self.header.compression_type)
         if len(comp) >= cs:  # QEMU's rule: it must fit in cluster_size - 1 bytes
             self.pwrite(mv, offset)
             return n

@@ -681,7 +681,22 @@ class StandardRefcounts(RefcountStrategy):
         return start
 
     def add_reference(self, cluster: int) -> None:
-        self.update(np.array([cluster], dtype=np.int64), 1)
+        # one cluster, once per packed compressed cluster (convert -c): a scalar
+        # increment instead of the general numpy path, where update is this class's
+        bits = self.geo.refblock_bits
+        block = self._block(cluster >> bits) if cluster >= 0 else None
+        if block is None or type(self).update is not StandardRefcounts.update:
+            self.update(np.array([cluster], dtype=np.int64), 1)
+        else:
+            i = cluster & (self.geo.refblock_entries - 1)
+            new = int(block[i]) + 1
+            limit = self.geo.refcount_max
+            if new > limit:
+                raise RefcountOverflowError(
+                    f"Refcount overflow: a cluster would exceed {limit} references "
+                    f"(refcount_bits={self.geo.refcount_bits})")
+            block[i] = new
+            self._blocks.mark_dirty(self._block_offset(cluster >> bits))
         # written and synced by ensure_durable, before reachable metadata
         self._increments_pending = True
 

@@ -348,12 +348,15 @@ class SnapshotOps:
 
     def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
                         icount: int | None = 0, date_sec: int | None = None,
-                        date_nsec: int | None = None) -> SnapshotEntry:
+                        date_nsec: int | None = None,
+                        snapshot_id: str | None = None) -> SnapshotEntry:
         """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
 
         vm_state (bytes-like, any size) is stored past the end of the disk in the
         snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
         defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
+        snapshot_id: the id to record instead of QEMU's choice (convert --snapshots keeps
+        the input's ids); it must not be in use.
         """
         self._check_writable()
         if not isinstance(name, str):
@@ -370,7 +373,10 @@ class SnapshotOps:
         entries = self._snapshot_entries()
         if len(entries) >= MAX_SNAPSHOTS:
             raise SnapshotError(f"Too many snapshots: the limit is {MAX_SNAPSHOTS}")
-        sid = next_snapshot_id(entries)
+        sid = next_snapshot_id(entries) if snapshot_id is None else snapshot_id
+        if not isinstance(sid, str) or "\0" in sid or \
+                len(sid.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise InvalidArgumentError("Invalid snapshot id")
         if any(e.id == sid for e in entries):
             raise SnapshotError(f"Snapshot id {sid} already exists")
         now = time.time_ns()

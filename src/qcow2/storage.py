@@ -66,6 +66,21 @@ def open_file(path: str, flags: int, mode: int = 0o644) -> int:
     return fd
 
 
+def sync_directory(path: str) -> None:
+    """Make a rename or a new name in directory path durable (best effort: a directory
+    that cannot be opened or synced is left alone)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def file_size(fd: int) -> int:
     """Size of a regular file or of a block device (whose st_size is 0)."""
     st = os.fstat(fd)
@@ -124,6 +139,25 @@ class FileBackend:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class UnorderedFileBackend(FileBackend):
+    """A FileBackend synced once, when it is closed: for a file that nobody can see
+    until it is complete (convert writes a new image under a temporary name and renames
+    it once closed), the syncs that order metadata after data protect nothing; the one
+    at the end makes it all durable before the rename."""
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise _io_error(exc, "Sync") from None
+            finally:
+                super().close()
 
 
 @dataclass
