@@ -1096,16 +1096,19 @@ class Image:
 
     def create_snapshot(self, name: str, vm_state: Any = None, *, vm_clock_nsec: int = 0,
                         icount: int | None = 0, date_sec: int | None = None,
-                        date_nsec: int | None = None) -> SnapshotEntry:
+                        date_nsec: int | None = None,
+                        snapshot_id: str | None = None) -> SnapshotEntry:
         """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
 
         vm_state (bytes-like, any size) is stored past the end of the disk in the
         snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
         defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
+        snapshot_id: the id to record instead of QEMU's choice (convert --snapshots keeps
+        the input's ids); it must not be in use.
         """
         return self._snapshots.create_snapshot(
             name, vm_state, vm_clock_nsec=vm_clock_nsec, icount=icount,
-            date_sec=date_sec, date_nsec=date_nsec)
+            date_sec=date_sec, date_nsec=date_nsec, snapshot_id=snapshot_id)
 
     def apply_snapshot(self, name_or_id: str) -> None:
         """Make the active state equal to the snapshot (as `qemu-img snapshot -a`),
