@@ -60,6 +60,15 @@ from .format import (
 )
 from .geometry import div_round_up
 from .modes import MODES, mode_of
+from .tree import (
+    B0_COPIED,
+    COMPRESSED_PAST_EOF,
+    L1Entries,
+    compressed_clusters,
+    decode_chunk,
+    entry_bytes,
+    runs,
+)
 
 if TYPE_CHECKING:
     from .cluster import ClusterMap
@@ -80,9 +89,6 @@ _IO_MAX = 256 << 20  # largest single data write (Linux caps one call below 2 Gi
 # L2 tables kept between two passes of one operation (raw + decoded); a 256 GiB image
 # with 64 KiB clusters needs 64 MiB, larger trees are read again instead
 _CACHE_MAX_BYTES = 512 << 20
-# Byte 0 of a big-endian table entry holds bits 56-63: the COPIED and COMPRESSED flags.
-_B0_COPIED = 0x80
-_B0_COMPRESSED = 0x40
 _COPIED_MASK_CLEAR = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
 
 
@@ -835,7 +841,7 @@ class SnapshotOps:
     def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
         """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
         cs = self.geo.cluster_size
-        for s, e in _runs(offs, cs):
+        for s, e in runs(offs, cs):
             self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
 
     def _write_tables(self, offs: np.ndarray, mv: memoryview, changed: np.ndarray) -> None:
@@ -854,46 +860,14 @@ class SnapshotOps:
 
     def _entry_bytes(self, buf: memoryview, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(byte-0 view (k, entries) uint8, big-endian entry view (k, entries)) of a chunk."""
-        words = self.geo.cluster_size // 8
-        step = 2 if self.geo.extended_l2 else 1
-        u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, words, 8)
-        be = np.frombuffer(buf, dtype=">u8").reshape(k, words)
-        return u8[:, ::step, 0], be[:, ::step]
+        return entry_bytes(self.geo, buf, k)
 
     def _chunk_clusters(self, buf: memoryview, k: int, out: np.ndarray,
                         file_clusters: int) -> np.ndarray | None:
-        """Fill out (k, entries) with the host cluster index of every standard entry
-        (0 where unallocated or compressed); return the compressed entries (native
-        values, shape (n,)) with their table row, or None."""
-        geo = self.geo
-        cs = geo.cluster_size
-        b0, be = self._entry_bytes(buf, k)
-        np.bitwise_and(be, np.uint64(L1E_OFFSET_MASK), out=out)
-        flags = b0 & _B0_COMPRESSED
-        comp = None
-        if flags.any():
-            cmask = flags != 0
-            rows = np.nonzero(cmask)[0]
-            comp = np.stack([be[cmask].astype(np.uint64), rows.astype(np.uint64)])
-            out[cmask] = 0
-        if cs > 512:
-            if comp is None:
-                # bits 9 .. cluster_bits-1 must be clear; on the big-endian bytes, byte 6
-                # holds bits 8-15 and byte 5 bits 16-23 (a pass over 1/8 of the data)
-                low = (cs - 1) & ~511
-                u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, -1, 8)
-                u8 = u8[:, :: 2 if geo.extended_l2 else 1]
-                misaligned = bool((u8[:, :, 6] & ((low >> 8) & 0xFF)).any())
-                if low >> 16:
-                    misaligned |= bool((u8[:, :, 5] & (low >> 16)).any())
-            else:
-                misaligned = bool((out & np.uint64(cs - 1)).any())
-            if misaligned:
-                bad = int(out[(out & np.uint64(cs - 1)) != 0][0])
-                raise CorruptImageError(f"Cluster offset {bad:#x} in an L2 table is not cluster aligned")
-        np.right_shift(out, np.uint64(geo.cluster_bits), out=out)
-        if len(out) and int(out.max()) >= file_clusters:
-            raise CorruptImageError("An L2 entry points past the end of the image file")
+        """The tree walker's decode_chunk, strict: the first problem raises."""
+        comp, problem = decode_chunk(self.geo, buf, k, out, file_clusters)
+        if problem is not None:
+            raise CorruptImageError(problem)
         return comp
 
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
@@ -920,13 +894,11 @@ class SnapshotOps:
                 return np.zeros(0, dtype=np.int64)  # the mode stores no live references
             sink = rc.update_live if live else rc.update
         file_clusters = div_round_up(self.storage.size(), cs)
-        l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-        l2 = l2[l2 != 0]
-        if len(l2):
-            if (l2 & (cs - 1)).any():
-                raise CorruptImageError("L2 table offset in an L1 table is not cluster aligned")
-            if int(l2.max()) >> cbits >= file_clusters:
-                raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
+        l1e = L1Entries(l1[l1 != 0], cs)
+        problem = l1e.strict_problem(file_clusters, cbits)
+        if problem is not None:
+            raise CorruptImageError(problem)
+        l2 = l1e.offsets
         offsets, mult = np.unique(l2, return_counts=True)
         copied: list[np.ndarray] = []
         for t, offs, buf, out, comp in self._l2_chunks(offsets, file_clusters, cache, fill=True):
@@ -935,17 +907,14 @@ class SnapshotOps:
             refs = [flat[flat != 0].view(np.int64)]
             if want_copied:
                 b0, _ = self._entry_bytes(buf, k)
-                has = (b0 >= _B0_COPIED).any(axis=1)
+                has = (b0 >= B0_COPIED).any(axis=1)
                 if has.any():
                     copied.append(offs[has])
             if comp is not None:
-                host, length = _compressed_ranges(geo, comp[0])
-                first = host >> np.uint64(cbits)
-                n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-                cl = _expand_ranges(first.astype(np.int64), n.astype(np.int64))
+                cl, n = compressed_clusters(geo, comp[0])
                 if len(cl) and int(cl.max()) >= file_clusters:
-                    raise CorruptImageError("A compressed cluster lies past the end of the image file")
-                reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
+                    raise CorruptImageError(COMPRESSED_PAST_EOF)
+                reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n)
                 if comp_sink is not None:
                     comp_sink(np.repeat(cl, reps), sign)
                 else:
@@ -1011,7 +980,7 @@ class SnapshotOps:
         offs_all = _sorted_unique(tables)
         for offs, buf in self._table_chunks(offs_all):
             b0, _ = self._entry_bytes(buf, len(offs))
-            changed = (b0 >= _B0_COPIED).any(axis=1)
+            changed = (b0 >= B0_COPIED).any(axis=1)
             np.bitwise_and(b0, 0x7F, out=b0)
             self._write_tables(offs, buf, changed)
 
@@ -1036,14 +1005,14 @@ class SnapshotOps:
                 if whole is None:
                     whole = memoryview(bytearray(min(len(sources), per) * cs))
                 mv = whole[: k * cs]
-                for s0, e0 in _runs(src, cs):
+                for s0, e0 in runs(src, cs):
                     self.storage.preadv([mv[s0 * cs : e0 * cs]], int(src[s0]))
             b0, _ = self._entry_bytes(mv, k)
             if transform is None:
                 np.bitwise_and(b0, 0x7F, out=b0)
             else:
                 transform(b0, c0)
-            for s0, e0 in _runs(dests[c0 : c0 + per], cs):
+            for s0, e0 in runs(dests[c0 : c0 + per], cs):
                 self.storage.pwrite(mv[s0 * cs : e0 * cs], int(dests[c0 + s0]), "l2")
 
     def _recompute_copied(self, l1: np.ndarray, cache: _TreeCache | None = None) -> np.ndarray:
@@ -1083,7 +1052,7 @@ class SnapshotOps:
                 flat = out[alloc].view(np.int64)
                 if len(flat):
                     one[alloc] = rc.get_many(flat) == rc.live_weight
-            cur = b0 >= _B0_COPIED
+            cur = b0 >= B0_COPIED
             fix = (one != cur) & (alloc | cur)  # compressed/unallocated: clear only
             rows = np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1))
             if len(rows):
@@ -1180,35 +1149,6 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     if len(s) < 2:
         return s
     return s[np.r_[True, s[1:] != s[:-1]]]
-
-
-def _runs(offs: np.ndarray, cs: int) -> list[tuple[int, int]]:
-    """(start, end) index ranges of back-to-back offsets."""
-    if not len(offs):
-        return []
-    brk = np.flatnonzero(np.diff(offs) != cs) + 1
-    starts = np.r_[0, brk]
-    ends = np.r_[brk, len(offs)]
-    return list(zip(starts.tolist(), ends.tolist()))
-
-
-def _compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(host offset, byte length) of compressed L2 entries, vectorized
-    (Geometry.compressed_range for many entries)."""
-    e = entries.astype(np.uint64)
-    host = e & np.uint64(geo.coffset_mask)
-    nb = ((e >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
-    end = (host & ~np.uint64(511)) + nb * np.uint64(512)
-    return host, end - host
-
-
-def _expand_ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(first[i], first[i] + counts[i])."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(counts) - counts
-    return np.repeat(first, counts) + (np.arange(total, dtype=np.int64) - np.repeat(starts, counts))
 
 
 # ===================================================================== command line ==
