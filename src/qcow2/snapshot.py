@@ -67,6 +67,7 @@ from .tree import (
     compressed_clusters,
     decode_chunk,
     entry_bytes,
+    read_into,
     runs,
 )
 
@@ -840,9 +841,7 @@ class SnapshotOps:
 
     def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
         """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
-        cs = self.geo.cluster_size
-        for s, e in runs(offs, cs):
-            self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
+        read_into(self.storage, offs, mv, self.geo.cluster_size)
 
     def _write_tables(self, offs: np.ndarray, mv: memoryview, changed: np.ndarray) -> None:
         cs = self.geo.cluster_size

@@ -91,13 +91,21 @@ def read_regions(storage: Any, offsets: np.ndarray, nbytes: int, file_size: int)
     out = np.zeros((n, nbytes), dtype=np.uint8)
     if not n:
         return out
-    offs = np.asarray(offsets, dtype=np.int64)
+    read_into(storage, np.asarray(offsets, dtype=np.int64), memoryview(out.reshape(-1)), nbytes,
+              file_size)
+    return out
+
+
+def read_into(storage: Any, offs: np.ndarray, mv: memoryview, nbytes: int,
+              file_size: int | None = None) -> None:
+    """Read the regions at offs (nbytes each) into mv back to back, one read per run
+    of back-to-back regions. With file_size, bytes past it are left as they are (the
+    caller zeroed them); without, the caller knows every region is inside the file."""
     for s, e in runs(offs, nbytes):
         off = int(offs[s])
-        avail = min((e - s) * nbytes, file_size - off)
+        avail = (e - s) * nbytes if file_size is None else min((e - s) * nbytes, file_size - off)
         if avail > 0:
-            storage.preadv([memoryview(out[s:e].reshape(-1))[:avail]], off)
-    return out
+            storage.preadv([mv[s * nbytes : s * nbytes + avail]], off)
 
 
 def to_native(raw: np.ndarray) -> np.ndarray:
