@@ -64,11 +64,12 @@ from .tree import (
     B0_COPIED,
     COMPRESSED_PAST_EOF,
     L1Entries,
+    TreeCache,
     compressed_clusters,
-    decode_chunk,
     entry_bytes,
     read_into,
     runs,
+    strict_chunks,
 )
 
 if TYPE_CHECKING:
@@ -797,47 +798,16 @@ class SnapshotOps:
             self._read_tables(offs, mv)
             yield offs, mv
 
-    def _l2_chunks(self, offsets: np.ndarray, file_clusters: int, cache: _TreeCache | None,
+    def _l2_chunks(self, offsets: np.ndarray, file_clusters: int, cache: TreeCache | None,
                    fill: bool = False) -> Iterator[tuple[int, np.ndarray, Any, np.ndarray,
                                                          np.ndarray | None]]:
-        """The L2 tables at offsets (sorted, distinct), read and decoded chunk by chunk:
-        yields (index of the chunk's first table, its offsets, raw bytes (k x cs), host
-        cluster indices (k, entries) as _chunk_clusters gives them, compressed entries or
-        None). With fill, the tables the cache wants are read straight into it; without,
-        chunks the cache holds come from it, not decoded again (their compressed entries:
-        None). Buffers are reused: a consumer is done with a chunk before the next."""
-        cs = self.geo.cluster_size
-        per = max(1, _CHUNK_BYTES // cs)
-        idx: np.ndarray | None = None
-        whole: memoryview | None = None
-        for c0 in range(0, len(offsets), per):
-            offs = offsets[c0 : c0 + per]
-            k = len(offs)
-            if cache is not None and not fill:
-                pos = cache.lookup(offs)
-                if pos is not None:
-                    yield c0, offs, cache.rows(cache.raw, pos), cache.rows(cache.clusters, pos), None
-                    continue
-            sl = cache.slot(offs) if cache is not None and fill else None
-            if sl is not None:
-                assert cache is not None
-                buf = memoryview(cache.raw[sl]).cast("B")
-                out = cache.clusters[sl]
-            else:
-                if idx is None or whole is None:
-                    n = min(len(offsets), per)
-                    idx = np.empty((n, self.geo.l2_entries), dtype=np.uint64)
-                    whole = memoryview(bytearray(n * cs))
-                buf = whole[: k * cs]
-                out = idx[:k]
-            self._read_tables(offs, buf)
-            comp = self._chunk_clusters(buf, k, out, file_clusters)
-            if sl is not None:
-                assert cache is not None
-                cache.filled[sl] = True
-            elif cache is not None and fill:
-                cache.store(offs, buf, out)
-            yield c0, offs, buf, out, comp
+        """The tree walker's strict_chunks over the L2 tables at offsets (sorted,
+        distinct): the first problem raises CorruptImageError."""
+        for t, offs, buf, out, comp, problem in strict_chunks(
+                self.storage, self.geo, offsets, file_clusters, cache, fill, _CHUNK_BYTES):
+            if problem is not None:
+                raise CorruptImageError(problem)
+            yield t, offs, buf, out, comp
 
     def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
         """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
@@ -861,16 +831,8 @@ class SnapshotOps:
         """(byte-0 view (k, entries) uint8, big-endian entry view (k, entries)) of a chunk."""
         return entry_bytes(self.geo, buf, k)
 
-    def _chunk_clusters(self, buf: memoryview, k: int, out: np.ndarray,
-                        file_clusters: int) -> np.ndarray | None:
-        """The tree walker's decode_chunk, strict: the first problem raises."""
-        comp, problem = decode_chunk(self.geo, buf, k, out, file_clusters)
-        if problem is not None:
-            raise CorruptImageError(problem)
-        return comp
-
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
-                    count_l2: bool = True, cache: _TreeCache | None = None,
+                    count_l2: bool = True, cache: TreeCache | None = None,
                     live: bool = False,
                     sink: Callable[[np.ndarray, int], None] | None = None,
                     comp_sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
@@ -961,7 +923,7 @@ class SnapshotOps:
             counts[first : first + div_round_up(len(cmap.l1) * 8, cs)] += 1
         return counts
 
-    def _tree_cache(self, l1: np.ndarray) -> _TreeCache | None:
+    def _tree_cache(self, l1: np.ndarray) -> TreeCache | None:
         """A cache for the L2 tables of this L1 table, or None when they would take more
         memory than _CACHE_MAX_BYTES (the passes then read them again)."""
         geo = self.geo
@@ -969,7 +931,7 @@ class SnapshotOps:
         offs = offs[offs != 0]
         if not len(offs) or len(offs) * (geo.cluster_size + geo.l2_entries * 8) > _CACHE_MAX_BYTES:
             return None
-        return _TreeCache(offs, geo.cluster_size, geo.l2_entries)
+        return TreeCache(offs, geo.cluster_size, geo.l2_entries)
 
     def _clear_copied(self, tables: np.ndarray) -> None:
         """Clear COPIED in every entry of these L2 tables, in place (only for tables
@@ -984,7 +946,7 @@ class SnapshotOps:
             self._write_tables(offs, buf, changed)
 
     def _copy_tables(self, sources: np.ndarray, dests: np.ndarray,
-                     transform: Any, cache: _TreeCache | None = None) -> None:
+                     transform: Any, cache: TreeCache | None = None) -> None:
         """Write L2 tables to new places (dests, back to back), their entries' COPIED
         flags cleared, or changed by transform(byte0_view, first_index) when given.
         Tables the cache holds are taken from it (and may be changed there: this is
@@ -1014,7 +976,7 @@ class SnapshotOps:
             for s0, e0 in runs(dests[c0 : c0 + per], cs):
                 self.storage.pwrite(mv[s0 * cs : e0 * cs], int(dests[c0 + s0]), "l2")
 
-    def _recompute_copied(self, l1: np.ndarray, cache: _TreeCache | None = None) -> np.ndarray:
+    def _recompute_copied(self, l1: np.ndarray, cache: TreeCache | None = None) -> np.ndarray:
         """The active L1 table with COPIED flags as the (new) refcounts want them: an
         L2 table whose entries' flags must change is rewritten as a copy, which replaces
         it in the returned table (inside a refcount transaction, as QEMU's flag update
@@ -1082,64 +1044,6 @@ class SnapshotOps:
         new_l1[has] = np.where(one, new_l1[has] | np.uint64(QCOW_OFLAG_COPIED),
                                new_l1[has] & _COPIED_MASK_CLEAR)
         return new_l1
-
-
-class _TreeCache:
-    """Some L2 tables (sorted distinct offsets) as one pass met them: raw bytes and
-    decoded host cluster indices (`_chunk_clusters`), for a later pass over the same
-    tables within one operation (the tables do not change in between)."""
-
-    def __init__(self, offsets: np.ndarray, cs: int, entries: int) -> None:
-        self.offsets = offsets
-        # np.empty: pages are only touched for the tables actually stored
-        self.raw = np.empty((len(offsets), cs), dtype=np.uint8)
-        self.clusters = np.empty((len(offsets), entries), dtype=np.uint64)
-        self.filled = np.zeros(len(offsets), dtype=bool)
-
-    def _positions(self, offs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.minimum(np.searchsorted(self.offsets, offs), len(self.offsets) - 1)
-        return pos, self.offsets[pos] == offs
-
-    def store(self, offs: np.ndarray, buf: Any, out: np.ndarray) -> None:
-        """Keep the wanted ones of a chunk of tables (offs sorted, buf their bytes)."""
-        pos, hit = self._positions(offs)
-        if not hit.any():
-            return
-        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(offs), -1)
-        if hit.all() and _contiguous(pos):
-            sl = slice(int(pos[0]), int(pos[-1]) + 1)
-            self.raw[sl] = raw
-            self.clusters[sl] = out
-            self.filled[sl] = True
-            return
-        p = pos[hit]
-        self.raw[p] = raw[hit]
-        self.clusters[p] = out[hit]
-        self.filled[p] = True
-
-    def slot(self, offs: np.ndarray) -> slice | None:
-        """The rows for these tables when the cache wants every one of them and they
-        are consecutive (a chunk of a tree the cache was made for), else None."""
-        pos, hit = self._positions(offs)
-        if hit.all() and _contiguous(pos):
-            return slice(int(pos[0]), int(pos[-1]) + 1)
-        return None
-
-    def lookup(self, offs: np.ndarray) -> np.ndarray | None:
-        """Rows of these tables, or None unless the cache holds every one."""
-        pos, hit = self._positions(offs)
-        return pos if hit.all() and self.filled[pos].all() else None
-
-    @staticmethod
-    def rows(arr: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """arr[pos]: a view when the rows are consecutive (the usual case), else a copy."""
-        if _contiguous(pos):
-            return arr[int(pos[0]) : int(pos[-1]) + 1]
-        return arr[pos]
-
-
-def _contiguous(pos: np.ndarray) -> bool:
-    return bool(len(pos)) and int(pos[-1]) - int(pos[0]) == len(pos) - 1
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:

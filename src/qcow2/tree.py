@@ -261,6 +261,109 @@ def decode_chunk(geo: Geometry, buf: Any, k: int, out: np.ndarray,
     return comp, None
 
 
+def strict_chunks(storage: Any, geo: Geometry, offsets: np.ndarray, file_clusters: int,
+                  cache: TreeCache | None, fill: bool, chunk_bytes: int
+                  ) -> Iterator[tuple[int, np.ndarray, Any, np.ndarray, np.ndarray | None, str | None]]:
+    """The strict walkers' pass over the L2 tables at offsets (sorted, distinct), chunk
+    by chunk: yields (index of the chunk's first table, its offsets, raw bytes (k x
+    cs), host cluster indices (k, entries) as decode_chunk gives them, compressed
+    entries or None, the chunk's first problem or None). With fill, the tables the
+    cache wants are read straight into it; without, chunks the cache holds come from
+    it, not decoded again (their compressed entries: None). Buffers are reused: a
+    consumer is done with a chunk before the next."""
+    cs = geo.cluster_size
+    per = max(1, chunk_bytes // cs)
+    idx: np.ndarray | None = None
+    whole: memoryview | None = None
+    for c0 in range(0, len(offsets), per):
+        offs = offsets[c0 : c0 + per]
+        k = len(offs)
+        if cache is not None and not fill:
+            pos = cache.lookup(offs)
+            if pos is not None:
+                yield c0, offs, cache.rows(cache.raw, pos), cache.rows(cache.clusters, pos), None, None
+                continue
+        sl = cache.slot(offs) if cache is not None and fill else None
+        if sl is not None:
+            assert cache is not None
+            buf = memoryview(cache.raw[sl]).cast("B")
+            out = cache.clusters[sl]
+        else:
+            if idx is None or whole is None:
+                n = min(len(offsets), per)
+                idx = np.empty((n, geo.l2_entries), dtype=np.uint64)
+                whole = memoryview(bytearray(n * cs))
+            buf = whole[: k * cs]
+            out = idx[:k]
+        read_into(storage, offs, buf, cs)
+        comp, problem = decode_chunk(geo, buf, k, out, file_clusters)
+        if problem is None:
+            if sl is not None:
+                assert cache is not None
+                cache.filled[sl] = True
+            elif cache is not None and fill:
+                cache.store(offs, buf, out)
+        yield c0, offs, buf, out, comp, problem
+
+
+class TreeCache:
+    """Some L2 tables (sorted distinct offsets) as one pass met them: raw bytes and
+    decoded host cluster indices (`decode_chunk`), for a later pass over the same
+    tables within one operation (the tables do not change in between)."""
+
+    def __init__(self, offsets: np.ndarray, cs: int, entries: int) -> None:
+        self.offsets = offsets
+        # np.empty: pages are only touched for the tables actually stored
+        self.raw = np.empty((len(offsets), cs), dtype=np.uint8)
+        self.clusters = np.empty((len(offsets), entries), dtype=np.uint64)
+        self.filled = np.zeros(len(offsets), dtype=bool)
+
+    def _positions(self, offs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.offsets, offs), len(self.offsets) - 1)
+        return pos, self.offsets[pos] == offs
+
+    def store(self, offs: np.ndarray, buf: Any, out: np.ndarray) -> None:
+        """Keep the wanted ones of a chunk of tables (offs sorted, buf their bytes)."""
+        pos, hit = self._positions(offs)
+        if not hit.any():
+            return
+        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(offs), -1)
+        if hit.all() and _contiguous(pos):
+            sl = slice(int(pos[0]), int(pos[-1]) + 1)
+            self.raw[sl] = raw
+            self.clusters[sl] = out
+            self.filled[sl] = True
+            return
+        p = pos[hit]
+        self.raw[p] = raw[hit]
+        self.clusters[p] = out[hit]
+        self.filled[p] = True
+
+    def slot(self, offs: np.ndarray) -> slice | None:
+        """The rows for these tables when the cache wants every one of them and they
+        are consecutive (a chunk of a tree the cache was made for), else None."""
+        pos, hit = self._positions(offs)
+        if hit.all() and _contiguous(pos):
+            return slice(int(pos[0]), int(pos[-1]) + 1)
+        return None
+
+    def lookup(self, offs: np.ndarray) -> np.ndarray | None:
+        """Rows of these tables, or None unless the cache holds every one."""
+        pos, hit = self._positions(offs)
+        return pos if hit.all() and self.filled[pos].all() else None
+
+    @staticmethod
+    def rows(arr: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """arr[pos]: a view when the rows are consecutive (the usual case), else a copy."""
+        if _contiguous(pos):
+            return arr[int(pos[0]) : int(pos[-1]) + 1]
+        return arr[pos]
+
+
+def _contiguous(pos: np.ndarray) -> bool:
+    return bool(len(pos)) and int(pos[-1]) - int(pos[0]) == len(pos) - 1
+
+
 # ---------------------------------------------------------------------- compressed --
 def compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(host offset, byte length) of compressed L2 entries, vectorized
