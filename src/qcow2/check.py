@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,9 +43,7 @@ from .format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
-    L1E_RESERVED_MASK,
     L2E_OFFSET_MASK,
-    L2E_STD_RESERVED_MASK,
     MAX_L1_SIZE_BYTES,
     MAX_SNAPSHOT_EXTRA_DATA,
     MAX_SNAPSHOT_TABLE_BYTES,
@@ -65,6 +62,14 @@ from .format import (
 from .geometry import div_round_up
 from .modes import live_weight_of
 from .snapshot import pack_snapshot_table
+from .tree import (
+    L1Entries,
+    L2Entries,
+    plain_clean,
+    read_regions,
+    table_chunks,
+    to_native,
+)
 
 if TYPE_CHECKING:
     from .cluster import ClusterMap
@@ -78,8 +83,6 @@ REPAIR_MODES = (None, "leaks", "all")
 MAX_MESSAGES = 10000  # detailed lines kept per check; the rest are only counted
 BATCH_BYTES = 64 << 20  # L2 tables read and processed at a time
 REFT_RESERVED_MASK = 0x1FF
-BITMAP_ALLOC = 0xFFFFFFFF
-_SWAP = sys.byteorder == "little"
 _U64 = np.uint64
 
 # qemu-img prints the JSON members in the order of its dictionary's hash buckets;
@@ -228,31 +231,8 @@ def _repaired(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
 
 
 # ---------------------------------------------------------------------------- I/O --
-def _read_raw(storage: Any, offsets: np.ndarray, nbytes: int, file_size: int) -> np.ndarray:
-    """(n, nbytes) uint8 array of the regions at offsets; past-EOF bytes are zero.
-    Physically contiguous regions are read with one call."""
-    n = len(offsets)
-    out = np.zeros((n, nbytes), dtype=np.uint8)
-    if not n:
-        return out
-    offs = np.asarray(offsets, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(offs) != nbytes) + 1
-    starts = np.concatenate(([0], brk)).tolist()
-    ends = np.concatenate((brk, [n])).tolist()
-    for s, e in zip(starts, ends):
-        off = int(offs[s])
-        avail = min((e - s) * nbytes, file_size - off)
-        if avail > 0:
-            storage.preadv([memoryview(out[s:e].reshape(-1))[:avail]], off)
-    return out
-
-
-def _to_u64(raw: np.ndarray) -> np.ndarray:
-    """Big-endian bytes (n, nbytes) -> native uint64 (n, nbytes // 8), in place."""
-    t = raw.view(np.uint64)
-    if _SWAP:
-        t.byteswap(inplace=True)
-    return t
+_read_raw = read_regions  # the tree walker's readers (kept under check's names)
+_to_u64 = to_native
 
 
 def _read_u64(storage: Any, offset: int, count: int, file_size: int) -> np.ndarray:
@@ -566,19 +546,12 @@ class _Checker:
         live = _Refs(self.file_size, self.cb, CheckResult())
         live.add_region(h.l1_table_offset, h.l1_size * 8)
         live.add_clusters(act.copy())
-        ext = self.geo.extended_l2
-        cm = self.geo.coffset_mask
         for _offs, tables, w in self._active_batches(act):
-            ent = tables[:, 0::2] if ext else tables
-            comp = (ent & _U64(QCOW_OFLAG_COMPRESSED)) != 0
-            hoff = ent & _U64(L2E_OFFSET_MASK)
-            normal = (hoff != 0) & ~comp
-            live.add_clusters(hoff[normal].astype(np.int64), np.repeat(w, normal.sum(axis=1)))
-            if comp.any():
-                ce = ent[comp]
-                host = (ce & _U64(cm)).astype(np.int64)
-                nsec = ((ce >> _U64(self.geo.csize_shift)) & _U64(self.geo.csize_mask)).astype(np.int64) + 1
-                live.add_regions(host, nsec * 512 - (host & 511), np.repeat(w, comp.sum(axis=1)))
+            d = L2Entries(self.geo, tables)
+            live.add_clusters(d.hoff[d.normal].astype(np.int64), np.repeat(w, d.normal.sum(axis=1)))
+            if d.any_comp:
+                host, length = d.compressed_regions(d.comp)
+                live.add_regions(host, length, np.repeat(w, d.comp.sum(axis=1)))
         dense = live.dense[: len(self.refs.dense)]
         self.refs.dense[: len(dense)] -= dense * (1 - self.live_weight)
         np.maximum(self.refs.dense, 0, out=self.refs.dense)
@@ -599,17 +572,16 @@ class _Checker:
         res = self.res
         if not len(ent):
             return np.zeros(0, dtype=np.int64), w
-        bad = (ent & _U64(L1E_RESERVED_MASK)) != 0
+        l1e = L1Entries(ent, self.cs)
+        bad = l1e.reserved()
         if bad.any():
             res.msg_many(lambda e: f"ERROR found L1 entry with reserved bits set: {e:x}",
                          [ent[bad]], None if w is None else w[bad])
             res.corruptions += int(bad.sum()) if w is None else int(w[bad].sum())
-        offs = (ent & _U64(L1E_OFFSET_MASK)).astype(np.int64)
-        keep = offs != 0  # no table: reads as unallocated
-        offs = offs[keep]
-        w = None if w is None else w[keep]
+        offs = l1e.offsets
+        w = None if w is None else w[l1e.keep]
+        unal = l1e.misaligned()  # before counting: add_clusters may shift offs in place
         self.refs.add_clusters(offs, w)
-        unal = (offs & (self.cs - 1)) != 0
         if unal.any():
             res.msg_many(lambda o: f"ERROR l2_offset={o:x}: Table is not cluster aligned; "
                          "L1 entry corrupted", [offs[unal]], None if w is None else w[unal])
@@ -670,11 +642,9 @@ class _Checker:
         w_act = np.zeros(len(uniq), dtype=np.int64)
         if len(active):
             np.add.at(w_act, np.searchsorted(uniq, active), 1)
-        per = max(1, BATCH_BYTES // self.cs)
         kept = 0
-        for s in range(0, len(uniq), per):
-            e = min(len(uniq), s + per)
-            tables = _to_u64(_read_raw(self.storage, uniq[s:e], self.cs, self.file_size))
+        for s, _offs, tables in table_chunks(self.storage, uniq, self.cs, self.file_size, BATCH_BYTES):
+            e = s + len(tables)
             self._batch_run = -1
             self._scan_l2_batch(uniq[s:e], tables, w_all[s:e], w_act[s:e])
             # keep the active tables for the COPIED pass when they fit (saves a re-read)
@@ -693,17 +663,13 @@ class _Checker:
                        w_act: np.ndarray) -> None:
         res, geo, cs = self.res, self.geo, self.cs
         ext = geo.extended_l2
-        if ext:
-            ent, bmp = tables[:, 0::2], tables[:, 1::2]
-        else:
-            ent, bmp = tables, None
+        ent = tables[:, 0::2] if ext else tables
         n = len(offs)
         uniform = bool((w_all == 1).all())
         # Fast path: nothing compressed, no reserved bit, no misaligned offset (one pass
         # tells); then only the offsets matter.
-        odd = _U64(QCOW_OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF))
         scratch = self._scratch(ent.shape)
-        if not ext and not np.bitwise_and(ent, odd, out=scratch).any():
+        if not ext and plain_clean(ent, cs, scratch):
             hoff = np.bitwise_and(ent, _U64(L2E_OFFSET_MASK), out=scratch)
             normal = hoff != 0
             cnt = np.count_nonzero(normal, axis=1)
@@ -731,12 +697,8 @@ class _Checker:
                                   aligned=True, own=True)
             return
         self.irregular = True
-        comp = (ent & _U64(QCOW_OFLAG_COMPRESSED)) != 0
-        hoff = ent & _U64(L2E_OFFSET_MASK)
-        normal = hoff != 0
-        any_comp = bool(comp.any())
-        if any_comp:
-            normal &= ~comp
+        d = L2Entries(geo, tables)
+        comp, hoff, normal, any_comp = d.comp, d.hoff, d.normal, d.any_comp
 
         def per_entry(mask: np.ndarray) -> np.ndarray | None:
             """Weights of the entries selected by mask, in row-major order."""
@@ -748,20 +710,18 @@ class _Checker:
             res.corruptions += int(mask.sum()) if w is None else int(w.sum())
 
         # reserved bits of standard descriptors
-        resv = (ent & _U64(L2E_STD_RESERVED_MASK)) != 0
-        if any_comp:
-            resv &= ~comp
+        resv = d.reserved()
         if resv.any():
             report(resv, lambda e: f"ERROR found l2 entry with reserved bits set: {e:x}", ent)
         # compressed clusters
         comp_ok = comp
         if any_comp:
-            copied = comp & ((ent & _U64(QCOW_OFLAG_COPIED)) != 0)
+            copied = d.compressed_copied()
             if copied.any():
                 report(copied, lambda e: f"ERROR: coffset=0x{e & geo.coffset_mask:x}: copied "
                        "flag must never be set for compressed clusters", ent)
             if ext:
-                badmap = comp & (bmp != 0)
+                badmap = d.compressed_bitmap()
                 if badmap.any():
                     col = np.broadcast_to(np.arange(ent.shape[1]), ent.shape)
                     report(badmap, lambda c, e: f"ERROR compressed cluster {c} with non-zero "
@@ -769,21 +729,18 @@ class _Checker:
                            col, ent)
                     comp_ok = comp & ~badmap
         if ext:
-            unalloc_bad = ~comp & ~normal & ((bmp & _U64(BITMAP_ALLOC)) != 0)
+            unalloc_bad = d.unallocated_bitmap()
             if unalloc_bad.any():
                 report(unalloc_bad, lambda e: "ERROR: Unallocated cluster has non-zero "
                        "subcluster allocation map", ent)
-            both = normal & (((bmp >> _U64(32)) & bmp & _U64(BITMAP_ALLOC)) != 0)
+            both = d.allocated_bitmap()
             if both.any():
                 report(both, lambda o: f"ERROR offset={o:x}: Allocated cluster has corrupted "
                        "subcluster allocation bitmap", hoff)
         # data clusters must be cluster aligned
-        unal = normal & ((hoff & _U64(cs - 1)) != 0)
+        unal = d.misaligned()
         if unal.any():
-            if ext:
-                has_data = (bmp & _U64(BITMAP_ALLOC)) != 0
-            else:
-                has_data = (ent & _U64(QCOW_OFLAG_ZERO)) == 0
+            has_data = d.has_data()
             data_unal = unal & has_data
             if data_unal.any():
                 report(data_unal, lambda o: f"ERROR offset={o:x}: Data cluster is not properly "
@@ -806,10 +763,8 @@ class _Checker:
         self.refs.add_clusters(data, None if uniform else np.repeat(w_all, cnt))
         ccnt = None
         if any_comp and comp_ok.any():
-            ce = ent[comp_ok]
-            host = (ce & _U64(geo.coffset_mask)).astype(np.int64)
-            nsec = ((ce >> _U64(geo.csize_shift)) & _U64(geo.csize_mask)).astype(np.int64) + 1
-            self.refs.add_regions(host, nsec * 512 - (host & 511), per_entry(comp_ok))
+            host, length = d.compressed_regions(comp_ok)
+            self.refs.add_regions(host, length, per_entry(comp_ok))
             ccnt = comp_ok.sum(axis=1)
         self._frag_stats(n, cnt, data, ccnt, w_act)
 
@@ -1398,10 +1353,8 @@ class _Checker:
             yield from self.active_tables
             return
         uniq, w = np.unique(l2_offsets, return_counts=True)
-        per = max(1, BATCH_BYTES // self.cs)
-        for s in range(0, len(uniq), per):
-            offs = uniq[s : s + per]
-            yield offs, _to_u64(_read_raw(self.storage, offs, self.cs, self.file_size)), w[s : s + per]
+        for s, offs, tables in table_chunks(self.storage, uniq, self.cs, self.file_size, BATCH_BYTES):
+            yield offs, tables, w[s : s + len(offs)]
 
     def _may_write_table(self, off: int) -> bool:
         """Whether a table may be written at off without touching the header, the L1

@@ -372,23 +372,3 @@ def _append(out: list[tuple[int, int, int, int]], c: int, n: int, kind: int, hos
             out[-1] = (pc, pn + n, pk, ph)
             return
     out.append((c, n, kind, host))
-
-
-# -- vectorized helpers of the whole-tree passes (snapshot.py, owner.py) --------------
-def compressed_ranges(geo: Geometry, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(host offset, byte length) of compressed L2 entries, vectorized
-    (Geometry.compressed_range for many entries)."""
-    e = entries.astype(np.uint64)
-    host = e & np.uint64(geo.coffset_mask)
-    nb = ((e >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
-    end = (host & ~np.uint64(511)) + nb * np.uint64(512)
-    return host, end - host
-
-
-def expand_ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(first[i], first[i] + counts[i])."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(counts) - counts
-    return np.repeat(first, counts) + (np.arange(total, dtype=np.int64) - np.repeat(starts, counts))

@@ -21,14 +21,13 @@ from .check import MAX_MESSAGES, _Checker, _last_nonzero, _read_u64
 from .errors import Qcow2Error
 from .format import (
     L1E_OFFSET_MASK,
-    L2E_OFFSET_MASK,
-    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK,
     decode_table,
     encode_table,
 )
 from .owner import FIRST_NODE, META, node_of
+from .tree import L2Entries
 
 _U64 = np.uint64
 _MAX_NODES_CHECKED = 4096  # the ancestor matrix is nodes x nodes booleans
@@ -336,13 +335,13 @@ class OwnerChecker(_Checker):
             if off + self.cs > self.file_size:
                 continue
             table = decode_table(self.storage.pread(self.cs, off))
-            ent = table[0::2] if ext else table
-            normal = ((ent & _U64(QCOW_OFLAG_COPIED)) != 0) & \
-                ((ent & _U64(QCOW_OFLAG_COMPRESSED)) == 0) & ((ent & _U64(L2E_OFFSET_MASK)) != 0)
+            d = L2Entries(self.geo, table[None, :])  # the tree walker's decoding, one table
+            ent = d.ent[0]
+            normal = d.normal[0] & ((ent & _U64(QCOW_OFLAG_COPIED)) != 0)
             if not normal.any():
                 continue
             where = np.flatnonzero(normal)
-            owners, ok2 = self._stored_many((ent[where] & _U64(L2E_OFFSET_MASK)).astype(np.int64) >> cb)
+            owners, ok2 = self._stored_many(d.hoff[0][where].astype(np.int64) >> cb)
             wrong = where[ok2 & (owners != live)]
             if not len(wrong):
                 continue

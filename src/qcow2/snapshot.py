@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .cluster import compressed_ranges, expand_ranges
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -66,6 +65,17 @@ from .snaptable import (  # the table's records (numpy-free), also imported from
     read_snapshot_table,
     size_to_str,
 )
+from .tree import (
+    B0_COPIED,
+    COMPRESSED_PAST_EOF,
+    L1Entries,
+    TreeCache,
+    compressed_clusters,
+    entry_bytes,
+    read_into,
+    runs,
+    strict_chunks,
+)
 
 if TYPE_CHECKING:
     from .cluster import ClusterMap
@@ -85,9 +95,6 @@ _IO_MAX = 256 << 20  # largest single data write (Linux caps one call below 2 Gi
 # L2 tables kept between two passes of one operation (raw + decoded); a 256 GiB image
 # with 64 KiB clusters needs 64 MiB, larger trees are read again instead
 _CACHE_MAX_BYTES = 512 << 20
-# Byte 0 of a big-endian table entry holds bits 56-63: the COPIED and COMPRESSED flags.
-_B0_COPIED = 0x80
-_B0_COMPRESSED = 0x40
 _COPIED_MASK_CLEAR = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
 
 
@@ -666,53 +673,20 @@ class SnapshotOps:
             self._read_tables(offs, mv)
             yield offs, mv
 
-    def _l2_chunks(self, offsets: np.ndarray, file_clusters: int, cache: _TreeCache | None,
+    def _l2_chunks(self, offsets: np.ndarray, file_clusters: int, cache: TreeCache | None,
                    fill: bool = False) -> Iterator[tuple[int, np.ndarray, Any, np.ndarray,
                                                          np.ndarray | None]]:
-        """The L2 tables at offsets (sorted, distinct), read and decoded chunk by chunk:
-        yields (index of the chunk's first table, its offsets, raw bytes (k x cs), host
-        cluster indices (k, entries) as _chunk_clusters gives them, compressed entries or
-        None). With fill, the tables the cache wants are read straight into it; without,
-        chunks the cache holds come from it, not decoded again (their compressed entries:
-        None). Buffers are reused: a consumer is done with a chunk before the next."""
-        cs = self.geo.cluster_size
-        per = max(1, _CHUNK_BYTES // cs)
-        idx: np.ndarray | None = None
-        whole: memoryview | None = None
-        for c0 in range(0, len(offsets), per):
-            offs = offsets[c0 : c0 + per]
-            k = len(offs)
-            if cache is not None and not fill:
-                pos = cache.lookup(offs)
-                if pos is not None:
-                    yield c0, offs, cache.rows(cache.raw, pos), cache.rows(cache.clusters, pos), None
-                    continue
-            sl = cache.slot(offs) if cache is not None and fill else None
-            if sl is not None:
-                assert cache is not None
-                buf = memoryview(cache.raw[sl]).cast("B")
-                out = cache.clusters[sl]
-            else:
-                if idx is None or whole is None:
-                    n = min(len(offsets), per)
-                    idx = np.empty((n, self.geo.l2_entries), dtype=np.uint64)
-                    whole = memoryview(bytearray(n * cs))
-                buf = whole[: k * cs]
-                out = idx[:k]
-            self._read_tables(offs, buf)
-            comp = self._chunk_clusters(buf, k, out, file_clusters)
-            if sl is not None:
-                assert cache is not None
-                cache.filled[sl] = True
-            elif cache is not None and fill:
-                cache.store(offs, buf, out)
-            yield c0, offs, buf, out, comp
+        """The tree walker's strict_chunks over the L2 tables at offsets (sorted,
+        distinct): the first problem raises CorruptImageError."""
+        for t, offs, buf, out, comp, problem in strict_chunks(
+                self.storage, self.geo, offsets, file_clusters, cache, fill, _CHUNK_BYTES):
+            if problem is not None:
+                raise CorruptImageError(problem)
+            yield t, offs, buf, out, comp
 
     def _read_tables(self, offs: np.ndarray, mv: memoryview) -> None:
         """Read these tables (sorted) into mv, one read per run of back-to-back ones."""
-        cs = self.geo.cluster_size
-        for s, e in _runs(offs, cs):
-            self.storage.preadv([mv[s * cs : e * cs]], int(offs[s]))
+        read_into(self.storage, offs, mv, self.geo.cluster_size)
 
     def _write_tables(self, offs: np.ndarray, mv: memoryview, changed: np.ndarray) -> None:
         cs = self.geo.cluster_size
@@ -730,50 +704,10 @@ class SnapshotOps:
 
     def _entry_bytes(self, buf: memoryview, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(byte-0 view (k, entries) uint8, big-endian entry view (k, entries)) of a chunk."""
-        words = self.geo.cluster_size // 8
-        step = 2 if self.geo.extended_l2 else 1
-        u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, words, 8)
-        be = np.frombuffer(buf, dtype=">u8").reshape(k, words)
-        return u8[:, ::step, 0], be[:, ::step]
-
-    def _chunk_clusters(self, buf: memoryview, k: int, out: np.ndarray,
-                        file_clusters: int) -> np.ndarray | None:
-        """Fill out (k, entries) with the host cluster index of every standard entry
-        (0 where unallocated or compressed); return the compressed entries (native
-        values, shape (n,)) with their table row, or None."""
-        geo = self.geo
-        cs = geo.cluster_size
-        b0, be = self._entry_bytes(buf, k)
-        np.bitwise_and(be, np.uint64(L1E_OFFSET_MASK), out=out)
-        flags = b0 & _B0_COMPRESSED
-        comp = None
-        if flags.any():
-            cmask = flags != 0
-            rows = np.nonzero(cmask)[0]
-            comp = np.stack([be[cmask].astype(np.uint64), rows.astype(np.uint64)])
-            out[cmask] = 0
-        if cs > 512:
-            if comp is None:
-                # bits 9 .. cluster_bits-1 must be clear; on the big-endian bytes, byte 6
-                # holds bits 8-15 and byte 5 bits 16-23 (a pass over 1/8 of the data)
-                low = (cs - 1) & ~511
-                u8 = np.frombuffer(buf, dtype=np.uint8).reshape(k, -1, 8)
-                u8 = u8[:, :: 2 if geo.extended_l2 else 1]
-                misaligned = bool((u8[:, :, 6] & ((low >> 8) & 0xFF)).any())
-                if low >> 16:
-                    misaligned |= bool((u8[:, :, 5] & (low >> 16)).any())
-            else:
-                misaligned = bool((out & np.uint64(cs - 1)).any())
-            if misaligned:
-                bad = int(out[(out & np.uint64(cs - 1)) != 0][0])
-                raise CorruptImageError(f"Cluster offset {bad:#x} in an L2 table is not cluster aligned")
-        np.right_shift(out, np.uint64(geo.cluster_bits), out=out)
-        if len(out) and int(out.max()) >= file_clusters:
-            raise CorruptImageError("An L2 entry points past the end of the image file")
-        return comp
+        return entry_bytes(self.geo, buf, k)
 
     def _apply_tree(self, l1: np.ndarray, sign: int, *, want_copied: bool = False,
-                    count_l2: bool = True, cache: _TreeCache | None = None,
+                    count_l2: bool = True, cache: TreeCache | None = None,
                     live: bool = False,
                     sink: Callable[[np.ndarray, int], None] | None = None,
                     comp_sink: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
@@ -796,13 +730,11 @@ class SnapshotOps:
                 return np.zeros(0, dtype=np.int64)  # the mode stores no live references
             sink = rc.update_live if live else rc.update
         file_clusters = div_round_up(self.storage.size(), cs)
-        l2 = (l1 & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-        l2 = l2[l2 != 0]
-        if len(l2):
-            if (l2 & (cs - 1)).any():
-                raise CorruptImageError("L2 table offset in an L1 table is not cluster aligned")
-            if int(l2.max()) >> cbits >= file_clusters:
-                raise CorruptImageError("L2 table offset in an L1 table is past the end of the file")
+        l1e = L1Entries(l1[l1 != 0], cs)
+        problem = l1e.strict_problem(file_clusters, cbits)
+        if problem is not None:
+            raise CorruptImageError(problem)
+        l2 = l1e.offsets
         offsets, mult = np.unique(l2, return_counts=True)
         copied: list[np.ndarray] = []
         for t, offs, buf, out, comp in self._l2_chunks(offsets, file_clusters, cache, fill=True):
@@ -811,17 +743,14 @@ class SnapshotOps:
             refs = [flat[flat != 0].view(np.int64)]
             if want_copied:
                 b0, _ = self._entry_bytes(buf, k)
-                has = (b0 >= _B0_COPIED).any(axis=1)
+                has = (b0 >= B0_COPIED).any(axis=1)
                 if has.any():
                     copied.append(offs[has])
             if comp is not None:
-                host, length = compressed_ranges(geo, comp[0])
-                first = host >> np.uint64(cbits)
-                n = ((host + length - np.uint64(1)) >> np.uint64(cbits)) - first + np.uint64(1)
-                cl = expand_ranges(first.astype(np.int64), n.astype(np.int64))
+                cl, n = compressed_clusters(geo, comp[0])
                 if len(cl) and int(cl.max()) >= file_clusters:
-                    raise CorruptImageError("A compressed cluster lies past the end of the image file")
-                reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n.astype(np.int64))
+                    raise CorruptImageError(COMPRESSED_PAST_EOF)
+                reps = np.repeat(mult[t : t + k][comp[1].astype(np.int64)], n)
                 if comp_sink is not None:
                     comp_sink(np.repeat(cl, reps), sign)
                 else:
@@ -869,7 +798,7 @@ class SnapshotOps:
             counts[first : first + div_round_up(len(cmap.l1) * 8, cs)] += 1
         return counts
 
-    def _tree_cache(self, l1: np.ndarray) -> _TreeCache | None:
+    def _tree_cache(self, l1: np.ndarray) -> TreeCache | None:
         """A cache for the L2 tables of this L1 table, or None when they would take more
         memory than _CACHE_MAX_BYTES (the passes then read them again)."""
         geo = self.geo
@@ -877,7 +806,7 @@ class SnapshotOps:
         offs = offs[offs != 0]
         if not len(offs) or len(offs) * (geo.cluster_size + geo.l2_entries * 8) > _CACHE_MAX_BYTES:
             return None
-        return _TreeCache(offs, geo.cluster_size, geo.l2_entries)
+        return TreeCache(offs, geo.cluster_size, geo.l2_entries)
 
     def _clear_copied(self, tables: np.ndarray) -> None:
         """Clear COPIED in every entry of these L2 tables, in place (only for tables
@@ -887,12 +816,12 @@ class SnapshotOps:
         offs_all = _sorted_unique(tables)
         for offs, buf in self._table_chunks(offs_all):
             b0, _ = self._entry_bytes(buf, len(offs))
-            changed = (b0 >= _B0_COPIED).any(axis=1)
+            changed = (b0 >= B0_COPIED).any(axis=1)
             np.bitwise_and(b0, 0x7F, out=b0)
             self._write_tables(offs, buf, changed)
 
     def _copy_tables(self, sources: np.ndarray, dests: np.ndarray,
-                     transform: Any, cache: _TreeCache | None = None) -> None:
+                     transform: Any, cache: TreeCache | None = None) -> None:
         """Write L2 tables to new places (dests, back to back), their entries' COPIED
         flags cleared, or changed by transform(byte0_view, first_index) when given.
         Tables the cache holds are taken from it (and may be changed there: this is
@@ -912,17 +841,17 @@ class SnapshotOps:
                 if whole is None:
                     whole = memoryview(bytearray(min(len(sources), per) * cs))
                 mv = whole[: k * cs]
-                for s0, e0 in _runs(src, cs):
+                for s0, e0 in runs(src, cs):
                     self.storage.preadv([mv[s0 * cs : e0 * cs]], int(src[s0]))
             b0, _ = self._entry_bytes(mv, k)
             if transform is None:
                 np.bitwise_and(b0, 0x7F, out=b0)
             else:
                 transform(b0, c0)
-            for s0, e0 in _runs(dests[c0 : c0 + per], cs):
+            for s0, e0 in runs(dests[c0 : c0 + per], cs):
                 self.storage.pwrite(mv[s0 * cs : e0 * cs], int(dests[c0 + s0]), "l2")
 
-    def _recompute_copied(self, l1: np.ndarray, cache: _TreeCache | None = None) -> np.ndarray:
+    def _recompute_copied(self, l1: np.ndarray, cache: TreeCache | None = None) -> np.ndarray:
         """The active L1 table with COPIED flags as the (new) refcounts want them: an
         L2 table whose entries' flags must change is rewritten as a copy, which replaces
         it in the returned table (inside a refcount transaction, as QEMU's flag update
@@ -959,7 +888,7 @@ class SnapshotOps:
                 flat = out[alloc].view(np.int64)
                 if len(flat):
                     one[alloc] = rc.get_many(flat) == rc.live_weight
-            cur = b0 >= _B0_COPIED
+            cur = b0 >= B0_COPIED
             fix = (one != cur) & (alloc | cur)  # compressed/unallocated: clear only
             rows = np.flatnonzero(fix.any(axis=1) & (mult[t : t + k] == 1))
             if len(rows):
@@ -992,64 +921,6 @@ class SnapshotOps:
         return new_l1
 
 
-class _TreeCache:
-    """Some L2 tables (sorted distinct offsets) as one pass met them: raw bytes and
-    decoded host cluster indices (`_chunk_clusters`), for a later pass over the same
-    tables within one operation (the tables do not change in between)."""
-
-    def __init__(self, offsets: np.ndarray, cs: int, entries: int) -> None:
-        self.offsets = offsets
-        # np.empty: pages are only touched for the tables actually stored
-        self.raw = np.empty((len(offsets), cs), dtype=np.uint8)
-        self.clusters = np.empty((len(offsets), entries), dtype=np.uint64)
-        self.filled = np.zeros(len(offsets), dtype=bool)
-
-    def _positions(self, offs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.minimum(np.searchsorted(self.offsets, offs), len(self.offsets) - 1)
-        return pos, self.offsets[pos] == offs
-
-    def store(self, offs: np.ndarray, buf: Any, out: np.ndarray) -> None:
-        """Keep the wanted ones of a chunk of tables (offs sorted, buf their bytes)."""
-        pos, hit = self._positions(offs)
-        if not hit.any():
-            return
-        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(offs), -1)
-        if hit.all() and _contiguous(pos):
-            sl = slice(int(pos[0]), int(pos[-1]) + 1)
-            self.raw[sl] = raw
-            self.clusters[sl] = out
-            self.filled[sl] = True
-            return
-        p = pos[hit]
-        self.raw[p] = raw[hit]
-        self.clusters[p] = out[hit]
-        self.filled[p] = True
-
-    def slot(self, offs: np.ndarray) -> slice | None:
-        """The rows for these tables when the cache wants every one of them and they
-        are consecutive (a chunk of a tree the cache was made for), else None."""
-        pos, hit = self._positions(offs)
-        if hit.all() and _contiguous(pos):
-            return slice(int(pos[0]), int(pos[-1]) + 1)
-        return None
-
-    def lookup(self, offs: np.ndarray) -> np.ndarray | None:
-        """Rows of these tables, or None unless the cache holds every one."""
-        pos, hit = self._positions(offs)
-        return pos if hit.all() and self.filled[pos].all() else None
-
-    @staticmethod
-    def rows(arr: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """arr[pos]: a view when the rows are consecutive (the usual case), else a copy."""
-        if _contiguous(pos):
-            return arr[int(pos[0]) : int(pos[-1]) + 1]
-        return arr[pos]
-
-
-def _contiguous(pos: np.ndarray) -> bool:
-    return bool(len(pos)) and int(pos[-1]) - int(pos[0]) == len(pos) - 1
-
-
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
     """np.unique without its one-time import of numpy.ma (tens of ms on first use)."""
     s = np.sort(np.asarray(a, dtype=np.int64))
@@ -1058,11 +929,3 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     return s[np.r_[True, s[1:] != s[:-1]]]
 
 
-def _runs(offs: np.ndarray, cs: int) -> list[tuple[int, int]]:
-    """(start, end) index ranges of back-to-back offsets."""
-    if not len(offs):
-        return []
-    brk = np.flatnonzero(np.diff(offs) != cs) + 1
-    starts = np.r_[0, brk]
-    ends = np.r_[brk, len(offs)]
-    return list(zip(starts.tolist(), ends.tolist()))
