@@ -632,9 +632,30 @@ class StandardRefcounts(RefcountStrategy):
             # not contiguous in the pool: reserve exactly this run
             start = self._reserve(n, extra=0)
             return start << self.geo.cluster_bits
-        self._reserve(self._pool_batch, extra=self._pool_batch)
+        batch = self._free_span(self._pool_batch)
+        self._reserve(batch, extra=batch)
         self._pool_batch = min(self._pool_batch * POOL_GROWTH, POOL_MAX)
         return self.allocate(1)
+
+    def _free_span(self, n: int) -> int:
+        """How many clusters a pool refill of n takes: the first free span of at least
+        POOL_MIN clusters (from the free hint), when it is shorter than n and lies in a
+        range a refcount block describes, else n. A shorter span is used rather than
+        skipped: with small clusters a batch can be longer than a whole block's range,
+        and every range would be left behind partly unused (a 4 KiB-cluster image grew
+        by holes to 3x its data). Spans under POOL_MIN stay for exact-size allocations:
+        a refill that small would cost a reservation per few clusters."""
+        if n <= POOL_MIN:
+            return n
+        c = self._find_free_run(POOL_MIN)
+        b = c >> self.geo.refblock_bits
+        block = self._block(b)
+        if block is None:
+            return n
+        used = self._used(b, block)[c - (b << self.geo.refblock_bits):]
+        stop = np.flatnonzero(used)
+        span = int(stop[0]) if len(stop) else len(used)
+        return span if POOL_MIN <= span < n else n
 
     def allocate_deferred(self, n: int = 1) -> int:
         start = self._find_free_run(n)
