@@ -19,17 +19,11 @@ from qcow2 import cli
 SRC = Path(qcow2.__file__).resolve().parent
 MODULES = {p.stem for p in SRC.glob("*.py") if p.stem != "__init__"}
 
-# Edges left out of the check, each for a cycle that cannot go without the seam refactor
-# of issue 9 Part A (the mode interface that check and the strategies share; another
-# branch does it). Keep this list short: every entry must name its reason.
-EXCEPTIONS = {
-    # OwnerRefcounts.checker() names OwnerChecker (a function-level import), a subclass
-    # of check's checker that reads owner's node records, while check asks the mode
-    # registry, which imports the strategies, for the image's checker and live weight:
-    # check -> modes -> owner -> ownercheck -> check, and owner <-> ownercheck. Removed
-    # by the seam refactor (issue 9 Part A: the mode hands check its expectations).
-    ("owner", "ownercheck"),
-}
+# Edges left out of the check, each for a cycle that cannot go; every entry must name
+# its reason. None is left: check asks the image for its mode's checker and live weight
+# (the registry in modes.py pairs OwnerRefcounts with OwnerChecker), so check imports
+# no mode and owner does not import its checker.
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_of(node: ast.ImportFrom | ast.Import, alias: ast.alias | None, here: str) -> str | None:

@@ -60,8 +60,7 @@ from .format import (
     encode_table,
 )
 from .geometry import div_round_up
-from .modes import live_weight_of
-from .snapshot import pack_snapshot_table
+from .snaptable import pack_snapshot_table
 from .tree import (
     L1Entries,
     L2Entries,
@@ -359,6 +358,10 @@ class CheckHost(Protocol):
 
     @property
     def cluster_size(self) -> int: ...
+    @property
+    def live_weight(self) -> int: ...
+    @property
+    def checker_class(self) -> type[_Checker]: ...
     def flush(self) -> None: ...
     def _update_header(self, **changes: Any) -> None: ...
     def _make_refcounts(self) -> Any: ...
@@ -383,7 +386,7 @@ class _Checker:
         self.rebuild = False
         self.changed = False
         # what one live reference adds to a stored refcount in the image's mode
-        self.live_weight = live_weight_of(img.header)
+        self.live_weight = img.live_weight
         self.live: np.ndarray | None = None
 
     # -- entry point -------------------------------------------------------------------
@@ -1420,10 +1423,7 @@ def _quiesce(img: CheckHost) -> None:
 
 def _one_pass(img: CheckHost, fix: str | None) -> tuple[CheckResult, bool]:
     res = CheckResult(filename=img.path)
-    from .modes import MODES, mode_of  # noqa: PLC0415 - modes imports the strategies
-
-    special = MODES[mode_of(img.header)].checker()
-    checker = (special or _Checker)(img, fix, res)
+    checker = img.checker_class(img, fix, res)
     try:
         checker.run()
     except Qcow2Error as exc:  # I/O errors while checking

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import backing as _backing
 from .bitmaps import BitmapEntry
-from .check import CheckResult, check_image
+from .check import CheckResult, _Checker, check_image
 from .cluster import (
     BITMAP_ALLOC_ALL,
     BITMAP_ZERO_ALL,
@@ -45,7 +45,7 @@ from .format import (
 from .geometry import Geometry
 from .header import read_layout
 from .imagefile import ImageFile
-from .modes import MODES, mode_of, set_refcount_mode
+from .modes import MODES, checker_of, mode_of, set_refcount_mode
 from .overlap import OverlapGuard, guard_allocator, validate_reftable
 from .refcount import RefcountStrategy, StandardRefcounts
 from .snapshot import SnapshotEntry, SnapshotOps, SnapshotView
@@ -199,6 +199,16 @@ class Image:
     def refcount_mode(self) -> str:
         """The image's refcount mode: "standard" (plain qcow2), "lazy-count" or "owner"."""
         return mode_of(self.header)
+
+    @property
+    def live_weight(self) -> int:
+        """What one live reference adds to a stored refcount in the image's mode."""
+        return MODES[mode_of(self.header)].live_weight
+
+    @property
+    def checker_class(self) -> type[_Checker]:
+        """The check pass for the image's refcount mode (check.py asks, knowing no mode)."""
+        return checker_of(self.header)
 
     def set_refcount_mode(self, mode: str) -> None:
         """Convert the image to another refcount mode in place (crash-atomic)."""

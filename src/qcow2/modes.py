@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .check import _Checker
 from .errors import CorruptImageError, FormatError, InvalidArgumentError, UnsupportedFeatureError
 from .format import (
     EXT_FEATURE_TABLE,
@@ -30,6 +31,7 @@ from .format import (
 from .header import extension_area, set_extension, write_cluster0
 from .lazycount import LazyCountRefcounts
 from .owner import OwnerRefcounts
+from .ownercheck import OwnerChecker
 from .refcount import StandardRefcounts
 
 MODES: dict[str, type[StandardRefcounts]] = {
@@ -38,9 +40,14 @@ MODES: dict[str, type[StandardRefcounts]] = {
     "owner": OwnerRefcounts,
 }
 
+# The check pass of each mode whose stored values are not counts (the others use the
+# counting check). Kept here, beside the registry, so that check.py needs no mode.
+CHECKERS: dict[type[StandardRefcounts], type[_Checker]] = {OwnerRefcounts: OwnerChecker}
 
-def live_weight_of(header: Header) -> int:
-    return MODES[mode_of(header)].live_weight
+
+def checker_of(header: Header) -> type[_Checker]:
+    """The check pass for an image's refcount mode."""
+    return CHECKERS.get(MODES[mode_of(header)], _Checker)
 
 
 def check_mode_name(name: str) -> str:

@@ -99,12 +99,6 @@ class OwnerRefcounts(StandardRefcounts):
     def parents(img: Any) -> dict[str, str]:
         return snapshot_parents(img._snapshots)
 
-    @classmethod
-    def checker(cls) -> type | None:
-        from .ownercheck import OwnerChecker
-
-        return OwnerChecker
-
     # -- values --------------------------------------------------------------------------
     @contextmanager
     def owning(self, node: int) -> Iterator[None]:

@@ -205,11 +205,6 @@ class RefcountStrategy(abc.ABC):
         """Snapshot id -> parent snapshot id, for modes that keep a snapshot tree."""
         return None
 
-    @classmethod
-    def checker(cls) -> type | None:
-        """The check pass for this mode, when the counting one does not apply."""
-        return None
-
     @abc.abstractmethod
     def commit(self) -> None:
         """Write every in-memory refcount change and make it durable."""
