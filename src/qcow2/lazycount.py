@@ -95,6 +95,11 @@ class LazyCountRefcounts(StandardRefcounts):
             used[: len(seg)] |= seg != 0
         return used
 
+    def _nothing_used_from(self, cluster: int) -> bool:
+        # live clusters need no count, so a range no block describes may hold them: the
+        # allocator's shortcut past the described ranges must not hand them out
+        return not self.live[cluster:].any()
+
     def _block_slot(self, b: int) -> int:
         # A range no block describes may still hold live clusters (they need no count),
         # e.g. after a conversion from standard dropped their counts to 0 and the block

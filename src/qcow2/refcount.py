@@ -543,7 +543,8 @@ class StandardRefcounts(RefcountStrategy):
                 raise NoSpaceError("No free cluster below the maximum host offset")
             block = self._block(b)
             base = b << bits
-            if block is None and n >= entries and c == base and b >= self._top_block():
+            if block is None and n >= entries and c == base and b >= self._top_block() \
+                    and self._nothing_used_from(base):
                 # Nothing is described from here on, and a run this long cannot fit
                 # between self-describing refblocks: place it after its own refblocks.
                 return self._tail_run(b, n)
@@ -583,6 +584,11 @@ class StandardRefcounts(RefcountStrategy):
         if self._tx_freed and b in self._tx_freed:
             used |= self._tx_freed[b]  # still in use in the image on disk
         return used
+
+    def _nothing_used_from(self, cluster: int) -> bool:
+        """Whether no cluster at or after this one is in use where no refcount block
+        describes it (here: none is; a mode whose live clusters need no count says)."""
+        return True
 
     def _top_block(self) -> int:
         """1 + the index of the last refcount block in the table (none is described above)."""
