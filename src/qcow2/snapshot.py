@@ -357,14 +357,7 @@ class SnapshotOps:
                         icount: int | None = 0, date_sec: int | None = None,
                         date_nsec: int | None = None,
                         snapshot_id: str | None = None) -> SnapshotEntry:
-        """Create an internal snapshot of the current state, as `qemu-img snapshot -c`.
-
-        vm_state (bytes-like, any size) is stored past the end of the disk in the
-        snapshot's L1 range, where QEMU keeps VM state. Returns the new record. icount
-        defaults to 0 as qemu-img writes it (None means "no icount", QEMU's -1).
-        snapshot_id: the id to record instead of QEMU's choice (convert --snapshots keeps
-        the input's ids); it must not be in use.
-        """
+        """Image.create_snapshot (which documents the arguments)."""
         self._check_writable()
         if not isinstance(name, str):
             raise InvalidArgumentError("Snapshot name must be a string")

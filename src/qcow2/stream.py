@@ -293,14 +293,21 @@ def _compressed_sizes(src: _Concat, data_idx: np.ndarray, cs: int, ctype: int,
     def note(k: int, _data: bytes, comp: bytes) -> None:
         clen[k] = len(comp)
 
-    pipe = CompressPipeline(ctype, cs, threads, note)
+    _compress_all(src, data_idx, cs, ctype, threads, note)
+    return clen
+
+
+def _compress_all(src: _Concat, data_idx: np.ndarray, cs: int, ctype: int,
+                  threads: int | None, sink: Any) -> None:
+    """Every data cluster through the compression pool, sink(k, data, compressed) in
+    order (both passes over the data use it)."""
+    pipe = CompressPipeline(ctype, cs, threads, sink)
     try:
         for k, _c, data in _clusters(src, data_idx, cs):
             pipe.put(k, data)
         pipe.drain()
     finally:
         pipe.close()
-    return clen
 
 
 def _data_area(clen: np.ndarray | None, n: int, cs: int, refcount_max: int
@@ -351,13 +358,7 @@ def _write_compressed(src: _Concat, out: _Out, data_idx: np.ndarray, clen: np.nd
             out.write(bytes(at - out.pos))
         out.write(data if len(comp) >= cs else comp)
 
-    pipe = CompressPipeline(ctype, cs, threads, put)
-    try:
-        for k, _c, data in _clusters(src, data_idx, cs):
-            pipe.put(k, data)
-        pipe.drain()
-    finally:
-        pipe.close()
+    _compress_all(src, data_idx, cs, ctype, threads, put)
 
 
 def _data_clusters(src: _Concat, size: int, cs: int, grain: int) -> np.ndarray:
