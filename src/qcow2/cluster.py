@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .cache import TableCache
-from .errors import CorruptImageError, NoSpaceError
+from .errors import CorruptImageError, NoSpaceError, ReadOnlyError
 from .format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -219,8 +219,7 @@ class ClusterMap:
         old = self.l2_offset(l1i)
         if old and l1e & QCOW_OFLAG_COPIED:
             return self.l2cache.get(old), old
-        assert self.refcounts is not None
-        new = self.refcounts.allocate(1)
+        new = self._rc().allocate(1)
         if old:
             # Shared with a snapshot: copy it; the old one loses our reference. The
             # copy's data is not ours either: no entry of it is COPIED.
@@ -285,18 +284,25 @@ class ClusterMap:
         """Whether a dirty L2 table is reachable from the on-disk L1 table."""
         return any(off not in self._fresh for off in self.l2cache.dirty_offsets())
 
+    def _rc(self) -> RefcountStrategy:
+        """The refcounts for a change of the mapping; a read-only map has none (the
+        change is refused as a write to a read-only image)."""
+        if self.refcounts is None:
+            raise ReadOnlyError("Image is opened read-only")
+        return self.refcounts
+
     def grow_l1(self, min_size: int, write_header: Callable[[int, int], None]) -> None:
         """Move the L1 table to a larger home (crash-safe: new table durable before the
         header points at it; the old one is released after)."""
         if min_size <= len(self.l1):
             return
         self.owned.clear()
-        assert self.refcounts is not None
+        rc = self._rc()
         if min_size * 8 > 32 * 1024 * 1024:
             raise NoSpaceError("L1 table would exceed its maximum size")
         new_size = min_size
         clusters = div_round_up(new_size * 8, self.geo.cluster_size)
-        new_off = self.refcounts.allocate(clusters)
+        new_off = rc.allocate(clusters)
         if new_off + clusters * self.geo.cluster_size > MAX_HOST_OFFSET:
             raise NoSpaceError("Image file would exceed the maximum host offset")
         table = np.zeros(new_size, dtype=np.uint64)
@@ -310,7 +316,7 @@ class ClusterMap:
         self._l1_dirty_lo = self._l1_dirty_hi = -1
         self._fresh.clear()
         if old_off and len(table) and old_clusters:
-            self.refcounts.release(old_off, old_clusters)
+            rc.release(old_off, old_clusters)
 
 
 def entry_runs(cmap: ClusterMap, first: int, end: int) -> list[tuple[int, int, int, int]]:

@@ -186,7 +186,16 @@ class Image:
                 rc.set_live(self._snapshots._live_counts())
         return rc
 
-    def _reopen_refcounts(self) -> None:
+    def _rc(self) -> RefcountStrategy:
+        """The refcounts the write path uses. A read-only image has none: asking is a
+        write to it, refused with the error _check_writable gives (not an assert, which
+        `python -O` would drop)."""
+        rc = self.refcounts
+        if rc is None:
+            raise ReadOnlyError("Image is opened read-only")
+        return rc
+
+    def _reopen_refcounts(self) -> RefcountStrategy:
         """Refcounts (and, where the mode needs it, the live state's references) as the
         header now names them: on open for writing, after a repair or a mode switch."""
         rc = self._make_refcounts()
@@ -194,6 +203,7 @@ class Image:
         self.clusters.refcounts = rc
         self.clusters.owned.clear()
         rc.attach(self)
+        return rc
 
     @property
     def refcount_mode(self) -> str:
@@ -299,8 +309,7 @@ class Image:
         cbits = self._cbits
         c = host >> cbits
         cm = self.clusters
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         l1_first = cm.l1_offset >> cbits
         rt_first = rc.reftable_offset >> cbits
         if (c and c not in rc.refblock_clusters and cm.l2cache.cached(c << cbits) is None
@@ -337,9 +346,8 @@ class Image:
                 raise CorruptImageError("Image is dirty (refcounts may be stale); repair it first")
             self._repair_dirty()
             h = self.header
-        self._reopen_refcounts()
-        assert self.refcounts is not None
-        validate_reftable(self, self.refcounts.reftable, self.refcounts.live_weight)
+        rc = self._reopen_refcounts()
+        validate_reftable(self, rc.reftable, rc.live_weight)
         self.storage.meta_guard = self._meta_guard
         # We maintain the persistent bitmaps and no other auto-clear feature: clearing
         # those bits tells other readers that their data may be stale.
@@ -658,8 +666,7 @@ class Image:
                 k = int(used[0])
         if k < 2:
             return 0
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         cs = geo.cluster_size
         hosts = [rc.allocate(1) for _ in range(k)]
         # pooled clusters are usually adjacent: one buffer per host-contiguous piece
@@ -694,8 +701,6 @@ class Image:
 
     def _apply_updates(self, updates: list[tuple[int, int, int, int]]) -> None:
         cmap = self.clusters
-        rc = self.refcounts
-        assert rc is not None
         for gc, entry, bitmap, release in updates:
             cmap.set(gc, entry, bitmap)
             if release:
@@ -703,8 +708,7 @@ class Image:
 
     def _release_entry(self, old_entry: int) -> None:
         """Queue the release of the host clusters an overwritten L2 entry pointed at."""
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         if old_entry & QCOW_OFLAG_COMPRESSED:
             host, length = self.geo.compressed_range(old_entry)
             first = host >> self.geo.cluster_bits
@@ -725,8 +729,7 @@ class Image:
         kind = cmap.classify(entry)
         guest_base = gc << geo.cluster_bits
         length = len(data)
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         if not geo.extended_l2:
             if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
                 host = cmap.host_offset(entry)
@@ -857,8 +860,7 @@ class Image:
         fresh clusters. The packing position is forgotten by everything else that changes
         the image (flush, other writes, discard, snapshots), so that it never points into
         a cluster that was freed meanwhile."""
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         cs = self.geo.cluster_size
         tail = self._comp_tail
         self._comp_tail = None
@@ -998,8 +1000,7 @@ class Image:
         if not self.writable:
             return
         self._comp_tail = None  # releases may free the cluster it points into
-        rc = self.refcounts
-        assert rc is not None
+        rc = self._rc()
         cmap = self.clusters
         st = self.storage
         # Ordering: (1) L2 tables no on-disk L1 entry points at yet and refcount blocks

@@ -41,6 +41,7 @@ from .errors import (
     CorruptImageError,
     InvalidArgumentError,
     Qcow2Error,
+    ReadOnlyError,
     SnapshotError,
     SnapshotNotFoundError,
 )
@@ -574,7 +575,8 @@ class SnapshotOps:
     # ------------------------------------------------------------------ internals --
     def _rc(self) -> RefcountStrategy:
         rc = self.refcounts
-        assert rc is not None
+        if rc is None:  # a snapshot operation on a read-only image
+            raise ReadOnlyError("Image is opened read-only")
         return rc
 
     def _bulk(self) -> Any:
