@@ -472,10 +472,10 @@ def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
     mask = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
     empty = np.zeros(geo.l2_entries * words, dtype=np.uint64)
     out: list[np.ndarray] = []
-    for i in range(n_l1):
+    # only L1 entries that differ: the same table (or none in both) has the same entries
+    differ = np.flatnonzero(_l2_offsets(prev.clusters, n_l1) != _l2_offsets(cur.clusters, n_l1))
+    for i in differ.tolist():
         a, b = prev.clusters.l2_offset(i), cur.clusters.l2_offset(i)
-        if a == b:
-            continue  # the same table (or none in both): the same entries
         ta = prev.clusters.l2_table(i) if a else empty
         tb = cur.clusters.l2_table(i) if b else empty
         ea, eb = ta.reshape(-1, words).copy(), tb.reshape(-1, words).copy()
@@ -484,6 +484,16 @@ def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
         diff = np.flatnonzero((ea != eb).any(axis=1)) + i * geo.l2_entries
         out.append(diff[diff < n])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _l2_offsets(cmap: Any, n: int) -> np.ndarray:
+    """The L2 table offsets of a map's first n L1 entries (0 past its L1 table)."""
+    from .format import L1E_OFFSET_MASK
+
+    out = np.zeros(n, dtype=np.uint64)
+    m = min(n, len(cmap.l1))
+    out[:m] = cmap.l1[:m] & np.uint64(L1E_OFFSET_MASK)
+    return out
 
 
 def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int

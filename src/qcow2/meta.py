@@ -18,7 +18,7 @@ from .backing import Readable, open_backing
 from .errors import Qcow2Error
 from .format import Header, ImageLayout, SnapshotEntry, mode_of
 from .header import read_layout
-from .snaptable import read_snapshot_table
+from .snaptable import CachedTable, cached_snapshot_table
 from .storage import FileBackend, Storage
 
 
@@ -38,7 +38,7 @@ class ImageMetadata:
             raise Qcow2Error(f"Could not open '{self.path}': {exc.strerror}") from exc
         self.storage = Storage(be, False)
         self.closed = False
-        self._snap_cache: tuple[int, int, list[SnapshotEntry]] | None = None
+        self._snap_cache: CachedTable | None = None
         # the mode hooks read the snapshot table through Image._snapshots (SnapshotOps);
         # here the table reader is this object itself
         self._snapshots = self
@@ -55,12 +55,8 @@ class ImageMetadata:
 
     def _snapshot_entries(self) -> list[SnapshotEntry]:
         """Every entry of the snapshot table (those the mode hides too)."""
-        h = self.header
-        c = self._snap_cache
-        if c is None or c[0] != h.snapshots_offset or c[1] != h.nb_snapshots:
-            c = (h.snapshots_offset, h.nb_snapshots, read_snapshot_table(self.storage, h)[0])
-            self._snap_cache = c
-        return c[2]
+        self._snap_cache = cached_snapshot_table(self.storage, self.header, self._snap_cache)
+        return self._snap_cache[2]
 
     @property
     def snapshots(self) -> list[SnapshotEntry]:

@@ -60,6 +60,8 @@ from .modes import MODES, mode_of
 from .snaptable import (  # the table's records (numpy-free), also imported from here
     ICOUNT_NONE,
     MAX_NAME_BYTES,
+    CachedTable,
+    cached_snapshot_table,
     find_snapshot,
     next_snapshot_id,
     pack_snapshot_table,
@@ -261,19 +263,14 @@ class SnapshotOps:
     def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
         self._img._switch_l1(l1, offset)
 
-    _snap_cache: tuple[int, int, list[SnapshotEntry], int] | None = None
+    _snap_cache: CachedTable | None = None
     _snapshot_gen = 0
 
     # ------------------------------------------------------------------ table --
     def _snapshot_entries(self) -> list[SnapshotEntry]:
         """The parsed table, cached for the current header (nb_snapshots, offset)."""
-        h = self.header
-        c = self._snap_cache
-        if c is None or c[0] != h.snapshots_offset or c[1] != h.nb_snapshots:
-            entries, size = read_snapshot_table(self.storage, h)
-            c = (h.snapshots_offset, h.nb_snapshots, entries, size)
-            self._snap_cache = c
-        return c[2]
+        self._snap_cache = cached_snapshot_table(self.storage, self.header, self._snap_cache)
+        return self._snap_cache[2]
 
     @property
     def snapshots(self) -> list[SnapshotEntry]:

@@ -75,6 +75,20 @@ def read_snapshot_table(storage: Storage, header: Header) -> tuple[list[Snapshot
     return [_normalize(e, header.size) for e in out], size
 
 
+# (snapshots_offset, nb_snapshots, entries, table size in bytes): the parsed table,
+# valid while the header names that table
+CachedTable = tuple[int, int, list[SnapshotEntry], int]
+
+
+def cached_snapshot_table(storage: Storage, header: Header,
+                          cache: CachedTable | None) -> CachedTable:
+    """The table the header names: cache when it is that one, else read again."""
+    if cache is None or cache[0] != header.snapshots_offset or cache[1] != header.nb_snapshots:
+        entries, size = read_snapshot_table(storage, header)
+        cache = (header.snapshots_offset, header.nb_snapshots, entries, size)
+    return cache
+
+
 def _entry_len(e: SnapshotEntry) -> int:
     return 40 + e.extra_data_size + len(e.id.encode("utf-8", "surrogateescape")) + len(
         e.name.encode("utf-8", "surrogateescape"))
