@@ -459,10 +459,12 @@ def check_snapshots(src: Source) -> None:
                 f"image {src.img.size}: snapshots of another size cannot be copied")
 
 
-def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
+def _changed_clusters(prev: Any, cur: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Guest clusters (input cluster size) whose L2 entry differs between two states of
-    one image: the clusters that do not share their host cluster (or zero/unallocated
-    state). Whole L2 tables that both states share are skipped without reading them."""
+    one image (prev None: an empty state), and cur's entries there (COPIED cleared; two
+    columns, the entry and its subcluster bitmap, 0 without extended L2): the clusters
+    that do not share their host cluster (or zero/unallocated state). Whole L2 tables
+    that both states share are skipped without reading them."""
     from .format import QCOW_OFLAG_COPIED
 
     geo = cur.clusters.geo
@@ -472,18 +474,27 @@ def _changed_clusters(prev: Any, cur: Any, size: int) -> np.ndarray:
     mask = np.uint64(~QCOW_OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF)
     empty = np.zeros(geo.l2_entries * words, dtype=np.uint64)
     out: list[np.ndarray] = []
+    ents: list[np.ndarray] = []
     # only L1 entries that differ: the same table (or none in both) has the same entries
-    differ = np.flatnonzero(_l2_offsets(prev.clusters, n_l1) != _l2_offsets(cur.clusters, n_l1))
+    before = _l2_offsets(prev.clusters, n_l1) if prev is not None else np.zeros(n_l1, np.uint64)
+    differ = np.flatnonzero(before != _l2_offsets(cur.clusters, n_l1))
     for i in differ.tolist():
-        a, b = prev.clusters.l2_offset(i), cur.clusters.l2_offset(i)
+        a = prev.clusters.l2_offset(i) if prev is not None else 0
+        b = cur.clusters.l2_offset(i)
         ta = prev.clusters.l2_table(i) if a else empty
         tb = cur.clusters.l2_table(i) if b else empty
         ea, eb = ta.reshape(-1, words).copy(), tb.reshape(-1, words).copy()
         ea[:, 0] &= mask
         eb[:, 0] &= mask
-        diff = np.flatnonzero((ea != eb).any(axis=1)) + i * geo.l2_entries
-        out.append(diff[diff < n])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero((ea != eb).any(axis=1))
+        rows = rows[rows + i * geo.l2_entries < n]
+        out.append(rows + i * geo.l2_entries)
+        got = np.zeros((len(rows), 2), dtype=np.uint64)
+        got[:, :words] = eb[rows]
+        ents.append(got)
+    if not out:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.uint64)
+    return np.concatenate(out), np.concatenate(ents)
 
 
 def _l2_offsets(cmap: Any, n: int) -> np.ndarray:
@@ -496,38 +507,88 @@ def _l2_offsets(cmap: Any, n: int) -> np.ndarray:
     return out
 
 
-def _cluster_ranges(changed: np.ndarray, in_cs: int, out_cs: int, size: int
-                    ) -> list[tuple[int, int]]:
-    """Byte ranges covering the changed input clusters, widened to whole output clusters
-    (a larger output cluster is rewritten whole: its content stays exact, its sharing
-    is then per output cluster), merged where they touch."""
-    if not len(changed):
-        return []
-    unit = max(in_cs, out_cs)  # (both powers of two: one is a multiple of the other)
-    oc = np.unique(changed.astype(np.int64) * in_cs // unit)
-    oc = oc[oc * unit < size]
-    if not len(oc):
-        return []
-    brk = np.flatnonzero(np.diff(oc) != 1) + 1
-    starts, ends = np.r_[oc[:1], oc[brk]], np.r_[oc[brk - 1], oc[-1:]] + 1
-    return [(int(a) * unit, min(int(b) * unit, size)) for a, b in zip(starts, ends)]
-
-
 BASE_CANDIDATES = 16  # earlier states a state is compared with, newest first
 
 
-def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int) -> tuple[Any, np.ndarray]:
+def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int
+               ) -> tuple[Any, np.ndarray, np.ndarray]:
     """The state already copied that differs from view in the fewest clusters (the
-    latest one on a tie: it needs no apply), and those clusters."""
-    best: tuple[Any, np.ndarray] | None = None
+    latest one on a tie: it needs no apply), those clusters and view's entries there."""
+    best: tuple[Any, np.ndarray, np.ndarray] | None = None
     for entry, other in reversed(copied[-BASE_CANDIDATES:]):
-        changed = _changed_clusters(other, view, size)
+        changed, ents = _changed_clusters(other, view, size)
         if best is None or len(changed) < len(best[1]):
-            best = (entry, changed)
+            best = (entry, changed, ents)
             if not len(changed):
                 break
     assert best is not None
     return best
+
+
+def _holds_data(entry: int, extended: bool) -> bool:
+    """Whether an L2 entry (COPIED cleared) points at data: a data cluster (not a
+    preallocated zero one) or a compressed cluster."""
+    from .format import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return True
+    return bool(entry & L2E_OFFSET_MASK) and (extended or not entry & QCOW_OFLAG_ZERO)
+
+
+def _record_copies(held: dict[tuple[int, int], tuple[Any, int]], entry: Any,
+                   changed: np.ndarray, ents: np.ndarray, extended: bool) -> None:
+    """The output snapshot `entry` now holds a copy of each input data cluster copied
+    for it (its entry at that guest cluster): the first state holding one keeps it."""
+    for c, (e0, e1) in zip(changed.tolist(), ents.tolist()):
+        if _holds_data(e0, extended):
+            held.setdefault((e0, e1), (entry, c))
+
+
+def _shareable_units(view: Any, changed: np.ndarray, ents: np.ndarray,
+                     held: dict[tuple[int, int], tuple[Any, int]], per_unit: int,
+                     n_clusters: int) -> tuple[list[tuple[int, Any]], list[int]]:
+    """Split the units (the larger of the two cluster sizes; per_unit input clusters)
+    that hold changed clusters into those an output snapshot already holds alike, as
+    (unit, snapshot entry), and those to copy. A unit is held alike when every input
+    cluster in it is a data cluster whose copy one and the same earlier state holds at
+    the same guest cluster (its entry there is that very host cluster, so its content
+    is the same): with a larger output cluster, a unit whose input clusters were copied
+    for different states, or are zero or unallocated, is copied."""
+    from .format import QCOW_OFLAG_COPIED
+
+    extended = bool(view.clusters.geo.extended_l2)
+    by_cluster = {c: (e0, e1) for c, (e0, e1) in zip(changed.tolist(), ents.tolist())}
+    shared: list[tuple[int, Any]] = []
+    copy: list[int] = []
+    for u in np.unique(changed // per_unit).tolist():
+        holder: Any = None
+        for c in range(u * per_unit, min((u + 1) * per_unit, n_clusters)):
+            key = by_cluster.get(c)
+            if key is None:  # not changed (per_unit > 1): the base's entry, the same
+                e0, e1 = view.clusters.get(c)
+                key = (e0 & ~QCOW_OFLAG_COPIED, e1 if extended else 0)
+            h = held.get(key) if _holds_data(key[0], extended) else None
+            if h is None or h[1] != c or (holder is not None and h[0] is not holder):
+                holder = None
+                break
+            holder = h[0]
+        if holder is None:
+            copy.append(u)
+        else:
+            shared.append((u, holder))
+    return shared, copy
+
+
+def _unit_ranges(units: list[int], unit: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of sorted units, merged where they touch."""
+    out: list[tuple[int, int]] = []
+    for u in units:
+        s, e = u * unit, min((u + 1) * unit, size)
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
 
 
 def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
@@ -540,11 +601,15 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
     VM state. Each later state is written as a difference on top of the closest state
     copied before it (the previous one, or an older one that the output then applies
     first, as after `snapshot -a` in the input): only the guest clusters whose input L2
-    entry differs (another host cluster, or zero/unallocated) are discarded in the
-    output and copied again; every other cluster stays shared between the output's
-    states, as it was in the input. A cluster that two states share without sharing it
-    with the states copied between them (rare: a cluster kept by a snapshot, written
-    over and then reverted to by a state that is not a child of it) is copied again."""
+    entry differs (another host cluster, or zero/unallocated) change in the output;
+    every other cluster stays shared between the output's states, as it was in the
+    input. A changed cluster whose input host cluster was copied for another earlier
+    state (one that is not the base: a cluster kept by a snapshot, written over, then
+    taken up again by a state that is not a child of it) is not copied again: the
+    output's active state points at that state's copy (Image.share_from_snapshot).
+    The unit is the larger cluster size (see _shareable_units). Where the output's
+    refcount mode cannot express that sharing (owner mode: a node shares only with its
+    ancestors), the cluster is copied."""
     img = src.img
     out = target.img
     size = img.size
@@ -552,20 +617,33 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
     states.append((None, img))
     buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
     in_cs, out_cs = img.cluster_size, out.cluster_size
+    unit = max(in_cs, out_cs)  # (both powers of two: one is a multiple of the other)
+    per_unit = unit // in_cs
+    n_clusters = div_round_up(size, in_cs)
+    extended = bool(img.clusters.geo.extended_l2)
     copied: list[tuple[Any, Any]] = []  # states in the output (as snapshots), oldest first
+    # input data cluster (entry, bitmap) -> (output snapshot holding a copy, guest cluster)
+    held: dict[tuple[int, int], tuple[Any, int]] = {}
     for entry, view in states:
         src.view = view
         if not copied:
+            changed, ents = _changed_clusters(None, view, size)
             copy_range(src, target, 0, size, 0, True, buf, progress, grain)
         else:
-            base, changed = _best_base(copied, view, size)
+            base, changed, ents = _best_base(copied, view, size)
             if base is not copied[-1][0]:
                 # an older state is closer (a snapshot applied, then written over):
                 # start from it, as the input did
                 target.settle()
                 out.apply_snapshot(base.id)
+            shared, to_copy = _shareable_units(view, changed, ents, held, per_unit, n_clusters)
+            target.settle()
+            for u, holder in shared:
+                s, e = u * unit, min((u + 1) * unit, size)
+                if not out.share_from_snapshot(holder.id, s, e - s):
+                    to_copy.append(u)
             done = 0
-            for s, e in _cluster_ranges(changed, in_cs, out_cs, size):
+            for s, e in _unit_ranges(sorted(to_copy), unit, size):
                 # the base state's clusters there leave the active state (the
                 # snapshots keep theirs): the range reads as zeros, as in a new target
                 target.settle()
@@ -586,6 +664,7 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
                                 date_sec=entry.date_sec, date_nsec=entry.date_nsec,
                                 snapshot_id=entry.id)
             copied.append((entry, view))
+            _record_copies(held, entry, changed, ents, extended)
     src.view = img
 
 

@@ -1131,6 +1131,68 @@ class Image:
         what its L1 table reached, then fix the COPIED flags of the active tree."""
         self._snapshots.delete_snapshot(name_or_id)
 
+    def share_from_snapshot(self, name_or_id: str, offset: int, length: int) -> bool:
+        """Make [offset, offset + length) of the active state read what the snapshot
+        reads there by pointing the active L2 entries at the snapshot's clusters (one
+        more reference each, no COPIED flag: the first write copies them), not by
+        copying data: a revert of one range that keeps the data shared.
+
+        offset and length are whole clusters (the range may end at the disk's end).
+        Returns False, changing nothing, where the refcount mode cannot express the
+        sharing (a count would overflow; owner mode unless the snapshot is the live
+        state's parent): the caller copies the data instead. The new references are
+        durable before any table points at them and the old entries are released once
+        the tables that dropped them are, as for any write (flush makes it durable)."""
+        self._check_writable()
+        e = self._snapshots.find_snapshot(str(name_or_id))
+        cs = self.geo.cluster_size
+        end = offset + length
+        disk = int(e.disk_size if e.disk_size is not None else self.size)
+        if offset < 0 or length < 0 or end > min(self.size, disk):
+            raise InvalidArgumentError(
+                f"Range {offset}+{length} is not inside the disk and snapshot '{e.name}'")
+        if offset % cs or (length % cs and end != min(self.size, disk)):
+            raise InvalidArgumentError("share_from_snapshot takes whole clusters")
+        if not length:
+            return True
+        self._snapshots._check_disk_size(e)
+        geo = self.geo
+        cmap = self.clusters
+        snap = ClusterMap(self.storage, geo, self._snapshots._snapshot_l1(e), e.l1_table_offset,
+                          None, self._cache_tables, self.header.version)
+        first, stop = offset >> geo.cluster_bits, -(-end // cs)
+        # (guest cluster, the snapshot's entry, its bitmap, the live entry it replaces)
+        plan: list[tuple[int, int, int, int]] = []
+        refs: list[int] = []
+        for gc in range(first, stop):
+            new, bitmap = snap.get(gc)
+            new &= ~QCOW_OFLAG_COPIED
+            old, old_bitmap = cmap.get(gc)
+            if (old & ~QCOW_OFLAG_COPIED, old_bitmap) == (new, bitmap):
+                continue  # shared already
+            if new & QCOW_OFLAG_COMPRESSED:
+                host, n = geo.compressed_range(new)
+                c0 = host >> geo.cluster_bits
+                refs.extend(range(c0, ((host + n - 1) >> geo.cluster_bits) + 1))
+            elif new & L2E_OFFSET_MASK:
+                refs.append(snap.host_offset(new) >> geo.cluster_bits)
+            plan.append((gc, new, bitmap, old))
+        rc = self._rc()
+        clusters = np.array(refs, dtype=np.int64)
+        if not rc.may_share(self._snapshots, e, clusters):
+            return False
+        cmap.owned.clear()
+        self._comp_tail = None
+        self._compressed_cache = None
+        if self._dirty is not None:
+            self._dirty.mark(offset, length)
+        rc.share(clusters)
+        for gc, new, bitmap, old in plan:
+            cmap.set(gc, new, bitmap)
+            if old & (L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED):
+                self._release_entry(old)
+        return True
+
     def _switch_l1(self, l1: np.ndarray, offset: int) -> None:
         """The header now names this active L1 table: make it the in-memory one."""
         self.clusters.replace_l1(l1, offset)

@@ -24,7 +24,7 @@ refcounts are always exact, for a different definition of what they count.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -146,6 +146,30 @@ class LazyCountRefcounts(StandardRefcounts):
         # a later snapshot adds one stored reference per live one: keep that possible
         live = self.live_count(cluster)
         return live < LIVE_MAX and self.get(cluster) + live < self.geo.refcount_max
+
+    def may_share(self, img: Any, entry: Any, clusters: np.ndarray) -> bool:
+        # The snapshot's reference is a stored one (so the live entry gets no COPIED
+        # flag); the live state's new one only goes into the live map. A later snapshot
+        # adds a stored reference per live one: keep that possible, as may_pack does.
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if not len(clusters):
+            return True
+        uniq, mult = np.unique(clusters, return_counts=True)
+        stored = self.get_many(uniq).astype(np.int64)
+        if (stored == 0).any():
+            raise CorruptImageError(
+                f"Snapshot '{entry.name}' references a cluster with refcount 0: run 'qcow2 check -r all'")
+        live = np.zeros(len(uniq), dtype=np.int64)
+        inside = uniq < len(self.live)
+        live[inside] = self.live[uniq[inside]]
+        return bool((live + mult <= LIVE_MAX).all() and
+                    (stored + live + mult <= self.geo.refcount_max).all())
+
+    def share(self, clusters: np.ndarray) -> None:
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if len(clusters):
+            self._grow_live(int(clusters.max()) + 1)
+            np.add.at(self.live, clusters, 1)
 
     def apply_releases(self) -> None:
         if self._releases:

@@ -187,6 +187,19 @@ class OwnerRefcounts(StandardRefcounts):
     def add_reference(self, cluster: int) -> None:
         raise CorruptImageError("Owner mode cannot add a second reference to a cluster")
 
+    def may_share(self, img: Any, entry: SnapshotEntry, clusters: np.ndarray) -> bool:
+        # The live node may reference a cluster only if every node on its path up to
+        # the owner does (the invariant): the snapshot's clusters qualify when the
+        # snapshot is the live node's parent (its own references satisfy the invariant
+        # up from it). Any other snapshot (an older ancestor, a sibling) may not hold
+        # them on the whole path: no sharing, the caller copies.
+        return node_of(entry).node_id == Tree.of(img._snapshot_entries(), self.live_id).live_parent
+
+    def share(self, clusters: np.ndarray) -> None:
+        # an owner value stays the ancestor's: nothing to store; the live tree's count
+        # of compressed references (for freeing packed clusters) is recounted on demand
+        self._comp_live = None
+
     def release_compressed(self, host_offset: int, n: int = 1) -> None:
         c = host_offset >> self.geo.cluster_bits
         self._comp_releases.extend(range(c, c + n))

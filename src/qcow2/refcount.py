@@ -147,6 +147,27 @@ class RefcountStrategy(abc.ABC):
         (one more reference must not overflow its refcount)."""
         return self.get(cluster) < self.geo.refcount_max  # type: ignore[attr-defined]
 
+    def may_share(self, img: Any, entry: Any, clusters: np.ndarray) -> bool:
+        """Whether the live state may take one more reference to each of these host
+        clusters (repeats add up), which the snapshot `entry` references: the data the
+        live state then shares with it (Image.share_from_snapshot). Here: the counts
+        stay within refcount_bits. A cluster the snapshot references but no count
+        holds is a corruption."""
+        uniq, mult = _count_unique(np.asarray(clusters, dtype=np.int64))
+        if not len(uniq):
+            return True
+        counts = self.get_many(uniq).astype(np.int64)
+        if (counts == 0).any():
+            raise CorruptImageError(
+                f"Snapshot '{entry.name}' references a cluster with refcount 0: run 'qcow2 check -r all'")
+        return bool((counts + mult <= self.geo.refcount_max).all())  # type: ignore[attr-defined]
+
+    def share(self, clusters: np.ndarray) -> None:
+        """The live state took one more reference to each of these host clusters (after
+        may_share said yes); durable before any reachable metadata is written, as
+        allocate's are."""
+        self.update(np.asarray(clusters, dtype=np.int64), 1)
+
     def tx_allocate(self, n: int, live: bool) -> int:
         """n contiguous clusters inside a transaction, for the live state (its L1 or L2
         tables) or for other metadata (snapshot tables, VM state)."""
@@ -720,6 +741,11 @@ class StandardRefcounts(RefcountStrategy):
             block[i] = new
             self._blocks.mark_dirty(self._block_offset(cluster >> bits))
         # written and synced by ensure_durable, before reachable metadata
+        self._increments_pending = True
+
+    def share(self, clusters: np.ndarray) -> None:
+        self.update(np.asarray(clusters, dtype=np.int64), 1)
+        # written and synced by ensure_durable, before the L2 entries that point there
         self._increments_pending = True
 
     def release(self, host_offset: int, n: int = 1) -> None:
