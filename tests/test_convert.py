@@ -278,6 +278,47 @@ def test_snapshots_are_kept_and_stay_shared(tmp: Path, mode: str, opts: str) -> 
         assert _host_clusters(out) == _host_clusters(src) + _compressed_data(src)
 
 
+def _shared_off_base(tmp: Path) -> Path:
+    """A QEMU image whose last snapshot shares data with two earlier ones, each of them
+    holding data the other does not: A = {X, Y}, B = {X', Y'}, D = {X, Y', Z} (made by
+    applying a state E = {X, Y'} taken between them, then deleted). Whichever of A and
+    B D is written on top of, one of X (A's) and Y' (B's) is not in it. Each piece is
+    128 KiB: two input clusters, one cluster of a 128 KiB output."""
+    p = tmp / "offbase.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(p), str(MiB))
+    qemu_io(p, "write -P 0x11 0 128k", "write -P 0x22 128k 128k")
+    qemu_img("snapshot", "-c", "A", str(p))
+    qemu_io(p, "write -P 0x23 128k 128k")
+    qemu_img("snapshot", "-c", "E", str(p))
+    qemu_io(p, "write -P 0x12 0 128k")
+    qemu_img("snapshot", "-c", "B", str(p))
+    qemu_img("snapshot", "-a", "E", str(p))
+    qemu_io(p, "write -P 0x33 256k 128k")
+    qemu_img("snapshot", "-c", "D", str(p))
+    qemu_img("snapshot", "-d", "E", str(p))
+    return p
+
+
+@pytest.mark.parametrize("cluster", [65536, 16384, 131072])
+def test_snapshots_share_with_a_state_that_is_not_the_base(tmp: Path, mode: str,
+                                                          cluster: int) -> None:
+    src = _shared_off_base(tmp)
+    out = tmp / "out.qcow2"
+    assert main(["convert", "--snapshots", "-O", "qcow2", "-o",
+                 f"cluster_size={cluster},refcount_mode={mode}", str(src), str(out)]) == 0
+    assert_clean(out)
+    want = qemu_info(src)["snapshots"]
+    assert [s["name"] for s in qemu_info(out)["snapshots"]] == ["A", "B", "D"]
+    for s in want:
+        assert _snapshot_raw(out, tmp, s["id"]) == _snapshot_raw(src, tmp, s["id"]), s
+    assert qemu_img("compare", str(src), str(out)).returncode == 0
+    # the same data bytes: X, Y, X', Y', Z once each (owner mode keeps a copy: a node
+    # may only share what every node up to the cluster's owner has too, and D's
+    # parent, A or B, lacks one of X and Y')
+    data = _host_clusters(out) * cluster
+    assert data == _host_clusters(src) * 65536 + (128 * KiB if mode == "owner" else 0)
+
+
 def _host_clusters(path: Path) -> int:
     """Distinct host clusters holding (uncompressed) data, over every state."""
     import qcow2
