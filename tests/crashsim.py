@@ -307,6 +307,17 @@ class Driver:
         self.content = bytearray(new)
         self._durable()
 
+    def share_from_snapshot(self, name: str, off: int, n: int) -> None:
+        """Revert [off, off+n) to the snapshot by sharing its clusters, or, where the
+        mode cannot (img.share_from_snapshot says False), by writing its data (as
+        convert --snapshots does)."""
+        if self.tolerate and name not in self.snapshots:
+            return  # its creation failed
+        new = self.snapshots[name].content[off : off + n]
+        img = self.img
+        self._data_op(off, n, new,
+                      lambda: img.share_from_snapshot(name, off, n) or img.pwrite(new, off))
+
     def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
         """qcow2.resize.resize_image. Until it completes a crash may show the old size
         or the new one; past the new end of a shrink, old content or zeros."""
@@ -1057,6 +1068,28 @@ def _body_snapshots(d: Driver, rng: random.Random) -> None:
     d.write(0, rng.randbytes(100))
 
 
+def _body_share(d: Driver, rng: random.Random) -> None:
+    """Ranges reverted to a snapshot by sharing its clusters: the parent (shared in
+    every mode) and a grandparent (copied in owner mode), then written over (copied on
+    write), the snapshots deleted under them."""
+    cs = 16384
+    d.create_snapshot("a")
+    _random_writes(d, rng, 5, cs, 0)
+    d.write(0, rng.randbytes(12 * cs))
+    d.create_snapshot("b")
+    d.write(cs, rng.randbytes(20 * cs))
+    d.share_from_snapshot("b", 2 * cs, 6 * cs)
+    d.share_from_snapshot("a", 10 * cs, 4 * cs)
+    d.flush()
+    d.write(3 * cs + 100, rng.randbytes(cs))
+    d.share_from_snapshot("a", 0, 3 * cs)
+    d.delete_snapshot("a")
+    d.share_from_snapshot("b", 16 * cs, 8 * cs)
+    d.flush()
+    d.delete_snapshot("b")
+    d.write(17 * cs, rng.randbytes(5000))
+
+
 def _setup_leaky(tmp: Path) -> Path:
     """An image with leaked clusters inside the file (data written to reserved clusters,
     never referenced: what a crash leaves)."""
@@ -1316,6 +1349,7 @@ WORKLOADS: list[Workload] = [
     Workload("snapshots", _setup_data, _body_snapshots),
     Workload("snapshot-tree", _setup_data, _body_snapshot_tree, weight=0.6),
     Workload("check-repair", _setup_leaky, _body_check),
+    Workload("share-from-snapshot", _setup_data, _body_share, weight=0.5),
     Workload("compressed-writes", _setup_compressed_target, _body_compressed,
              open_options={"cache_size": 4 * 4096}),
     Workload("refcount-mode-switch", _setup_snapshotted, _body_mode_switch),

@@ -30,6 +30,7 @@ CASES = [
     ("reftable-growth", {}),
     ("l1-growth", {}),
     ("snapshots", {}),
+    ("share-from-snapshot", {"cache_size": 2 * 16384}),
     ("check-repair", {}),
     ("compressed-writes", {"cache_size": 64 * 4096}),
     ("resize", {"cache_size": 4 * 512}),

@@ -976,3 +976,64 @@ def test_list_pads_names_by_bytes_as_qemu(tmp):
         img.create_snapshot("plain")
     with qcow2.open(p) as img:
         assert format_snapshot_list(img.snapshots) == _qemu_list(p)
+
+
+# ------------------------------------------------------------------ share_from_snapshot --
+@pytest.mark.parametrize("opts", [{}, {"extended_l2": True}])
+def test_share_from_snapshot(tmp, mode, opts):
+    """A range of the active state reverted to a snapshot by referencing its clusters:
+    QEMU reads the snapshot's data there, checks the image clean, and a write after it
+    copies the cluster (the snapshot keeps its data). Owner mode shares only with the
+    live state's parent and otherwise changes nothing."""
+    from qcow2.errors import InvalidArgumentError, ReadOnlyError, SnapshotNotFoundError
+
+    p = tmp / "s.qcow2"
+    cs = 65536
+    qcow2.create(p, MiB, cluster_size=cs, **opts)
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(_pattern(1, 8 * cs), 0)
+        img.write_compressed(8 * cs, _pattern(2, 1000) * 65 + bytes(cs - 65000))
+        img.create_snapshot("a")
+        img.pwrite(_pattern(3, 9 * cs), 0)
+        img.create_snapshot("b")
+        img.pwrite(_pattern(4, 2 * cs), 0)
+        want = bytearray(img.pread(MiB, 0))
+        a, b = img.snapshot("a").pread(MiB, 0), img.snapshot("b").pread(MiB, 0)
+        host_a = img.snapshot("a").clusters.get(0)[0] & ~(1 << 63)
+        with pytest.raises(InvalidArgumentError):
+            img.share_from_snapshot("a", 100, cs)
+        with pytest.raises(InvalidArgumentError):
+            img.share_from_snapshot("a", 0, 2 * MiB)
+        with pytest.raises(SnapshotNotFoundError):
+            img.share_from_snapshot("nope", 0, cs)
+        # "a" is the live state's grandparent: not in owner mode
+        got = img.share_from_snapshot("a", 0, 3 * cs)
+        assert got == (mode != "owner")
+        if got:
+            want[: 3 * cs] = a[: 3 * cs]
+            assert img.clusters.get(0)[0] == host_a  # that very cluster, not a copy
+        assert img.share_from_snapshot("b", cs, cs)  # the parent: in every mode
+        assert img.clusters.get(1)[0] == img.snapshot("b").clusters.get(1)[0] & ~(1 << 63)
+        want[cs : 2 * cs] = b[cs : 2 * cs]
+        assert img.share_from_snapshot("b", 4 * cs, 2 * cs)  # shared already: no change
+        if mode != "owner":
+            assert img.share_from_snapshot("a", 8 * cs, cs)  # a compressed cluster
+            want[8 * cs : 9 * cs] = a[8 * cs : 9 * cs]
+        assert img.pread(MiB, 0) == want
+        img.pwrite(b"\x77" * 100, 50)  # copy-on-write: "a" keeps its data
+        want[50:150] = b"\x77" * 100
+    assert_clean(p)
+    with qcow2.open(p) as img:  # (ours also verifies the mode's own rules)
+        res = img.check()
+        assert res.clean, (res.to_dict(), res.messages[:10])
+    assert raw_bytes(p, tmp) == want
+    assert raw_bytes(p, tmp, "a") == a and raw_bytes(p, tmp, "b") == b
+    with qcow2.open(p) as img, pytest.raises(ReadOnlyError):
+        img.share_from_snapshot("a", 0, cs)
+    with qcow2.open(p, "r+") as img:
+        img.delete_snapshot("a")
+        img.delete_snapshot("b")
+        img.pwrite(b"\x55" * 10, 8 * cs + 5)  # in place or not: whatever the flags say
+        want[8 * cs + 5 : 8 * cs + 15] = b"\x55" * 10
+    assert_clean(p)
+    assert raw_bytes(p, tmp) == want

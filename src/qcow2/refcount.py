@@ -153,9 +153,10 @@ class RefcountStrategy(abc.ABC):
         live state then shares with it (Image.share_from_snapshot). Here: the counts
         stay within refcount_bits. A cluster the snapshot references but no count
         holds is a corruption."""
-        uniq, mult = _count_unique(np.asarray(clusters, dtype=np.int64))
-        if not len(uniq):
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if not len(clusters):
             return True
+        uniq, mult = _count_unique(clusters)
         counts = self.get_many(uniq).astype(np.int64)
         if (counts == 0).any():
             raise CorruptImageError(
