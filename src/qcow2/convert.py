@@ -525,58 +525,105 @@ def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int
     return best
 
 
-def _holds_data(entry: int, extended: bool) -> bool:
-    """Whether an L2 entry (COPIED cleared) points at data: a data cluster (not a
-    preallocated zero one) or a compressed cluster."""
-    from .format import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+class _Held:
+    """Which output snapshot holds the copy of which input data cluster: sorted arrays
+    (an image's worth of clusters costs 32 bytes each, not a Python object), keyed by
+    the input L2 entry (COPIED cleared), with its subcluster bitmap, the index of the
+    state (in copy order) and the guest cluster the copy is at. The first state that
+    holds a cluster keeps it."""
 
-    if entry & QCOW_OFLAG_COMPRESSED:
-        return True
-    return bool(entry & L2E_OFFSET_MASK) and (extended or not entry & QCOW_OFLAG_ZERO)
+    def __init__(self, extended: bool) -> None:
+        self.extended = extended
+        self.key = np.zeros(0, dtype=np.uint64)
+        self.bitmap = np.zeros(0, dtype=np.uint64)
+        self.state = np.zeros(0, dtype=np.int64)
+        self.guest = np.zeros(0, dtype=np.int64)
+
+    def _data(self, entries: np.ndarray) -> np.ndarray:
+        """Which L2 entries point at data: a data cluster (not a preallocated zero one)
+        or a compressed cluster."""
+        from .format import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+
+        comp = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+        normal = (entries & np.uint64(L2E_OFFSET_MASK)) != 0
+        if not self.extended:
+            normal &= (entries & np.uint64(QCOW_OFLAG_ZERO)) == 0
+        return comp | normal
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, found) of each key."""
+        pos = np.minimum(np.searchsorted(self.key, keys), max(len(self.key) - 1, 0))
+        found = self.key[pos] == keys if len(self.key) else np.zeros(len(keys), dtype=bool)
+        return pos, found
+
+    def add(self, state: int, clusters: np.ndarray, entries: np.ndarray) -> None:
+        """The state (now an output snapshot) holds these input clusters' copies."""
+        data = self._data(entries[:, 0])
+        keys, first = np.unique(entries[data, 0], return_index=True)
+        new = ~self._find(keys)[1]
+        keys, first = keys[new], first[new]
+        order = np.argsort(np.concatenate([self.key, keys]), kind="stable")
+        self.key = np.concatenate([self.key, keys])[order]
+        self.bitmap = np.concatenate([self.bitmap, entries[data, 1][first]])[order]
+        self.state = np.concatenate([self.state, np.full(len(keys), state, np.int64)])[order]
+        self.guest = np.concatenate([self.guest, clusters[data][first]])[order]
+
+    def holder(self, clusters: np.ndarray, entries: np.ndarray) -> np.ndarray:
+        """The state holding each cluster's data at that very guest cluster, else -1."""
+        out = np.full(len(clusters), -1, dtype=np.int64)
+        if not len(clusters) or not len(self.key):
+            return out
+        pos, found = self._find(entries[:, 0])
+        found &= self._data(entries[:, 0]) & (self.bitmap[pos] == entries[:, 1]) & \
+            (self.guest[pos] == clusters)
+        out[found] = self.state[pos[found]]
+        return out
 
 
-def _record_copies(held: dict[tuple[int, int], tuple[Any, int]], entry: Any,
-                   changed: np.ndarray, ents: np.ndarray, extended: bool) -> None:
-    """The output snapshot `entry` now holds a copy of each input data cluster copied
-    for it (its entry at that guest cluster): the first state holding one keeps it."""
-    for c, (e0, e1) in zip(changed.tolist(), ents.tolist()):
-        if _holds_data(e0, extended):
-            held.setdefault((e0, e1), (entry, c))
-
-
-def _shareable_units(view: Any, changed: np.ndarray, ents: np.ndarray,
-                     held: dict[tuple[int, int], tuple[Any, int]], per_unit: int,
-                     n_clusters: int) -> tuple[list[tuple[int, Any]], list[int]]:
+def _shareable_units(view: Any, changed: np.ndarray, ents: np.ndarray, held: _Held,
+                     per_unit: int, n_clusters: int) -> tuple[list[tuple[int, int]], list[int]]:
     """Split the units (the larger of the two cluster sizes; per_unit input clusters)
     that hold changed clusters into those an output snapshot already holds alike, as
-    (unit, snapshot entry), and those to copy. A unit is held alike when every input
+    (unit, state index), and those to copy. A unit is held alike when every input
     cluster in it is a data cluster whose copy one and the same earlier state holds at
     the same guest cluster (its entry there is that very host cluster, so its content
     is the same): with a larger output cluster, a unit whose input clusters were copied
     for different states, or are zero or unallocated, is copied."""
     from .format import QCOW_OFLAG_COPIED
 
-    extended = bool(view.clusters.geo.extended_l2)
-    by_cluster = {c: (e0, e1) for c, (e0, e1) in zip(changed.tolist(), ents.tolist())}
-    shared: list[tuple[int, Any]] = []
-    copy: list[int] = []
-    for u in np.unique(changed // per_unit).tolist():
-        holder: Any = None
-        for c in range(u * per_unit, min((u + 1) * per_unit, n_clusters)):
-            key = by_cluster.get(c)
-            if key is None:  # not changed (per_unit > 1): the base's entry, the same
+    holder = held.holder(changed, ents)
+    if per_unit == 1:
+        units, unit_holder = changed, holder
+    else:
+        units = np.unique(changed // per_unit)
+        grid = np.full((len(units), per_unit), -2, dtype=np.int64)  # -2: not looked up
+        grid[np.searchsorted(units, changed // per_unit), changed % per_unit] = holder
+        cl = units[:, None] * per_unit + np.arange(per_unit)
+        grid[cl >= n_clusters] = -3  # past the disk: not part of the unit
+        rows, cols = np.nonzero(grid == -2)
+        if len(rows):
+            # clusters of the unit the state did not change: the base's entries
+            extended = bool(view.clusters.geo.extended_l2)
+            others = cl[rows, cols]
+            got = np.zeros((len(others), 2), dtype=np.uint64)
+            for k, c in enumerate(others.tolist()):
                 e0, e1 = view.clusters.get(c)
-                key = (e0 & ~QCOW_OFLAG_COPIED, e1 if extended else 0)
-            h = held.get(key) if _holds_data(key[0], extended) else None
-            if h is None or h[1] != c or (holder is not None and h[0] is not holder):
-                holder = None
-                break
-            holder = h[0]
-        if holder is None:
-            copy.append(u)
-        else:
-            shared.append((u, holder))
-    return shared, copy
+                got[k] = (e0 & ~QCOW_OFLAG_COPIED, e1 if extended else 0)
+            grid[rows, cols] = held.holder(others, got)
+        first = grid[:, 0]
+        alike = ((grid == first[:, None]) | (grid == -3)).all(axis=1) & (first >= 0)
+        unit_holder = np.where(alike, first, -1)
+    share = unit_holder >= 0
+    return (list(zip(units[share].tolist(), unit_holder[share].tolist())),
+            units[~share].tolist())
+
+
+def _by_holder(shared: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """(state index, its units in order) from (unit, state index) pairs."""
+    out: dict[int, list[int]] = {}
+    for u, k in shared:
+        out.setdefault(k, []).append(u)
+    return list(out.items())
 
 
 def _unit_ranges(units: list[int], unit: int, size: int) -> list[tuple[int, int]]:
@@ -620,10 +667,8 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
     unit = max(in_cs, out_cs)  # (both powers of two: one is a multiple of the other)
     per_unit = unit // in_cs
     n_clusters = div_round_up(size, in_cs)
-    extended = bool(img.clusters.geo.extended_l2)
     copied: list[tuple[Any, Any]] = []  # states in the output (as snapshots), oldest first
-    # input data cluster (entry, bitmap) -> (output snapshot holding a copy, guest cluster)
-    held: dict[tuple[int, int], tuple[Any, int]] = {}
+    held = _Held(bool(img.clusters.geo.extended_l2))
     for entry, view in states:
         src.view = view
         if not copied:
@@ -638,10 +683,10 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
                 out.apply_snapshot(base.id)
             shared, to_copy = _shareable_units(view, changed, ents, held, per_unit, n_clusters)
             target.settle()
-            for u, holder in shared:
-                s, e = u * unit, min((u + 1) * unit, size)
-                if not out.share_from_snapshot(holder.id, s, e - s):
-                    to_copy.append(u)
+            for k, units in _by_holder(shared):
+                for s, e in _unit_ranges(units, unit, size):
+                    if not out.share_from_snapshot(copied[k][0].id, s, e - s):
+                        to_copy.extend(range(s // unit, -(-e // unit)))
             done = 0
             for s, e in _unit_ranges(sorted(to_copy), unit, size):
                 # the base state's clusters there leave the active state (the
@@ -663,8 +708,8 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
                                 vm_clock_nsec=entry.vm_clock_nsec, icount=entry.icount,
                                 date_sec=entry.date_sec, date_nsec=entry.date_nsec,
                                 snapshot_id=entry.id)
+            held.add(len(copied), changed, ents)
             copied.append((entry, view))
-            _record_copies(held, entry, changed, ents, extended)
     src.view = img
 
 
