@@ -132,6 +132,10 @@ def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
     (["convert", "{img}", "{img}"], "is also an input"),
     (["convert", "{dir}", "{out}"], "Could not open image"),
     (["convert", "{img}", "{dir}"], "Is a directory"),
+    # qemu-img's words for an output it cannot create
+    (["convert", "-O", "qcow2", "{img}", "{nodir}"],
+     "nope/out.img: error while converting qcow2: Could not create '"),
+    (["convert", "{img}", "{nodir}"], "nope/out.img: error while converting raw: Could not create '"),
     (["convert", "-S", "100", "{img}", "{out}"], "Valid sizes are multiples of 512 up to 16777216"),
     (["convert", "-S", "32M", "{img}", "{out}"], "Invalid buffer size for sparse output"),
     (["convert", "-S", "x", "{img}", "{out}"], "You may use k, M, G, T, P or E suffixes"),
@@ -149,7 +153,7 @@ def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
     qemu_img("create", "-q", "-f", "qcow2", str(img), str(MiB))
     (tmp / "adir").mkdir()
     names = {"{img}": str(img), "{out}": str(tmp / "out.img"), "{missing}": str(tmp / "nope.qcow2"),
-             "{dir}": str(tmp / "adir")}
+             "{dir}": str(tmp / "adir"), "{nodir}": str(tmp / "nope" / "out.img")}
     before = img.read_bytes()
     assert main([names.get(a, a) for a in argv]) == 1
     err = capsys.readouterr().err

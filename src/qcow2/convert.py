@@ -720,7 +720,7 @@ def remove_stale_temporaries(output: str) -> list[str]:
     return removed
 
 
-def _claim_temporary(path: str, output: str) -> int:
+def _claim_temporary(path: str, output: str, fmt: str) -> int:
     """Create the temporary file and hold its lock (see remove_stale_temporaries) until
     the fd is closed: after the rename, or when the file is removed on an error."""
     import fcntl
@@ -728,8 +728,9 @@ def _claim_temporary(path: str, output: str) -> int:
     for _ in range(3):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise Qcow2Error(f"Could not create '{output}': {exc.strerror}") from None
+        except OSError as exc:  # qemu-img's words (it creates OUTPUT itself)
+            raise Qcow2Error(f"{output}: error while converting {fmt}: Could not create "
+                             f"'{output}': {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             st, now = os.fstat(fd), os.lstat(path)
@@ -862,7 +863,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         path = _temporary_name(output) if create else output
         if create:
             remove_stale_temporaries(output)
-            claim = _claim_temporary(path, output)
+            claim = _claim_temporary(path, output, out_fmt)
         created = create
         try:
             target = _Target(path, out_fmt, size, create, args.options, args.compress, threads)
