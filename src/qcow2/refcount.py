@@ -686,9 +686,16 @@ class StandardRefcounts(RefcountStrategy):
         """Set refcount 1 on a free run of n clusters and commit. With extra, the run
         goes to the pool instead of being returned."""
         start = self._find_free_run(n)
+        created = False
         for b in range(start >> self.geo.refblock_bits, ((start + n - 1) >> self.geo.refblock_bits) + 1):
             if self._block(b) is None:
                 self._create_block(b)
+                created = True
+        if created and extra:
+            # A grown refcount table may have gone into the span this refill was sized
+            # for: size it again, or the refill would skip the rest of the span and
+            # close would leave that part as a hole.
+            n = self._free_span(n)
         # creating blocks may have used clusters inside the run: search again
         start = self._find_free_run(n)
         self.update(np.arange(start, start + n, dtype=np.int64), 1)
