@@ -126,6 +126,24 @@ def test_downgrade_and_upgrade_like_qemu(capsys: pytest.CaptureFixture[str], tmp
             _same_image(tmp, p, ref)
 
 
+@pytest.mark.parametrize("with_backing", [False, True])
+def test_downgrade_many_tables_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         with_backing: bool) -> None:
+    """Zero clusters spread over many L2 tables, some shared with a snapshot, rewritten
+    a few tables per chunk (several chunks, runs of back-to-back tables and gaps)."""
+    import importlib
+
+    # (qcow2.amend is also the name of the function the package exports)
+    monkeypatch.setattr(importlib.import_module("qcow2.amend"), "_CHUNK_BYTES", 8 * 512)
+    base = _img(tmp, "base.qcow2", "", "write -P 9 0 4M") if with_backing else None
+    p = _zero_image(tmp, "z.qcow2", "cluster_size=512", base)
+    qemu_io(p, *[f"write -z {off} 1k" for off in range(0, 4 * MiB, 96 * KiB)])
+    rc, ref = _both(capsys, p, "-o", "compat=0.10", str(p))
+    assert rc == 0
+    _same_image(tmp, p, ref)
+
+
 def test_downgrade_long_backing_name(tmp: Path) -> None:
     """A backing file name that does not fit in the first sector with the header."""
     d = tmp / ("d" * 200) / ("e" * 200)

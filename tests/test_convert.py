@@ -132,6 +132,10 @@ def test_existing_target_gets_zeros_written(tmp: Path, out_fmt: str) -> None:
     (["convert", "{img}", "{img}"], "is also an input"),
     (["convert", "{dir}", "{out}"], "Could not open image"),
     (["convert", "{img}", "{dir}"], "Is a directory"),
+    # qemu-img's words for an output it cannot create
+    (["convert", "-O", "qcow2", "{img}", "{nodir}"],
+     "nope/out.img: error while converting qcow2: Could not create '"),
+    (["convert", "{img}", "{nodir}"], "nope/out.img: error while converting raw: Could not create '"),
     (["convert", "-S", "100", "{img}", "{out}"], "Valid sizes are multiples of 512 up to 16777216"),
     (["convert", "-S", "32M", "{img}", "{out}"], "Invalid buffer size for sparse output"),
     (["convert", "-S", "x", "{img}", "{out}"], "You may use k, M, G, T, P or E suffixes"),
@@ -149,7 +153,7 @@ def test_bad_input_is_one_line(tmp: Path, capsys: pytest.CaptureFixture[str],
     qemu_img("create", "-q", "-f", "qcow2", str(img), str(MiB))
     (tmp / "adir").mkdir()
     names = {"{img}": str(img), "{out}": str(tmp / "out.img"), "{missing}": str(tmp / "nope.qcow2"),
-             "{dir}": str(tmp / "adir")}
+             "{dir}": str(tmp / "adir"), "{nodir}": str(tmp / "nope" / "out.img")}
     before = img.read_bytes()
     assert main([names.get(a, a) for a in argv]) == 1
     err = capsys.readouterr().err
@@ -533,6 +537,7 @@ def test_target_is_zero_leaves_zero_areas_alone(tmp: Path) -> None:
 def test_killed_convert_leaves_no_partial_output(tmp: Path) -> None:
     """SIGKILL in the middle of a convert: OUTPUT does not exist (the image was being
     written under a temporary name), and the next convert makes a whole one."""
+    import fcntl
     import signal
     import time
 
@@ -545,9 +550,66 @@ def test_killed_convert_leaves_no_partial_output(tmp: Path) -> None:
     while not [n for n in os.listdir(tmp) if n.startswith(".out.qcow2.convert-")]:
         assert p.poll() is None and time.monotonic() < deadline, "convert ended too soon"
         time.sleep(0.002)
+    # while it writes, the convert holds its temporary file's lock (what tells a
+    # cleaner that cannot see its PID that it is alive)
+    with open(tmp / f".out.qcow2.convert-{p.pid}", "rb") as f:
+        while True:
+            assert p.poll() is None and time.monotonic() < deadline, "convert ended too soon"
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                break
+            fcntl.flock(f, fcntl.LOCK_UN)  # created, not locked yet
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists()
+    assert sorted(os.listdir(tmp)) == sorted(["in.raw", f".out.qcow2.convert-{p.pid}"])
     assert main(["convert", "-q", "-f", "raw", "-O", "qcow2", str(src), str(out)]) == 0
     assert_clean(out)
     assert qemu_img("compare", "-f", "raw", str(src), str(out)).returncode == 0
+    # the killed convert's temporary file is gone with it
+    assert sorted(os.listdir(tmp)) == ["in.raw", "out.qcow2"]
+
+
+def test_convert_removes_only_stale_temporaries_of_its_output(tmp: Path) -> None:
+    """The next convert to OUTPUT removes `.OUTPUT.convert-PID` files of processes that
+    no longer exist, and nothing else: not a live process's, not one whose lock a live
+    convert holds (a PID from another namespace or host), not a symlink, not another
+    output's, not a name that only looks alike."""
+    import fcntl
+
+    src = tmp / "in.raw"
+    src.write_bytes(b"\x5a" * 65536)
+    dead = []
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        dead.append(child.pid)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = tmp / "keep.txt"
+        other.write_bytes(b"precious")
+        names = {
+            f".out.qcow2.convert-{dead[0]}": True,  # a killed convert's: removed
+            f".out.qcow2.convert-{live.pid}": False,  # a running process's
+            f".out.qcow2.convert-{dead[1]}": False,  # locked below: a live convert elsewhere
+            f".other.qcow2.convert-{dead[0]}": False,  # another output's
+            f".out.qcow2.convert-0{dead[0]}": False,  # not how a PID is written
+            f".out.qcow2.convert-{dead[0]}.bak": False,
+            f"out.qcow2.convert-{dead[0]}": False,
+        }
+        for name in names:
+            (tmp / name).write_bytes(b"partial")
+        (tmp / f".out.qcow2.convert-{dead[2]}").symlink_to(other)  # never followed
+        with open(tmp / f".out.qcow2.convert-{dead[1]}", "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            assert main(["convert", "-q", "-f", "raw", "-O", "qcow2", str(src),
+                         str(tmp / "out.qcow2")]) == 0
+        assert qemu_img("compare", "-f", "raw", str(src), str(tmp / "out.qcow2")).returncode == 0
+        for name, removed in names.items():
+            assert (tmp / name).exists() != removed, name
+        assert (tmp / f".out.qcow2.convert-{dead[2]}").is_symlink()
+        assert other.read_bytes() == b"precious"
+    finally:
+        live.kill()
+        live.wait()

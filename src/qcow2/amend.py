@@ -52,6 +52,7 @@ _CREATE_ONLY = ("cluster_size", "extended_l2", "preallocation", "compression_typ
                 "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.key-secret")
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 Progress = Callable[[float], None]
+_CHUNK_BYTES = 8 << 20  # L2 tables read, rewritten and synced at a time by a downgrade
 
 
 def parse_amend_options(text: str) -> dict[str, Any]:
@@ -325,70 +326,74 @@ def _downgrade(img: Any, progress: Progress | None) -> None:
 
 def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress | None) -> None:
     """Rewrite every zero-flag L2 entry of the active and the snapshot tables into what
-    v2 reads the same way (see the module docstring)."""
+    v2 reads the same way (see the module docstring). The tables go through the tree
+    walker's chunked reads (back-to-back tables in one read), and one sync per chunk
+    makes the chunk's zeroed clusters and refcounts durable before any of its tables
+    points at them (it was one sync per table: 20 s of the 26 s a 64 GiB image with
+    4 KiB clusters took)."""
     import numpy as np
 
     from .format import (
-        L1E_OFFSET_MASK,
         L2E_OFFSET_MASK,
         QCOW_OFLAG_COMPRESSED,
         QCOW_OFLAG_COPIED,
         QCOW_OFLAG_ZERO,
-        decode_table,
         encode_table,
     )
+    from .tree import l2_offsets, runs, table_chunks
 
     img.flush()
     cs = img.geo.cluster_size
     st = img.storage
     rc = img.refcounts
     cmap = img.clusters
-    tables: dict[int, None] = {}  # L2 table offsets in first-seen order
     l1s = [cmap.l1] + [img._snapshots._snapshot_l1(e) for e in img.snapshots]
-    for l1 in l1s:
-        for off in (l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
-            if off:
-                tables[int(off)] = None
+    # every L2 table once (a snapshot shares tables with the active state), sorted
+    offsets = np.unique(np.concatenate([l2_offsets(l1, cs) for l1 in l1s]))
     has_backing = img.layout.backing_file is not None
     zero = np.uint64(QCOW_OFLAG_ZERO)
-    total = max(1, len(tables))
-    for i, off in enumerate(tables):
-        table = decode_table(st.pread(cs, off))
-        if refuse_compressed and ((table & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
+    mask = np.uint64(L2E_OFFSET_MASK)
+    total = max(1, len(offsets))
+    for first, offs, tables in table_chunks(st, offsets, cs, st.size(), _CHUNK_BYTES):
+        if refuse_compressed and ((tables & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
             raise UnsupportedFeatureError(
                 "Cannot downgrade an image with zstd-compressed clusters (v2 knows zlib only)")
-        zidx = np.flatnonzero((table & zero) != 0)
-        if not len(zidx):
-            continue
-        new = table.copy()
-        hosts = table[zidx] & np.uint64(L2E_OFFSET_MASK)
-        alloc = zidx[hosts != 0]
-        plain = zidx[hosts == 0]
-        # preallocated zero clusters: their host clusters are zeroed, the flag dropped
-        for h in (table[alloc] & np.uint64(L2E_OFFSET_MASK)).tolist():
-            img._guard(int(h), cs, "data")
-            st.pwrite(bytes(cs), int(h), "data")
-        new[alloc] = table[alloc] & ~zero
-        if len(plain) and has_backing:
-            # zeros must hide the backing file: fresh clusters of zeros, counted once
-            # for every L1 table that reaches this L2 table (its own refcount)
-            refs = rc.get(off >> img.geo.cluster_bits)
-            copied = np.uint64(QCOW_OFLAG_COPIED) if refs == 1 else np.uint64(0)
-            for j in plain.tolist():
-                host = rc.allocate(1)
-                if refs > 1:
-                    rc.update(np.array([host >> img.geo.cluster_bits], dtype=np.int64), refs - 1)
-                st.pwrite(bytes(cs), host, "data")
-                new[j] = np.uint64(host) | copied
-        else:
-            new[plain] = 0
-        rc.write_back()
-        st.sync()  # zeros and refcounts durable before a table points at them
-        img._guard(off, cs, "an L2 table")
-        st.pwrite(encode_table(new), off, "l2")
-        cmap.l2cache.discard(off)
+        zmask = (tables & zero) != 0
+        rows = np.flatnonzero(zmask.any(axis=1))
+        if len(rows):
+            hosts = tables & mask
+            alloc = zmask & (hosts != 0)
+            # preallocated zero clusters: their host clusters are zeroed, the flag dropped
+            for h in hosts[alloc].tolist():
+                img._guard(int(h), cs, "data")
+                st.pwrite(bytes(cs), int(h), "data")
+            tables[alloc] &= ~zero
+            plain = zmask & (hosts == 0)
+            if has_backing:
+                # zeros must hide the backing file: fresh clusters of zeros, counted once
+                # for every L1 table that reaches this L2 table (its own refcount)
+                for r in rows.tolist():
+                    refs = rc.get(int(offs[r]) >> img.geo.cluster_bits)
+                    copied = np.uint64(QCOW_OFLAG_COPIED) if refs == 1 else np.uint64(0)
+                    for j in np.flatnonzero(plain[r]).tolist():
+                        host = rc.allocate(1)
+                        if refs > 1:
+                            rc.update(np.array([host >> img.geo.cluster_bits], dtype=np.int64),
+                                      refs - 1)
+                        st.pwrite(bytes(cs), host, "data")
+                        tables[r, j] = np.uint64(host) | copied
+            else:
+                tables[plain] = 0
+            rc.write_back()
+            st.sync()  # zeros and refcounts durable before a table points at them
+            changed = offs[rows]
+            for s, e in runs(changed, cs):  # back-to-back tables in one write
+                for off in changed[s:e].tolist():
+                    img._guard(off, cs, "an L2 table")
+                    cmap.l2cache.discard(off)
+                st.pwrite(encode_table(tables[rows[s:e]].reshape(-1)), int(changed[s]), "l2")
         if progress:
-            progress(100.0 * (i + 1) / total)
+            progress(100.0 * (first + len(offs)) / total)
     st.sync()
 
 

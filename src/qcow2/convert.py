@@ -11,8 +11,9 @@ that; a copy that may vanish in a power cut is no copy).
 
 Crash safety: a new output is written under a temporary name beside it and renamed once
 complete and synced (the directory synced too), so OUTPUT never names a partial image; a
-crash leaves only the temporary `.NAME.convert-PID` (an incomplete file to delete), an
-error removes it. Since nobody opens that file before the rename, the syncs that order
+crash leaves only the temporary `.NAME.convert-PID`, which the next convert to the same
+OUTPUT removes once no process PID exists and no live convert holds its lock
+(remove_stale_temporaries); an error removes it at once. Since nobody opens that file before the rename, the syncs that order
 metadata after data are left out: one sync when it is closed makes it durable. With -n
 the target is written in place with every ordering sync, as any image write.
 
@@ -785,6 +786,87 @@ def _temporary_name(output: str) -> str:
     return os.path.join(head, f".{tail}.convert-{os.getpid()}")
 
 
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists here (one we may not signal does too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # EPERM, or no id a process here can have: not ours to judge
+    return True
+
+
+def remove_stale_temporaries(output: str) -> list[str]:
+    """Remove the temporary files that killed converts to OUTPUT left behind, and return
+    their paths. A file goes only when all of these hold: its name is exactly
+    `.NAME.convert-PID` beside OUTPUT (PID in decimal, as _temporary_name writes it), it
+    is a regular file (a symlink is never followed nor removed), no process PID exists
+    here, and nobody holds its lock (a convert holds its temporary file's flock while it
+    writes: that covers a convert in another PID namespace or on another host sharing
+    the directory, whose PID means nothing here). Anything in doubt is left alone."""
+    import fcntl
+    import stat
+
+    head, tail = os.path.split(output)
+    prefix = f".{tail}.convert-"
+    try:
+        names = os.listdir(head or ".")
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        digits = name[len(prefix):]
+        if not name.startswith(prefix) or not (digits.isascii() and digits.isdigit()) \
+                or digits[0] == "0":
+            continue
+        pid = int(digits)
+        if pid == os.getpid() or _running(pid):
+            continue
+        path = os.path.join(head, name)
+        try:  # O_NONBLOCK: a FIFO of that name must not stall us
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # a symlink (ELOOP), gone already, or not readable
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # not replaced meanwhile
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue  # locked by a live convert, or not ours to remove
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _claim_temporary(path: str, output: str, fmt: str) -> int:
+    """Create the temporary file and hold its lock (see remove_stale_temporaries) until
+    the fd is closed: after the rename, or when the file is removed on an error."""
+    import fcntl
+
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # qemu-img's words (it creates OUTPUT itself)
+            raise Qcow2Error(f"{output}: error while converting {fmt}: Could not create "
+                             f"'{output}': {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st, now = os.fstat(fd), os.lstat(path)
+        except OSError:
+            os.close(fd)
+            continue
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+        os.close(fd)  # removed by a cleaner that took it for stale before we locked it
+    raise Qcow2Error(f"Could not create '{output}': its temporary file keeps being removed")
+
+
 def _renamed(exc: Qcow2Error, path: str, output: str) -> Qcow2Error:
     """The error with the output's name where it names the temporary file."""
     from .errors import Qcow2IOError
@@ -876,6 +958,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"Output '{output}' is also an input")
     sources: list[Source] = []
     created = False
+    claim: int | None = None  # the temporary output's fd, held for its lock
     try:
         for path in inputs:
             sources.append(Source(path, args.fmt, snapshot))
@@ -902,6 +985,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # a new output is written under a temporary name next to it and renamed at the
         # end: a crash never leaves a partial image under the output's name
         path = _temporary_name(output) if create else output
+        if create:
+            remove_stale_temporaries(output)
+            claim = _claim_temporary(path, output, out_fmt)
         created = create
         try:
             target = _Target(path, out_fmt, size, create, args.options, args.compress, threads)
@@ -930,6 +1016,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 pass
         raise
     finally:
+        if claim is not None:
+            os.close(claim)
         for s in sources:
             s.close()
     return 0
@@ -942,7 +1030,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "OUTPUT '-' writes the image to standard output, strictly sequentially "
                        "(a pipe will do). A new OUTPUT is written under a temporary name and "
                        "renamed when complete: a failed or crashed convert leaves no partial "
-                       "OUTPUT.")
+                       "OUTPUT (the next convert to OUTPUT removes the temporary file "
+                       ".OUTPUT.convert-PID of a convert that was killed).")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="input format (qcow2 or raw; probed)")
     p.add_argument("-O", dest="out_fmt", metavar="FMT", help="output format (raw, default, or qcow2)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",

@@ -565,7 +565,7 @@ class StandardRefcounts(RefcountStrategy):
                 raise NoSpaceError("No free cluster below the maximum host offset")
             block = self._block(b)
             base = b << bits
-            if block is None and n >= entries and c == base and b >= self._top_block() \
+            if block is None and n >= entries and b >= self._top_block() \
                     and self._nothing_used_from(base):
                 # Nothing is described from here on, and a run this long cannot fit
                 # between self-describing refblocks: place it after its own refblocks.
@@ -662,20 +662,21 @@ class StandardRefcounts(RefcountStrategy):
 
     def _free_span(self, n: int) -> int:
         """How many clusters a pool refill of n takes: the first free span of at least
-        POOL_MIN clusters (from the free hint), when it is shorter than n and lies in a
-        range a refcount block describes, else n. A shorter span is used rather than
-        skipped: with small clusters a batch can be longer than a whole block's range,
-        and every range would be left behind partly unused (a 4 KiB-cluster image grew
-        by holes to 3x its data). Spans under POOL_MIN stay for exact-size allocations:
-        a refill that small would cost a reservation per few clusters."""
+        POOL_MIN clusters (from the free hint), when it is shorter than n, else n. A
+        shorter span is used rather than skipped: with small clusters a batch can be
+        longer than a whole block's range, and every range would be left behind partly
+        unused (a 4 KiB-cluster image grew by holes to 3x its data). In a range no
+        block describes the span ends with the range: the refill then needs one new
+        block, on the range's first cluster. A longer refill would make the blocks of
+        every range it covers at once (_tail_run), and those of the part close hands
+        back stay in the file (16 blocks a pool with 512 B clusters). Spans under
+        POOL_MIN stay for exact-size allocations: a refill that small would cost a
+        reservation per few clusters."""
         if n <= POOL_MIN:
             return n
         c = self._find_free_run(POOL_MIN)
         b = c >> self.geo.refblock_bits
-        block = self._block(b)
-        if block is None:
-            return n
-        used = self._used(b, block)[c - (b << self.geo.refblock_bits):]
+        used = self._used(b, self._block(b))[c - (b << self.geo.refblock_bits):]
         stop = np.flatnonzero(used)
         span = int(stop[0]) if len(stop) else len(used)
         return span if POOL_MIN <= span < n else n
@@ -707,9 +708,16 @@ class StandardRefcounts(RefcountStrategy):
         """Set refcount 1 on a free run of n clusters and commit. With extra, the run
         goes to the pool instead of being returned."""
         start = self._find_free_run(n)
+        created = False
         for b in range(start >> self.geo.refblock_bits, ((start + n - 1) >> self.geo.refblock_bits) + 1):
             if self._block(b) is None:
                 self._create_block(b)
+                created = True
+        if created and extra:
+            # A grown refcount table may have gone into the span this refill was sized
+            # for: size it again, or the refill would skip the rest of the span and
+            # close would leave that part as a hole.
+            n = self._free_span(n)
         # creating blocks may have used clusters inside the run: search again
         start = self._find_free_run(n)
         self.update(np.arange(start, start + n, dtype=np.int64), 1)
