@@ -300,6 +300,39 @@ def test_missing_refcount_block_repair_is_crash_safe(tmp: Path) -> None:
     assert states > 10 and 0 < repaired < states  # crashes before and after the switch
 
 
+def test_lost_owner_of_the_active_l1_table_is_repaired(tmp: Path) -> None:
+    """The refcount block that holds the active L1 table's owner (the live node's id) is
+    gone: check reports the lost owners instead of giving up on the tree, -r all writes
+    them back with the live id the L2 tables name, and the result is what QEMU reads."""
+    from qcow2_edit import RawImage
+
+    p = tmp / "l.qcow2"
+    qcow2.create(p, 64 * MiB, cluster_size=4096, refcount_mode="owner")
+    with qcow2.open(p, "r+") as img:
+        img.pwrite(b"\x11" * (10 * MiB), 0)
+        img.create_snapshot("s")
+        img.pwrite(b"\x22" * MiB, 0)
+        l1 = img.header.l1_table_offset
+        per_block = 4096 * 8 // img.header.refcount_bits
+        live = img.pread(img.size, 0)
+    raw = RawImage(p)
+    assert raw.reftable(l1 // 4096 // per_block)
+    raw.set_reftable(l1 // 4096 // per_block, 0)
+    before = check_file(p)
+    assert before.corruptions > 0 and not before.check_errors
+    assert check_file(p, repair="all").corruptions == 0
+    assert check_file(p).clean
+    with qcow2.open(p, "r+") as img:  # the repaired live node still writes (COW from s)
+        assert img.pread(img.size, 0) == live
+        img.pwrite(b"\x33" * 4096, 5 * MiB)
+    assert check_file(p).clean
+    assert qemu_check(p)["returncode"] == 0  # (of a standard copy: conftest.qemu_img)
+    expect = bytearray(live)
+    expect[5 * MiB:5 * MiB + 4096] = b"\x33" * 4096
+    assert raw_bytes(p, tmp) == bytes(expect)
+    assert raw_bytes(p, tmp, "s") == b"\x11" * (10 * MiB) + bytes(54 * MiB)
+
+
 def test_check_rejects_a_copied_flag_on_a_shared_cluster(tmp: Path) -> None:
     p = tmp / "f.qcow2"
     qcow2.create(p, 4 * MiB, refcount_mode="owner")

@@ -99,6 +99,11 @@ class OwnerChecker(_Checker):
         problems = []
         if len(set(ids)) != len(ids) or any(i < FIRST_NODE for i in ids):
             problems.append("node ids are not distinct ids of nodes")
+        if h.l1_size and not live_id:
+            # the L1 table's owner is lost (its refcount block is missing or zeroed): the
+            # live id is what its L2 tables say; the owner comparison below reports the
+            # lost owners and -r all writes them back
+            live_id = self._live_id_from_l2(stored, set(ids))
         if h.l1_size and (live_id < FIRST_NODE or live_id in ids):
             problems.append(f"the active L1 table has owner {live_id}, not a live node")
         if not live_id:
@@ -255,6 +260,23 @@ class OwnerChecker(_Checker):
                      [mism, stored[mism], want[mism], is_leak])
         res.leaks += int(is_leak.sum())
         res.corruptions += int((~is_leak).sum())
+
+    def _live_id_from_l2(self, stored: np.ndarray, node_ids: set[int]) -> int:
+        """The live node's id as the owners of the active L2 tables give it (the most
+        common one that is no snapshot's), or a new id when none does."""
+        h = self.img.header
+        try:
+            l1 = _read_u64(self.storage, h.l1_table_offset, h.l1_size, self.file_size)
+        except Qcow2Error:
+            l1 = np.zeros(0, dtype=np.uint64)
+        l2 = (l1 & _U64(L1E_OFFSET_MASK)) >> _U64(self.cb)
+        l2 = l2[(l2 != 0) & (l2 < len(stored))].astype(np.int64)
+        owners = stored[l2].astype(np.int64)
+        owners = owners[(owners >= FIRST_NODE) & ~np.isin(owners, list(node_ids))]
+        if len(owners):
+            values, counts = np.unique(owners, return_counts=True)
+            return int(values[np.argmax(counts)])
+        return max([FIRST_NODE - 1, *node_ids]) + 1
 
     def _fix_in_place(self) -> None:
         res = self.res
