@@ -1,0 +1,706 @@
+"""The fast path of `qcow2 convert`: plain copies into a new image, without numpy.
+
+A plain convert (qcow2 or raw sources without a backing file, a new qcow2 or raw
+output, no -c, snapshot, bitmap or stream option; see `plan`) spends most of its time
+starting Python and moving bytes. This module does that with the standard library only:
+numpy's import alone costs about as much as qemu-img's whole convert of 128 MiB. It
+reads the sources in 2 MiB chunks into reused buffers, finds zero grains with
+`bytearray.startswith` (a memcmp, no copy), and hands the data runs to a writer thread
+(os.pwrite releases the GIL, so reading and writing overlap; the writer also syncs the
+data written so far every few MiB, so that the last sync has little left to wait for).
+
+It writes exactly what the full path (convert.copy) writes: the same data ranges of the
+sources (from the L2 tables or the raw file's holes), widened to the same grains, cut
+into the same chunks, the same zero grains left out. A qcow2 output needs no second
+pass: cluster 0 is kept for the header, data clusters are appended in guest order as
+the first data in them turns up, and the L2 tables, the L1 table, the refcount blocks
+and the refcount table follow the data, each cluster with refcount 1; the header goes
+in last. The file is new and has a temporary name (convert.py renames it when done),
+so one sync at the end makes it durable.
+
+Anything else goes the full way (`plan` returns None), including every source that does
+not look plain at its header: the full path has every check and every message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import re
+import sys
+import threading
+from array import array
+from typing import Any
+
+from .backing import RawFile, probe_format
+from .errors import CorruptImageError, Qcow2Error, Qcow2IOError
+from .format import (
+    INCOMPAT_COMPRESSION,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    ImageLayout,
+)
+from .geometry import Geometry, div_round_up
+
+CHUNK = 2 << 20  # bytes copied per step
+GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
+WINDOW = 1 << 30  # zero ranges are looked up this much at a time
+BUFFERS = 4  # chunk buffers: one being read, the others queued for the writer
+SYNC_EVERY = 16 << 20  # the writer syncs after this many bytes (flush behind)
+MAX_HOST_OFFSET = 1 << 56
+
+# guest extent kinds (as cluster.py's)
+_DATA, _ZERO, _COMPRESSED = 1, 2, 3
+_SWAP = sys.byteorder == "little"  # tables are big-endian on disk
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _be64(data: bytes) -> array[int]:
+    a = array("Q", data)
+    if _SWAP:
+        a.byteswap()
+    return a
+
+
+def _be64_bytes(values: array[int]) -> bytes:
+    if _SWAP:
+        values = array("Q", values)
+        values.byteswap()
+    return values.tobytes()
+
+
+# --------------------------------------------------------------- data ranges --
+def add_range(out: list[tuple[int, int]], s: int, e: int) -> None:
+    """Append [s, e) to a sorted list of ranges, merged with the last one if they touch."""
+    if out and out[-1][1] == s:
+        out[-1] = (out[-1][0], e)
+    elif s < e:
+        out.append((s, e))
+
+
+def raw_data(fd: int, offset: int, n: int) -> list[tuple[int, int]]:
+    """The data ranges of [offset, offset + n) of a raw file, from SEEK_DATA/SEEK_HOLE
+    (where the system has none, all of it)."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    end = offset + n
+    if seek_data is None or seek_hole is None:
+        return [(offset, end)] if n else []
+    out: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                break
+            return [(offset, end)]
+        if s >= end:
+            break
+        e = min(os.lseek(fd, s, seek_hole), end)
+        out.append((s, e))
+        pos = e
+    return out
+
+
+def aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Ranges widened to whole grains (within [lo, hi)) and merged, so that zero
+    detection looks at the same grains whatever the input's cluster size."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        s, e = max(lo, s - s % grain), min(hi, -(-e // grain) * grain)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
+        else:
+            out.append((s, e))
+    return out
+
+
+# -------------------------------------------------------------------- sources --
+class _RawSource:
+    def __init__(self, path: str) -> None:
+        self.file = RawFile(path)
+        self.size = self.file.size
+
+    def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
+        return raw_data(self.file.fd, offset, n)
+
+    def read(self, mv: memoryview, offset: int) -> None:
+        self.file.readinto(mv, offset)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Qcow2Source:
+    """A qcow2 image without backing file, extended L2 entries, refcount mode or dirty
+    bit, read through its active L1 table. The L2 tables are read (and checked) a window
+    at a time into extents (guest start, guest end, kind, host)."""
+
+    def __init__(self, path: str, fd: int, layout: ImageLayout, file_size: int) -> None:
+        h = layout.header
+        self.path = path
+        self.fd = fd
+        self.size = h.size
+        self.file_size = file_size
+        self.ctype = h.compression_type
+        self.geo = Geometry(h.cluster_bits, h.refcount_order, False)
+        cs = self.geo.cluster_size
+        # read_layout checked the L1 table's size, alignment and place in the file
+        self.l1 = _be64(_pread(fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array("Q")
+        self.l1_range = (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8)
+        self.rt_range = (h.refcount_table_offset,
+                         h.refcount_table_offset + h.refcount_table_clusters * cs)
+        seen: set[int] = set()
+        for i, e in enumerate(self.l1):
+            off = e & L1E_OFFSET_MASK
+            if not off:
+                continue
+            if off & (cs - 1):
+                raise CorruptImageError(
+                    f"L2 table offset {off:#x} in L1 entry {i} is not cluster aligned")
+            if off >= file_size:
+                raise CorruptImageError(
+                    f"L2 table offset {off:#x} is past the end of the image file")
+            for what, (a, b) in (("the L1 table", self.l1_range),
+                                 ("the refcount table", self.rt_range)):
+                if off < b and a < off + cs:
+                    raise CorruptImageError(f"L2 table offset {off:#x} points at {what}")
+            if off in seen:
+                raise CorruptImageError(
+                    f"L2 table offset {off:#x} is used by more than one L1 entry")
+            seen.add(off)
+        self.extents: list[tuple[int, int, int, int]] = []
+        self._cursor = 0
+        self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
+
+    def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
+        """Also loads the window's extents, which read() then uses."""
+        end = offset + n
+        self.extents = self._extents(offset, end)
+        self._cursor = 0
+        out: list[tuple[int, int]] = []
+        for s, e, kind, _host in self.extents:
+            if kind != _ZERO:
+                add_range(out, max(s, offset), min(e, end))
+        return out
+
+    def _extents(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The data, zero and compressed extents of the clusters of [start, end)
+        (unallocated ones are left out), from the L2 tables."""
+        geo = self.geo
+        cbits, l2_bits = geo.cluster_bits, geo.l2_bits
+        out: list[tuple[int, int, int, int]] = []
+        c, c_end = start >> cbits, ((end - 1) >> cbits) + 1 if end > start else start >> cbits
+        while c < c_end:
+            l1i = c >> l2_bits
+            first = l1i << l2_bits
+            stop = min(c_end, first + (1 << l2_bits))
+            l2_off = self.l1[l1i] & L1E_OFFSET_MASK if l1i < len(self.l1) else 0
+            if l2_off:
+                self._scan_l2(l2_off, c - first, stop - first, first, out)
+            c = stop
+        return out
+
+    def _scan_l2(self, l2_off: int, i0: int, i1: int, first: int,
+                 out: list[tuple[int, int, int, int]]) -> None:
+        geo = self.geo
+        cbits, cs = geo.cluster_bits, geo.cluster_size
+        raw = _pread(self.fd, cs, l2_off)
+        if len(raw) < cs:
+            raw += bytes(cs - len(raw))
+        table = _be64(raw)
+        search = _NONZERO.search
+        i = i0
+        while i < i1:
+            # skip unallocated entries (all-zero words) in C: find the next nonzero byte
+            if table[i] == 0:
+                m = search(raw, i * 8, i1 * 8)
+                if m is None:
+                    break
+                i = m.start() // 8
+            e = table[i]
+            g = (first + i) << cbits
+            if e & QCOW_OFLAG_COMPRESSED:
+                host, length = geo.compressed_range(e)
+                if host + length > self.file_size + 512:
+                    raise CorruptImageError(
+                        f"Compressed cluster at {host:#x} runs past the end of the file")
+                out.append((g, g + cs, _COMPRESSED, e))
+            elif e & QCOW_OFLAG_ZERO:
+                _merge(out, g, cs, _ZERO, 0)
+            else:
+                host = e & L2E_OFFSET_MASK
+                if host:
+                    if host & (cs - 1):
+                        raise CorruptImageError(f"Cluster offset {host:#x} is not cluster aligned")
+                    if host >= self.file_size:
+                        raise CorruptImageError(
+                            f"Data cluster offset {host:#x} is past the end of the image file")
+                    _merge(out, g, cs, _DATA, host)
+            i += 1
+
+    def read(self, mv: memoryview, offset: int) -> None:
+        """Fill mv with the guest bytes at offset (within the window data_ranges loaded)."""
+        n = len(mv)
+        end = offset + n
+        ext = self.extents
+        k = self._cursor
+        while k < len(ext) and ext[k][1] <= offset:
+            k += 1
+        self._cursor = k
+        pos = offset
+        while pos < end:
+            if k >= len(ext) or ext[k][0] >= end:
+                mv[pos - offset:] = bytes(end - pos)
+                return
+            s, e, kind, host = ext[k]
+            if s > pos:
+                mv[pos - offset : s - offset] = bytes(s - pos)
+                pos = s
+            stop = min(e, end)
+            part = mv[pos - offset : stop - offset]
+            if kind == _DATA:
+                got = os.preadv(self.fd, [part], host + (pos - s))
+                if got < len(part):
+                    part[got:] = bytes(len(part) - got)
+            elif kind == _ZERO:
+                part[:] = bytes(len(part))
+            else:
+                data = self._decompress(host)
+                part[:] = data[pos - s : stop - s]
+            pos = stop
+            if stop == e:
+                k += 1
+
+    def _decompress(self, entry: int) -> bytes:
+        if self._cached is not None and self._cached[0] == entry:
+            return self._cached[1]
+        from .compress import decompress_cluster  # only for images that have any
+
+        host, length = self.geo.compressed_range(entry)
+        cs = self.geo.cluster_size
+        raw = _pread(self.fd, min(length, 2 * cs + 512), host)
+        data = decompress_cluster(raw, self.ctype, cs)
+        self._cached = (entry, data)
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _merge(out: list[tuple[int, int, int, int]], g: int, n: int, kind: int, host: int) -> None:
+    """Append an extent, merged into the last one where it continues it (same kind,
+    adjacent guest and, for data, host bytes)."""
+    if out:
+        s, e, k, h = out[-1]
+        if k == kind and e == g and (kind != _DATA or h + (e - s) == host):
+            out[-1] = (s, g + n, k, h)
+            return
+    out.append((g, g + n, kind, host))
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, n, offset)
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        raise Qcow2IOError(err, f"Read failed: {os.strerror(err)}") from None
+
+
+def _open_source(path: str, fmt: str | None) -> _RawSource | _Qcow2Source | None:
+    """The source, or None where the full path must do it (anything but a plain image;
+    errors too: the full path reports them with its own messages)."""
+    from .header import read_layout
+    from .storage import FileBackend, Storage
+
+    if fmt is None:
+        fmt = probe_format(path, what="image")
+    if fmt == "raw":
+        return _RawSource(path)
+    if fmt != "qcow2":
+        return None
+    be = FileBackend(path, False)
+    try:
+        storage = Storage(be, False)
+        layout = read_layout(storage)
+        h = layout.header
+        if layout.backing_file or layout.data_file or h.crypt_method \
+                or h.incompatible_features & ~INCOMPAT_COMPRESSION:
+            be.close()
+            return None
+        src = _Qcow2Source(path, be.fd, layout, storage.size())
+    except BaseException:
+        be.close()
+        raise
+    return src
+
+
+# --------------------------------------------------------------------- writer --
+class _Writer:
+    """A thread that writes (offset, memoryview) lists to the output file and gives the
+    buffers back; it syncs behind itself every SYNC_EVERY bytes."""
+
+    def __init__(self, fd: int, nbufs: int, size: int) -> None:
+        self.fd = fd
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(nbufs):
+            self.free.put(bytearray(size))
+        self.jobs: queue.SimpleQueue[tuple[bytearray, list[tuple[int, memoryview]]] | None] = \
+            queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="convert-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        unsynced = 0
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            buf, writes = job
+            if self.error is None:
+                try:
+                    for offset, data in writes:
+                        _pwrite_all(self.fd, data, offset)
+                        unsynced += len(data)
+                    if unsynced >= SYNC_EVERY:
+                        os.fdatasync(self.fd)
+                        unsynced = 0
+                except BaseException as exc:  # reported by the main thread
+                    self.error = exc
+            self.free.put(buf)
+
+    def buffer(self) -> bytearray:
+        self.check()
+        return self.free.get()
+
+    def submit(self, buf: bytearray, writes: list[tuple[int, memoryview]]) -> None:
+        self.jobs.put((buf, writes))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise _write_error(self.error)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    mv = memoryview(data)
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        mv = mv[n:]
+        offset += n
+
+
+def _write_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, OSError):
+        err = exc.errno or errno.EIO
+        return Qcow2IOError(err, f"Write failed: {os.strerror(err)}")
+    return exc
+
+
+# --------------------------------------------------------------------- target --
+class _RawTarget:
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        os.ftruncate(fd, size)
+
+    def place(self, s: int, e: int) -> int:
+        return s
+
+    def finish(self) -> None:
+        pass
+
+
+class _Qcow2Target:
+    """Data clusters appended in guest order after cluster 0; the metadata at the end."""
+
+    def __init__(self, fd: int, size: int, version: int, geo: Geometry, lazy: bool,
+                 compression_type: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.version = version
+        self.geo = geo
+        self.lazy = lazy
+        self.ctype = compression_type
+        self.next = geo.cluster_size  # next free host offset
+        # [first guest cluster, count, host offset] of each run of allocated clusters,
+        # in guest order (guest offsets only grow, so each run is appended or extended)
+        self.runs: list[list[int]] = []
+
+    def place(self, s: int, e: int) -> int:
+        """Allocate the clusters of guest [s, e) not allocated yet; the host offset of s
+        (the range is contiguous in the file: a cluster already allocated can only be
+        the last one)."""
+        cbits = self.geo.cluster_bits
+        cmask = self.geo.cluster_size - 1
+        first, last = s >> cbits, (e - 1) >> cbits
+        runs = self.runs
+        if runs and runs[-1][0] + runs[-1][1] > first:
+            r = runs[-1]
+            host = r[2] + ((first - r[0]) << cbits) + (s & cmask)
+            new = r[0] + r[1]
+        else:
+            host = self.next + (s & cmask)
+            new = first
+        if last >= new:
+            count = last - new + 1
+            r = runs[-1] if runs else None
+            if r is not None and r[0] + r[1] == new and r[2] + (r[1] << cbits) == self.next:
+                r[1] += count
+            else:
+                runs.append([new, count, self.next])
+            self.next += count << cbits
+            if self.next > MAX_HOST_OFFSET:
+                raise Qcow2Error("Image is too large: the host offset limit is reached")
+        return host
+
+    def finish(self) -> None:
+        """L2 tables, L1 table, refcount blocks and table after the data, then cluster 0."""
+        from .create import new_header
+        from .header import pack_cluster0
+
+        geo = self.geo
+        cs, cbits, l2_bits = geo.cluster_size, geo.cluster_bits, geo.l2_bits
+        l1_size = geo.l1_size_for(self.size)
+        tables: dict[int, bytearray] = {}
+        for first, count, host in self.runs:
+            while count:
+                l1i = first >> l2_bits
+                i = first & (geo.l2_entries - 1)
+                k = min(count, geo.l2_entries - i)
+                t = tables.get(l1i)
+                if t is None:
+                    t = tables[l1i] = bytearray(cs)
+                e0 = host | QCOW_OFLAG_COPIED
+                t[i * 8 : (i + k) * 8] = _be64_bytes(array("Q", range(e0, e0 + (k << cbits), cs)))
+                first, count, host = first + k, count - k, host + (k << cbits)
+        pos = self.next
+        l1 = array("Q", bytes(l1_size * 8))
+        for l1i in sorted(tables):
+            _pwrite_all(self.fd, tables[l1i], pos)
+            l1[l1i] = pos | QCOW_OFLAG_COPIED
+            pos += cs
+        l1_clusters = div_round_up(l1_size * 8, cs)
+        l1_off = pos if l1_size else 0
+        if l1_size:
+            _pwrite_all(self.fd, _be64_bytes(l1).ljust(l1_clusters * cs, b"\0"), l1_off)
+            pos += l1_clusters * cs
+        used = pos >> cbits
+        rblocks, rtable = geo.refcount_clusters_needed(used)
+        total = used + rblocks + rtable
+        per = geo.refblock_entries
+        blocks = b"".join(_ones(min(per, total - b * per), geo.refcount_order, cs)
+                          for b in range(rblocks))
+        rb_off = pos
+        _pwrite_all(self.fd, blocks, rb_off)
+        rt = array("Q", range(rb_off, rb_off + rblocks * cs, cs))
+        rt_off = rb_off + rblocks * cs
+        _pwrite_all(self.fd, _be64_bytes(rt).ljust(rtable * cs, b"\0"), rt_off)
+        header = new_header(self.version, geo, self.size, l1_size, l1_off, rt_off, rtable,
+                            self.lazy, self.ctype)
+        _pwrite_all(self.fd, pack_cluster0(ImageLayout(header=header), cs), 0)
+
+
+def _ones(count: int, order: int, cs: int) -> bytes:
+    """A refcount block whose first count entries are 1, the rest 0."""
+    bits = 1 << order
+    if bits >= 8:
+        return ((1).to_bytes(bits // 8, "big") * count).ljust(cs, b"\0")
+    per = 8 // bits  # entries per byte, the first in the least significant bits
+    q, r = divmod(count, per)
+    full = sum(1 << (i * bits) for i in range(per))
+    out = bytes([full]) * q
+    if r:
+        out += bytes([sum(1 << (i * bits) for i in range(r))])
+    return out.ljust(cs, b"\0")
+
+
+# ----------------------------------------------------------------------- plan --
+_QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts",
+                  "compression_type", "extended_l2", "preallocation", "refcount_mode")
+
+
+class Plan:
+    """An eligible convert: its open sources and the output's parameters."""
+
+    def __init__(self, sources: list[Any], out_fmt: str) -> None:
+        self.sources = sources
+        self.out_fmt = out_fmt
+        self.total = sum(s.size for s in sources)
+        self.qcow2: tuple[int, int, Geometry, bool, str] | None = None
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def _qcow2_output(options: list[str], size: int) -> tuple[int, int, Geometry, bool, str] | None:
+    """(version, size, geometry, lazy_refcounts, compression_type) for -o options the
+    fast path creates, or None (anything else, errors included, is the full path's)."""
+    from .commands import parse_create_options, valid_option_list
+    from .create import standard_params
+
+    try:
+        if not all(valid_option_list(o) for o in options):
+            return None
+        opts = {k: v for k, (_t, v) in parse_create_options(",".join(options)).items()} \
+            if options else {}
+        if any(k not in _QCOW2_OPTIONS for k in opts) or opts.get("extended_l2", False) \
+                or opts.get("preallocation", "off") != "off" \
+                or opts.get("refcount_mode", "standard") != "standard":
+            return None
+        cluster_size = opts.get("cluster_size", 65536)
+        refcount_bits = opts.get("refcount_bits", 16)
+        lazy = bool(opts.get("lazy_refcounts", False))
+        ctype = opts.get("compression_type", "zlib")
+        version, size = standard_params(size, cluster_size, refcount_bits,
+                                        opts.get("compat", "1.1"), lazy, ctype)
+    except (Qcow2Error, TypeError, ValueError):
+        return None
+    geo = Geometry(cluster_size.bit_length() - 1, refcount_bits.bit_length() - 1, False)
+    if geo.l1_size_for(size) * 8 > 32 * 1024 * 1024:
+        return None
+    return version, size, geo, lazy, ctype
+
+
+def plan(inputs: list[str], fmt: str | None, out_fmt: str, options: list[str]) -> Plan | None:
+    """Open the sources of a convert the fast path can do; None: the full path's."""
+    if out_fmt not in ("raw", "qcow2") or (out_fmt == "raw" and options):
+        return None
+    if os.environ.get("QCOW2_CONVERT_FULL_PATH"):  # tests: force the full path
+        return None
+    sources: list[Any] = []
+    try:
+        for path in inputs:
+            if not os.path.isfile(path):
+                raise _NotPlain
+            src = _open_source(path, fmt)
+            if src is None:
+                raise _NotPlain
+            sources.append(src)
+        p = Plan(sources, out_fmt)
+        if out_fmt == "qcow2":
+            p.qcow2 = _qcow2_output(options, p.total)
+            if p.qcow2 is None:
+                raise _NotPlain
+    except (_NotPlain, Qcow2Error, OSError):
+        for s in sources:
+            s.close()
+        return None
+    return p
+
+
+class _NotPlain(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------- copy --
+def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
+    """Write the plan's output to path (a new file, synced when done)."""
+    from .storage import open_file
+
+    try:
+        fd = open_file(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not create '{path}': {exc.strerror}") from None
+    try:
+        target: _RawTarget | _Qcow2Target
+        if p.qcow2 is not None:
+            version, size, geo, lazy, ctype = p.qcow2
+            target = _Qcow2Target(fd, size, version, geo, lazy, ctype)
+        else:
+            target = _RawTarget(fd, p.total)
+        writer = _Writer(fd, BUFFERS, max(CHUNK, grain))
+        try:
+            base = 0
+            for src in p.sources:
+                _copy(src, target, writer, base, grain, progress)
+                base += src.size
+        finally:
+            writer.close()
+        writer.check()
+        try:
+            target.finish()
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise _write_error(exc) from None
+    finally:
+        os.close(fd)
+
+
+def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progress: Any) -> None:
+    """The full path's copy_range over the whole source into a new (zeroed) target."""
+    end = src.size
+    pos = 0
+    while pos < end:
+        w_end = min(end, pos + WINDOW)
+        data = aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
+            else [(pos, w_end)]
+        if not grain and isinstance(src, _Qcow2Source):
+            src.data_ranges(pos, w_end - pos)  # (read() needs the window's extents)
+        for s, e in data:
+            if progress is not None and s > pos:
+                progress.update(s - pos)
+            _copy_data(src, target, writer, s, e, base, grain, progress)
+            pos = e
+        if pos < w_end:
+            if progress is not None:
+                progress.update(w_end - pos)
+            pos = w_end
+
+
+def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, base: int,
+               grain: int, progress: Any) -> None:
+    size = max(CHUNK, grain)
+    chunk = size if not grain else size // grain * grain
+    zero_grain = bytes(grain)
+    zero_chunk = bytes(chunk)
+    pos = start
+    while pos < end:
+        n = min(chunk, end - pos)
+        buf = writer.buffer()
+        mv = memoryview(buf)
+        src.read(mv[:n], pos)
+        writes: list[tuple[int, memoryview]] = []
+        if not grain:
+            writes.append((target.place(base + pos, base + pos + n), mv[:n]))
+        else:
+            padded = -(-n // grain) * grain
+            if n < padded:
+                mv[n:padded] = zero_grain[: padded - n]
+            if not buf.startswith(zero_chunk[:padded] if padded < chunk else zero_chunk):
+                for s, e in _nonzero_runs(buf, padded, grain, zero_grain):
+                    e = min(e, n)
+                    writes.append((target.place(base + pos + s, base + pos + e), mv[s:e]))
+        writer.submit(buf, writes)
+        pos += n
+        if progress is not None:
+            progress.update(n)
+
+
+def _nonzero_runs(buf: bytearray, n: int, grain: int, zero: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the runs of grains of buf[:n] that hold a nonzero byte."""
+    out: list[tuple[int, int]] = []
+    startswith = buf.startswith
+    run = -1
+    for i in range(0, n, grain):
+        if startswith(zero, i):
+            if run >= 0:
+                out.append((run, i))
+                run = -1
+        elif run < 0:
+            run = i
+    if run >= 0:
+        out.append((run, n))
+    return out
