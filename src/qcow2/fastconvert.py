@@ -344,7 +344,9 @@ def _open_source(path: str, fmt: str | None) -> _RawSource | _Qcow2Source | None
 # --------------------------------------------------------------------- writer --
 class _Writer:
     """A thread that writes (offset, memoryview) lists to the output file and gives the
-    buffers back; it syncs behind itself every SYNC_EVERY bytes."""
+    buffers back, and another one that syncs behind it (after every SYNC_EVERY bytes
+    written), so that the disk works while the copy goes on and the last sync has
+    little left to wait for."""
 
     def __init__(self, fd: int, nbufs: int, size: int) -> None:
         self.fd = fd
@@ -354,8 +356,24 @@ class _Writer:
         self.jobs: queue.SimpleQueue[tuple[bytearray, list[tuple[int, memoryview]]] | None] = \
             queue.SimpleQueue()
         self.error: BaseException | None = None
+        self.kick = threading.Event()
+        self.done = False
         self.thread = threading.Thread(target=self._run, name="convert-writer", daemon=True)
+        self.syncer = threading.Thread(target=self._sync, name="convert-sync", daemon=True)
         self.thread.start()
+        self.syncer.start()
+
+    def _sync(self) -> None:
+        while True:
+            self.kick.wait()
+            self.kick.clear()
+            if self.done:
+                return
+            try:
+                os.fdatasync(self.fd)
+            except BaseException as exc:  # (an error is reported once: keep it)
+                self.error = exc
+                return
 
     def _run(self) -> None:
         unsynced = 0
@@ -370,7 +388,7 @@ class _Writer:
                         _pwrite_all(self.fd, data, offset)
                         unsynced += len(data)
                     if unsynced >= SYNC_EVERY:
-                        os.fdatasync(self.fd)
+                        self.kick.set()
                         unsynced = 0
                 except BaseException as exc:  # reported by the main thread
                     self.error = exc
@@ -390,6 +408,9 @@ class _Writer:
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
+        self.done = True
+        self.kick.set()
+        self.syncer.join()
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -660,12 +681,23 @@ def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progres
             pos = w_end
 
 
+_zeros: dict[int, bytes] = {}
+
+
+def _zero(n: int) -> bytes:
+    """n zero bytes, made once (a fresh 2 MiB of zeros per chunk costs a memset)."""
+    z = _zeros.get(n)
+    if z is None:
+        z = _zeros[n] = bytes(n)
+    return z
+
+
 def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, base: int,
                grain: int, progress: Any) -> None:
     size = max(CHUNK, grain)
     chunk = size if not grain else size // grain * grain
-    zero_grain = bytes(grain)
-    zero_chunk = bytes(chunk)
+    zero_grain = _zero(grain)
+    zero_chunk = _zero(chunk)
     pos = start
     while pos < end:
         n = min(chunk, end - pos)
