@@ -436,8 +436,9 @@ class _RawTarget:
         self.fd = fd
         os.ftruncate(fd, size)
 
-    def place(self, s: int, e: int) -> int:
-        return s
+    def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
+              data: memoryview) -> None:
+        writes.append((s, data))
 
     def finish(self) -> None:
         pass
@@ -459,12 +460,15 @@ class _Qcow2Target:
         # in guest order (guest offsets only grow, so each run is appended or extended)
         self.runs: list[list[int]] = []
 
-    def place(self, s: int, e: int) -> int:
-        """Allocate the clusters of guest [s, e) not allocated yet; the host offset of s
-        (the range is contiguous in the file: a cluster already allocated can only be
-        the last one)."""
+    def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
+              data: memoryview) -> None:
+        """Queue the write of guest [s, e) (data), allocating the clusters not allocated
+        yet (the range is contiguous in the file: a cluster already allocated can only
+        be the last one). A new cluster is written whole, the bytes around the data as
+        zeros, as the full path's image writes it: later data in it overwrites them."""
         cbits = self.geo.cluster_bits
-        cmask = self.geo.cluster_size - 1
+        cs = self.geo.cluster_size
+        cmask = cs - 1
         first, last = s >> cbits, (e - 1) >> cbits
         runs = self.runs
         if runs and runs[-1][0] + runs[-1][1] > first:
@@ -474,7 +478,12 @@ class _Qcow2Target:
         else:
             host = self.next + (s & cmask)
             new = first
+            if s & cmask:
+                writes.append((host - (s & cmask), memoryview(_zero(cs))[: s & cmask]))
+        writes.append((host, data))
         if last >= new:
+            if e & cmask:
+                writes.append((host + (e - s), memoryview(_zero(cs))[: cs - (e & cmask)]))
             count = last - new + 1
             r = runs[-1] if runs else None
             if r is not None and r[0] + r[1] == new and r[2] + (r[1] << cbits) == self.next:
@@ -484,7 +493,6 @@ class _Qcow2Target:
             self.next += count << cbits
             if self.next > MAX_HOST_OFFSET:
                 raise Qcow2Error("Image is too large: the host offset limit is reached")
-        return host
 
     def finish(self) -> None:
         """L2 tables, L1 table, refcount blocks and table after the data, then cluster 0."""
@@ -706,7 +714,7 @@ def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, bas
         src.read(mv[:n], pos)
         writes: list[tuple[int, memoryview]] = []
         if not grain:
-            writes.append((target.place(base + pos, base + pos + n), mv[:n]))
+            target.place(base + pos, base + pos + n, writes, mv[:n])
         else:
             padded = -(-n // grain) * grain
             if n < padded:
@@ -714,7 +722,7 @@ def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, bas
             if not buf.startswith(zero_chunk[:padded] if padded < chunk else zero_chunk):
                 for s, e in _nonzero_runs(buf, padded, grain, zero_grain):
                     e = min(e, n)
-                    writes.append((target.place(base + pos + s, base + pos + e), mv[s:e]))
+                    target.place(base + pos + s, base + pos + e, writes, mv[s:e])
         writer.submit(buf, writes)
         pos += n
         if progress is not None:
