@@ -678,6 +678,14 @@ def _progress(total: int, show: bool) -> Iterator[Any]:
         yield bar
 
 
+def _remove(path: str) -> None:
+    """A half-written new image is of no use to anyone."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _convert_fast(fast: fastconvert.Plan, output: str, grain: int, show: bool) -> int:
     """A plain convert (fastconvert.plan): the same output as the full path, with the
     same publishing (a temporary name, renamed once complete and synced)."""
@@ -692,10 +700,7 @@ def _convert_fast(fast: fastconvert.Plan, output: str, grain: int, show: bool) -
         _publish(path, output)
     except BaseException:
         if path is not None:
-            try:  # a half-written new image is of no use to anyone
-                os.unlink(path)
-            except OSError:
-                pass
+            _remove(path)
         raise
     finally:
         fast.close()
@@ -806,10 +811,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _publish(path, output)
     except BaseException:
         if created:
-            try:  # a half-written new image is of no use to anyone
-                os.unlink(path)
-            except OSError:
-                pass
+            _remove(path)
         raise
     finally:
         for s in sources:
