@@ -50,7 +50,7 @@ CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 WINDOW = 1 << 30  # zero ranges are looked up this much at a time
 BUFFERS = 4  # chunk buffers: one being read, the others queued for the writer
-SYNC_EVERY = 16 << 20  # the writer syncs after this many bytes (flush behind)
+SYNC_EVERY = 8 << 20  # the writer syncs after this many bytes (flush behind)
 MAX_HOST_OFFSET = 1 << 56
 
 # guest extent kinds (as cluster.py's)
@@ -445,7 +445,10 @@ class _RawTarget:
 
 
 class _Qcow2Target:
-    """Data clusters appended in guest order after cluster 0; the metadata at the end."""
+    """Data clusters appended in guest order after cluster 0, each L2 table's cluster
+    just before the first data cluster it maps (a table is written once the copy has
+    moved past its range: one table in memory); then the L1 table, the refcount blocks
+    and table; cluster 0 last."""
 
     def __init__(self, fd: int, size: int, version: int, geo: Geometry, lazy: bool,
                  compression_type: str) -> None:
@@ -456,26 +459,43 @@ class _Qcow2Target:
         self.lazy = lazy
         self.ctype = compression_type
         self.next = geo.cluster_size  # next free host offset
-        # [first guest cluster, count, host offset] of each run of allocated clusters,
-        # in guest order (guest offsets only grow, so each run is appended or extended)
-        self.runs: list[list[int]] = []
+        self.l1 = array("Q", bytes(geo.l1_size_for(size) * 8))
+        self.l1i = -1  # the L1 index of the table being filled
+        self.table: bytearray | None = None
+        self.table_host = 0
+        self.last_gc = -1  # the last guest cluster allocated, and its host offset
+        self.last_host = 0
 
     def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
               data: memoryview) -> None:
         """Queue the write of guest [s, e) (data), allocating the clusters not allocated
-        yet (the range is contiguous in the file: a cluster already allocated can only
-        be the last one). A new cluster is written whole, the bytes around the data as
-        zeros, as the full path's image writes it: later data in it overwrites them."""
-        cbits = self.geo.cluster_bits
-        cs = self.geo.cluster_size
+        yet: cut where an L2 table's range ends (its next cluster may be the next table)."""
+        cover = self.geo.l1_coverage
+        while s < e:
+            stop = min(e, (s // cover + 1) * cover)
+            self._place(s, stop, writes, data[: stop - s])
+            data = data[stop - s :]
+            s = stop
+
+    def _place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
+               data: memoryview) -> None:
+        """place() within one L2 table's range. The range is contiguous in the file: a
+        cluster already allocated can only be the last one allocated. A new cluster is
+        written whole, the bytes around the data as zeros, as the full path's image
+        writes it: later data in it overwrites them."""
+        geo = self.geo
+        cbits, cs = geo.cluster_bits, geo.cluster_size
         cmask = cs - 1
         first, last = s >> cbits, (e - 1) >> cbits
-        runs = self.runs
-        if runs and runs[-1][0] + runs[-1][1] > first:
-            r = runs[-1]
-            host = r[2] + ((first - r[0]) << cbits) + (s & cmask)
-            new = r[0] + r[1]
+        if first == self.last_gc:
+            host = self.last_host + (s & cmask)
+            new = first + 1
         else:
+            l1i = first >> geo.l2_bits
+            if l1i != self.l1i:
+                self._flush_table(writes)
+                self.l1i, self.table, self.table_host = l1i, bytearray(cs), self.next
+                self.next += cs
             host = self.next + (s & cmask)
             new = first
             if s & cmask:
@@ -484,55 +504,59 @@ class _Qcow2Target:
         if last >= new:
             if e & cmask:
                 writes.append((host + (e - s), memoryview(_zero(cs))[: cs - (e & cmask)]))
+            assert self.table is not None
             count = last - new + 1
-            r = runs[-1] if runs else None
-            if r is not None and r[0] + r[1] == new and r[2] + (r[1] << cbits) == self.next:
-                r[1] += count
-            else:
-                runs.append([new, count, self.next])
+            i = new & (geo.l2_entries - 1)
+            e0 = self.next | QCOW_OFLAG_COPIED
+            self.table[i * 8 : (i + count) * 8] = _be64_bytes(
+                array("Q", range(e0, e0 + (count << cbits), cs)))
             self.next += count << cbits
+            self.last_gc, self.last_host = last, self.next - cs
             if self.next > MAX_HOST_OFFSET:
                 raise Qcow2Error("Image is too large: the host offset limit is reached")
 
+    def _flush_table(self, writes: list[tuple[int, memoryview]]) -> None:
+        if self.table is not None:
+            writes.append((self.table_host, memoryview(bytes(self.table))))
+            self.l1[self.l1i] = self.table_host | QCOW_OFLAG_COPIED
+            self.table = None
+
     def finish(self) -> None:
-        """L2 tables, L1 table, refcount blocks and table after the data, then cluster 0."""
+        """The last L2 table, the L1 table, the refcount blocks and table after the
+        data, then cluster 0."""
         from .create import new_header
         from .header import pack_cluster0
 
         geo = self.geo
-        cs, cbits, l2_bits = geo.cluster_size, geo.cluster_bits, geo.l2_bits
-        l1_size = geo.l1_size_for(self.size)
-        tables: dict[int, bytearray] = {}
-        for first, count, host in self.runs:
-            while count:
-                l1i = first >> l2_bits
-                i = first & (geo.l2_entries - 1)
-                k = min(count, geo.l2_entries - i)
-                t = tables.get(l1i)
-                if t is None:
-                    t = tables[l1i] = bytearray(cs)
-                e0 = host | QCOW_OFLAG_COPIED
-                t[i * 8 : (i + k) * 8] = _be64_bytes(array("Q", range(e0, e0 + (k << cbits), cs)))
-                first, count, host = first + k, count - k, host + (k << cbits)
+        cs, cbits = geo.cluster_size, geo.cluster_bits
+        last: list[tuple[int, memoryview]] = []
+        self._flush_table(last)
+        for offset, data in last:
+            _pwrite_all(self.fd, data, offset)
         pos = self.next
-        l1 = array("Q", bytes(l1_size * 8))
-        for l1i in sorted(tables):
-            _pwrite_all(self.fd, tables[l1i], pos)
-            l1[l1i] = pos | QCOW_OFLAG_COPIED
-            pos += cs
+        l1_size = len(self.l1)
         l1_clusters = div_round_up(l1_size * 8, cs)
         l1_off = pos if l1_size else 0
         if l1_size:
-            _pwrite_all(self.fd, _be64_bytes(l1).ljust(l1_clusters * cs, b"\0"), l1_off)
+            _pwrite_all(self.fd, _be64_bytes(self.l1).ljust(l1_clusters * cs, b"\0"), l1_off)
             pos += l1_clusters * cs
         used = pos >> cbits
         rblocks, rtable = geo.refcount_clusters_needed(used)
         total = used + rblocks + rtable
         per = geo.refblock_entries
-        blocks = b"".join(_ones(min(per, total - b * per), geo.refcount_order, cs)
-                          for b in range(rblocks))
         rb_off = pos
-        _pwrite_all(self.fd, blocks, rb_off)
+        # every cluster of the file has refcount 1: whole blocks of ones, a partial last
+        full, batch = _ones(per, geo.refcount_order, cs), max(1, (16 << 20) // cs)
+        b = 0
+        while b < rblocks:
+            k = min(batch, rblocks - b)
+            if b + k == rblocks and total % per:
+                k -= 1
+                tail = _ones(total % per, geo.refcount_order, cs)
+            else:
+                tail = b""
+            _pwrite_all(self.fd, full * k + tail, rb_off + b * cs)
+            b += k + (1 if tail else 0)
         rt = array("Q", range(rb_off, rb_off + rblocks * cs, cs))
         rt_off = rb_off + rblocks * cs
         _pwrite_all(self.fd, _be64_bytes(rt).ljust(rtable * cs, b"\0"), rt_off)
