@@ -25,9 +25,11 @@ not look plain at its header: the full path has every check and every message.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 from array import array
@@ -57,6 +59,7 @@ MAX_HOST_OFFSET = 1 << 56
 _DATA, _ZERO, _COMPRESSED = 1, 2, 3
 _SWAP = sys.byteorder == "little"  # tables are big-endian on disk
 _NONZERO = re.compile(rb"[^\x00]")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _be64(data: bytes) -> array[int]:
@@ -120,10 +123,33 @@ def aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list
 
 
 # -------------------------------------------------------------------- sources --
+def _mapped(fd: int, host: int, n: int) -> memoryview | None:
+    """The file's bytes [host, host + n) mapped (read-only, populated in one call), or
+    None where mmap cannot do it. Reading through the mapping saves copying the data
+    into a buffer: the zero test looks at the page cache itself, and the writer copies
+    from it. The mapping goes away with the last view of it (after the writer is done)."""
+    start = host - host % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, host + n - start, flags=mmap.MAP_SHARED | _POPULATE,
+                       prot=mmap.PROT_READ, offset=start)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return memoryview(mm)[host - start : host - start + n]
+
+
 class _RawSource:
     def __init__(self, path: str) -> None:
         self.file = RawFile(path)
         self.size = self.file.size
+        st = os.fstat(self.file.fd)
+        # only a regular file's bytes are mapped (and only below its end: past it, a
+        # mapping faults; the partial last sector reads as zeros through read())
+        self.mappable = st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def view(self, offset: int, n: int) -> memoryview | None:
+        if offset + n > self.mappable:
+            return None
+        return _mapped(self.file.fd, offset, n)
 
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
         return raw_data(self.file.fd, offset, n)
@@ -242,6 +268,24 @@ class _Qcow2Source:
                             f"Data cluster offset {host:#x} is past the end of the image file")
                     _merge(out, g, cs, _DATA, host)
             i += 1
+
+    def view(self, offset: int, n: int) -> memoryview | None:
+        """The guest bytes [offset, offset + n) mapped from the file, where they are one
+        data extent inside the file (as measured when it was opened); else None."""
+        ext = self.extents
+        k = self._cursor
+        while k < len(ext) and ext[k][1] <= offset:
+            k += 1
+        self._cursor = k
+        if k >= len(ext):
+            return None
+        s, e, kind, host = ext[k]
+        if kind != _DATA or s > offset or e < offset + n:
+            return None
+        host += offset - s
+        if host + n > self.file_size:
+            return None
+        return _mapped(self.fd, host, n)
 
     def read(self, mv: memoryview, offset: int) -> None:
         """Fill mv with the guest bytes at offset (within the window data_ranges loaded)."""
@@ -733,33 +777,33 @@ def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, bas
     pos = start
     while pos < end:
         n = min(chunk, end - pos)
-        buf = writer.buffer()
-        mv = memoryview(buf)
-        src.read(mv[:n], pos)
+        buf = writer.buffer()  # (also when unused: it bounds the chunks queued)
+        mv = src.view(pos, n)
+        if mv is None:
+            mv = memoryview(buf)[:n]
+            src.read(mv, pos)
         writes: list[tuple[int, memoryview]] = []
+        # a partial last grain is tested as if padded with zeros: on its own bytes
         if not grain:
-            target.place(base + pos, base + pos + n, writes, mv[:n])
-        else:
-            padded = -(-n // grain) * grain
-            if n < padded:
-                mv[n:padded] = zero_grain[: padded - n]
-            if not buf.startswith(zero_chunk[:padded] if padded < chunk else zero_chunk):
-                for s, e in _nonzero_runs(buf, padded, grain, zero_grain):
-                    e = min(e, n)
-                    target.place(base + pos + s, base + pos + e, writes, mv[s:e])
+            target.place(base + pos, base + pos + n, writes, mv)
+        elif not zero_chunk.startswith(mv):
+            for s, e in _nonzero_runs(mv, n, grain, zero_grain):
+                target.place(base + pos + s, base + pos + e, writes, mv[s:e])
+        del mv
         writer.submit(buf, writes)
         pos += n
         if progress is not None:
             progress.update(n)
 
 
-def _nonzero_runs(buf: bytearray, n: int, grain: int, zero: bytes) -> list[tuple[int, int]]:
-    """(start, end) of the runs of grains of buf[:n] that hold a nonzero byte."""
+def _nonzero_runs(mv: memoryview, n: int, grain: int, zero: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the runs of grains of mv[:n] that hold a nonzero byte (zero
+    .startswith(view) is a memcmp of the view's own memory, no copy)."""
     out: list[tuple[int, int]] = []
-    startswith = buf.startswith
+    startswith = zero.startswith
     run = -1
     for i in range(0, n, grain):
-        if startswith(zero, i):
+        if startswith(mv[i : i + grain]):
             if run >= 0:
                 out.append((run, i))
                 run = -1
