@@ -420,7 +420,10 @@ class _Writer:
                 return
 
     def _run(self) -> None:
+        from .storage import start_writeback
+
         unsynced = 0
+        hint = True  # sync_file_range: the disk starts on each chunk as soon as it is written
         while True:
             job = self.jobs.get()
             if job is None:
@@ -428,10 +431,14 @@ class _Writer:
             buf, writes = job
             if self.error is None:
                 try:
+                    lo, hi = 1 << 63, 0
                     for offset, data in writes:
                         _pwrite_all(self.fd, data, offset)
                         unsynced += len(data)
-                    if unsynced >= SYNC_EVERY:
+                        lo, hi = min(lo, offset), max(hi, offset + len(data))
+                    if hint and hi:
+                        hint = start_writeback(self.fd, lo, hi - lo)
+                    if not hint and unsynced >= SYNC_EVERY:
                         self.kick.set()
                         unsynced = 0
                 except BaseException as exc:  # reported by the main thread
