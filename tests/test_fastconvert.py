@@ -168,18 +168,21 @@ def test_fast_path_imports_no_numpy_and_falls_back(tmp: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
     ext = tmp / "ext.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(ext), "1M")
+    over_ext = tmp / "over-ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(ext), "-F", "qcow2", str(over_ext))
     out = str(tmp / "out")
     fast = [
         ["-O", "qcow2", str(src)],
         ["-O", "raw", str(src)],
         ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k,refcount_bits=2", str(raw)],
         ["-p", "-S", "0", str(raw), str(src)],
+        ["-O", "qcow2", str(top)],  # a backing chain
     ]
     full = [
         ["-c", "-O", "qcow2", str(src)],  # compression
         ["-s", "nosuch", "-O", "raw", str(src)],  # a snapshot (fails in the full path)
-        ["-O", "qcow2", str(top)],  # a backing chain
         ["-O", "qcow2", str(ext)],  # extended L2 entries
+        ["-O", "raw", str(over_ext)],  # ... in a backing file
         ["-O", "qcow2", "-o", "preallocation=metadata", str(src)],
         ["-O", "qcow2", "-o", "cluster_size=3k", str(src)],  # an error: the full path's
     ]
@@ -192,6 +195,38 @@ def test_fast_path_imports_no_numpy_and_falls_back(tmp: Path) -> None:
         assert got["numpy"] and not got["fast"], args
         if os.path.exists(out):
             os.unlink(out)
+
+
+def test_fast_backing_chain_matches_full_path_and_qemu(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch, fast_calls: list[int]) -> None:
+    """raw (3 MiB, a hole) <- qcow2 (4 MiB, compressed) <- qcow2 overlay (6 MiB, 4 KiB
+    clusters): zero clusters over the base's data, unallocated ones over a hole and
+    past the end of each backing file."""
+    raw = tmp / "base.raw"
+    with open(raw, "wb") as f:
+        f.write(random.Random(5).randbytes(MiB))
+        f.seek(2 * MiB)
+        f.write(b"\x21" * MiB)
+    mid = tmp / "mid.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", str(raw), "-F", "raw",
+             str(mid), str(4 * MiB))
+    qemu_io(mid, f"write -c -P 0x31 {512 * KiB} 64k", f"write -P 0x32 {3 * MiB + 4096} 8k",
+            "write -z 4096 8k")
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
+             "-F", "qcow2", str(top), str(6 * MiB))
+    qemu_io(top, f"write -z {512 * KiB} 16k", f"write -P 0x41 {2 * MiB - 2048} 8k",
+            f"write -P 0x42 {5 * MiB} 4k", "write -z 0 4k")
+    for fmt in ("qcow2", "raw"):
+        fast_calls.clear()
+        fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(top)], fmt)
+        assert qemu_img("compare", "-F", fmt, str(top), str(fast)).returncode == 0
+        assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
+        assert _allocation(fast, fmt) == _allocation(full, fmt)
+        if fmt == "qcow2":
+            assert_clean(fast)
+        fast.unlink()
+        full.unlink()
 
 
 def _l1_entry(path: Path, index: int) -> tuple[int, int]:

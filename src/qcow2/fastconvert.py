@@ -123,6 +123,10 @@ def aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list
 
 
 # -------------------------------------------------------------------- sources --
+class _NotPlain(Exception):
+    """The full path's: a layer is not one the fast path reads."""
+
+
 def _mapped(fd: int, host: int, n: int) -> memoryview | None:
     """The file's bytes [host, host + n) mapped (read-only, populated in one call), or
     None where mmap cannot do it. Reading through the mapping saves copying the data
@@ -138,9 +142,11 @@ def _mapped(fd: int, host: int, n: int) -> memoryview | None:
 
 
 class _RawSource:
-    def __init__(self, path: str) -> None:
-        self.file = RawFile(path)
-        self.size = self.file.size
+    """A raw file: a source, or the backing file of a qcow2 one."""
+
+    def __init__(self, file: RawFile) -> None:
+        self.file = file
+        self.size = file.size
         st = os.fstat(self.file.fd)
         # only a regular file's bytes are mapped (and only below its end: past it, a
         # mapping faults; the partial last sector reads as zeros through read())
@@ -154,6 +160,13 @@ class _RawSource:
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
         return raw_data(self.file.fd, offset, n)
 
+    def load(self, start: int, end: int) -> None:
+        pass
+
+    def ranges(self, start: int, end: int, out: list[tuple[int, int]]) -> None:
+        for s, e in raw_data(self.file.fd, start, end - start):
+            add_range(out, s, e)
+
     def read(self, mv: memoryview, offset: int) -> None:
         self.file.readinto(mv, offset)
 
@@ -162,13 +175,16 @@ class _RawSource:
 
 
 class _Qcow2Source:
-    """A qcow2 image without backing file, extended L2 entries, refcount mode or dirty
-    bit, read through its active L1 table. The L2 tables are read (and checked) a window
-    at a time into extents (guest start, guest end, kind, host)."""
+    """A qcow2 image without extended L2 entries, refcount mode, dirty bit or external
+    data file, read through its active L1 table, over its backing file (a plain qcow2
+    image or a raw file, or None). The L2 tables are read (and checked) a window at a
+    time into extents (guest start, guest end, kind, host); unallocated clusters (no
+    extent) read from the backing file, as zeros past its end."""
 
     def __init__(self, path: str, fd: int, layout: ImageLayout, file_size: int) -> None:
         h = layout.header
         self.path = path
+        self.backing: _RawSource | _Qcow2Source | None = None
         self.fd = fd
         self.size = h.size
         self.file_size = file_size
@@ -204,15 +220,38 @@ class _Qcow2Source:
         self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
 
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
-        """Also loads the window's extents, which read() then uses."""
-        end = offset + n
-        self.extents = self._extents(offset, end)
-        self._cursor = 0
+        """The ranges of [offset, offset + n) that may hold data (what the full path's
+        block status does not call zeros). Loads the window's extents (down the backing
+        chain), which view() and read() then use."""
+        self.load(offset, offset + n)
         out: list[tuple[int, int]] = []
-        for s, e, kind, _host in self.extents:
-            if kind != _ZERO:
-                add_range(out, max(s, offset), min(e, end))
+        self.ranges(offset, offset + n, out)
         return out
+
+    def load(self, start: int, end: int) -> None:
+        self.extents = self._extents(start, end)
+        self._cursor = 0
+        if self.backing is not None and start < self.backing.size:
+            self.backing.load(start, min(end, self.backing.size))
+
+    def ranges(self, start: int, end: int, out: list[tuple[int, int]]) -> None:
+        pos = start
+        for s, e, kind, _host in self.extents:
+            s, e = max(s, start), min(e, end)
+            if s >= e:
+                continue
+            if s > pos:
+                self._below(pos, s, out)
+            if kind != _ZERO:
+                add_range(out, s, e)
+            pos = e
+        if pos < end:
+            self._below(pos, end, out)
+
+    def _below(self, start: int, end: int, out: list[tuple[int, int]]) -> None:
+        """The data ranges of unallocated [start, end): the backing file's."""
+        if self.backing is not None and start < self.backing.size:
+            self.backing.ranges(start, min(end, self.backing.size), out)
 
     def _extents(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
         """The data, zero and compressed extents of the clusters of [start, end)
@@ -299,11 +338,11 @@ class _Qcow2Source:
         pos = offset
         while pos < end:
             if k >= len(ext) or ext[k][0] >= end:
-                mv[pos - offset:] = bytes(end - pos)
+                self._read_below(mv[pos - offset :], pos)
                 return
             s, e, kind, host = ext[k]
             if s > pos:
-                mv[pos - offset : s - offset] = bytes(s - pos)
+                self._read_below(mv[pos - offset : s - offset], pos)
                 pos = s
             stop = min(e, end)
             part = mv[pos - offset : stop - offset]
@@ -320,6 +359,16 @@ class _Qcow2Source:
             if stop == e:
                 k += 1
 
+    def _read_below(self, mv: memoryview, offset: int) -> None:
+        """Unallocated guest bytes: the backing file's, zeros past its end."""
+        n = len(mv)
+        k = 0
+        if self.backing is not None and offset < self.backing.size:
+            k = min(n, self.backing.size - offset)
+            self.backing.read(mv[:k], offset)
+        if k < n:
+            mv[k:] = bytes(n - k)
+
     def _decompress(self, entry: int) -> bytes:
         if self._cached is not None and self._cached[0] == entry:
             return self._cached[1]
@@ -333,6 +382,9 @@ class _Qcow2Source:
         return data
 
     def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -358,29 +410,45 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def _open_source(path: str, fmt: str | None) -> _RawSource | _Qcow2Source | None:
-    """The source, or None where the full path must do it (anything but a plain image;
-    errors too: the full path reports them with its own messages)."""
-    from .header import read_layout
-    from .storage import FileBackend, Storage
-
+    """The source, or None where the full path must do it (anything but a plain image
+    or chain; errors too: the full path reports them with its own messages)."""
     if fmt is None:
         fmt = probe_format(path, what="image")
     if fmt == "raw":
-        return _RawSource(path)
+        return _RawSource(RawFile(path))
     if fmt != "qcow2":
         return None
+    try:
+        return _open_qcow2(path, (os.path.realpath(path),))
+    except _NotPlain:
+        return None
+
+
+def _open_qcow2(path: str, seen: tuple[str, ...]) -> _Qcow2Source:
+    """A plain qcow2 image and its backing chain (backing.open_backing's rules: no loop,
+    a bounded depth); _NotPlain where any layer is not."""
+    from .backing import open_backing
+    from .header import read_layout
+    from .storage import FileBackend, Storage
+
     be = FileBackend(path, False)
+    src: _Qcow2Source | None = None
     try:
         storage = Storage(be, False)
         layout = read_layout(storage)
         h = layout.header
-        if layout.backing_file or layout.data_file or h.crypt_method \
-                or h.incompatible_features & ~INCOMPAT_COMPRESSION:
-            be.close()
-            return None
+        if layout.data_file or h.crypt_method or h.incompatible_features & ~INCOMPAT_COMPRESSION:
+            raise _NotPlain
         src = _Qcow2Source(path, be.fd, layout, storage.size())
+        if layout.backing_file:
+            below: Any = open_backing(path, layout.backing_file, layout.backing_format, seen,
+                                      _open_qcow2)
+            src.backing = _RawSource(below) if isinstance(below, RawFile) else below
     except BaseException:
-        be.close()
+        if src is not None:
+            src.close()
+        else:
+            be.close()
         raise
     return src
 
@@ -703,10 +771,6 @@ def plan(inputs: list[str], fmt: str | None, out_fmt: str, options: list[str]) -
             s.close()
         return None
     return p
-
-
-class _NotPlain(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------- copy --
