@@ -18,6 +18,11 @@ the target is written in place with every ordering sync, as any image write.
 
 Beyond qemu-img: --snapshots copies every internal snapshot (copy_with_snapshots), and
 OUTPUT '-' streams the image to stdout (stream.py).
+
+A plain convert (fastconvert.plan says which) takes fastconvert.py's path, which writes
+the same output without numpy (whose import alone costs about what qemu-img takes for
+a whole convert of 128 MiB); this module therefore imports numpy only in the functions
+of the full path. QCOW2_CONVERT_FULL_PATH=1 forces the full path (for tests).
 """
 
 from __future__ import annotations

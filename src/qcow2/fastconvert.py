@@ -1,25 +1,32 @@
 """The fast path of `qcow2 convert`: plain copies into a new image, without numpy.
 
-A plain convert (qcow2 or raw sources without a backing file, a new qcow2 or raw
-output, no -c, snapshot, bitmap or stream option; see `plan`) spends most of its time
-starting Python and moving bytes. This module does that with the standard library only:
-numpy's import alone costs about as much as qemu-img's whole convert of 128 MiB. It
-reads the sources in 2 MiB chunks into reused buffers, finds zero grains with
-`bytearray.startswith` (a memcmp, no copy), and hands the data runs to a writer thread
-(os.pwrite releases the GIL, so reading and writing overlap; the writer also syncs the
-data written so far every few MiB, so that the last sync has little left to wait for).
+A plain convert (raw files and qcow2 images, backing chains of both included, into a
+new raw or qcow2 image; no -c, -n, -l/-s, --snapshots, --bitmaps, standard output or
+-o option beyond cluster_size, compat, refcount_bits, lazy_refcounts and
+compression_type; see `plan`) spends most of its time starting Python and moving bytes.
+This module does that with the standard library only: numpy's import alone costs about
+as much as qemu-img's whole convert of 128 MiB. A chunk (2 MiB) that is one data extent
+inside its file is read through a read-only mapping, any other into a reused buffer;
+zero grains are found with `bytes.startswith` on a view (a memcmp, no copy), and the
+data runs go to a writer thread (os.pwrite releases the GIL, so reading and writing
+overlap), which starts the disk on each chunk it wrote (sync_file_range), so that the
+one sync at the end has little left to wait for.
 
 It writes exactly what the full path (convert.copy) writes: the same data ranges of the
-sources (from the L2 tables or the raw file's holes), widened to the same grains, cut
-into the same chunks, the same zero grains left out. A qcow2 output needs no second
-pass: cluster 0 is kept for the header, data clusters are appended in guest order as
-the first data in them turns up, and the L2 tables, the L1 table, the refcount blocks
-and the refcount table follow the data, each cluster with refcount 1; the header goes
-in last. The file is new and has a temporary name (convert.py renames it when done),
-so one sync at the end makes it durable.
+sources (from the L2 tables down the backing chain, or the raw file's holes), widened
+to the same grains, the same zero grains left out, each new cluster written whole. A
+qcow2 output needs no second pass: cluster 0 is kept for the header, data clusters are
+appended in guest order as the first data in them turns up, each L2 table's cluster
+just before the first data cluster it maps; the L1 table, the refcount blocks and the
+refcount table follow the data, every cluster with refcount 1, and the header goes in
+last. The file is new and has a temporary name (convert.py renames it when done), so
+one sync at the end makes it durable.
 
-Anything else goes the full way (`plan` returns None), including every source that does
-not look plain at its header: the full path has every check and every message.
+Anything else goes the full way (`plan` returns None), including every source with a
+layer that does not look plain at its header, and every error found while opening: the
+full path has every check and every message. What only shows later (an L2 table or a
+cluster past the end of the file, a bad compressed cluster) is a CorruptImageError with
+the full path's message.
 """
 
 from __future__ import annotations
