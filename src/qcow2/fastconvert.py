@@ -462,18 +462,21 @@ def _open_qcow2(path: str, seen: tuple[str, ...]) -> _Qcow2Source:
 
 # --------------------------------------------------------------------- writer --
 class _Writer:
-    """A thread that writes (offset, memoryview) lists to the output file and gives the
-    buffers back, and another one that syncs behind it (after every SYNC_EVERY bytes
-    written), so that the disk works while the copy goes on and the last sync has
+    """A thread that writes (offset, memoryview) lists to the output file, starts the
+    disk on them and gives the buffer slots back; where the system cannot start
+    writeback (no sync_file_range), another thread syncs behind it every SYNC_EVERY
+    bytes. Either way the disk works while the copy goes on and the last sync has
     little left to wait for."""
 
-    def __init__(self, fd: int, nbufs: int, size: int) -> None:
+    def __init__(self, fd: int, nbufs: int) -> None:
         self.fd = fd
-        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        # nbufs slots, each a buffer once a chunk needed one (a mapped chunk does not):
+        # taking a slot per chunk bounds the chunks queued
+        self.free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(nbufs):
-            self.free.put(bytearray(size))
-        self.jobs: queue.SimpleQueue[tuple[bytearray, list[tuple[int, memoryview]]] | None] = \
-            queue.SimpleQueue()
+            self.free.put(None)
+        self.jobs: queue.SimpleQueue[
+            tuple[bytearray | None, list[tuple[int, memoryview]]] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.kick = threading.Event()
         self.done = False
@@ -520,11 +523,11 @@ class _Writer:
                     self.error = exc
             self.free.put(buf)
 
-    def buffer(self) -> bytearray:
+    def buffer(self) -> bytearray | None:
         self.check()
         return self.free.get()
 
-    def submit(self, buf: bytearray, writes: list[tuple[int, memoryview]]) -> None:
+    def submit(self, buf: bytearray | None, writes: list[tuple[int, memoryview]]) -> None:
         self.jobs.put((buf, writes))
 
     def check(self) -> None:
@@ -796,7 +799,7 @@ def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
             target = _Qcow2Target(fd, size, version, geo, lazy, ctype)
         else:
             target = _RawTarget(fd, p.total)
-        writer = _Writer(fd, BUFFERS, max(CHUNK, grain))
+        writer = _Writer(fd, BUFFERS)
         try:
             base = 0
             for src in p.sources:
@@ -855,9 +858,11 @@ def _copy_data(src: Any, target: Any, writer: _Writer, start: int, end: int, bas
     pos = start
     while pos < end:
         n = min(chunk, end - pos)
-        buf = writer.buffer()  # (also when unused: it bounds the chunks queued)
+        buf = writer.buffer()
         mv = src.view(pos, n)
         if mv is None:
+            if buf is None:
+                buf = bytearray(size)
             mv = memoryview(buf)[:n]
             src.read(mv, pos)
         writes: list[tuple[int, memoryview]] = []
