@@ -321,3 +321,23 @@ def test_fast_convert_reads_back_as_the_model(tmp_path_factory: pytest.TempPathF
                 assert img.pread(size, 0) == bytes(model)
             assert qemu_check(out)["returncode"] == 0
         out.unlink()
+
+
+def test_fast_path_without_sync_file_range(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                           fast_calls: list[int]) -> None:
+    """Where the system cannot start writeback, a thread syncs behind the writer."""
+    import threading
+
+    from qcow2 import storage
+
+    syncs: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(storage, "start_writeback", lambda fd, offset, length: False)
+    monkeypatch.setattr(fastconvert, "SYNC_EVERY", 64 * KiB)
+    monkeypatch.setattr(os, "fdatasync",
+                        lambda fd: (syncs.append(threading.current_thread().name), real(fd))[1])
+    src = _mixed(tmp)
+    fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", "qcow2", str(src)], "qcow2")
+    assert "convert-sync" in syncs
+    assert_clean(fast)
+    assert qemu_img("compare", str(full), str(fast)).returncode == 0

@@ -481,9 +481,8 @@ class _Writer:
         self.kick = threading.Event()
         self.done = False
         self.thread = threading.Thread(target=self._run, name="convert-writer", daemon=True)
-        self.syncer = threading.Thread(target=self._sync, name="convert-sync", daemon=True)
+        self.syncer: threading.Thread | None = None  # started where it is needed
         self.thread.start()
-        self.syncer.start()
 
     def _sync(self) -> None:
         while True:
@@ -517,6 +516,10 @@ class _Writer:
                     if hint and hi:
                         hint = start_writeback(self.fd, lo, hi - lo)
                     if not hint and unsynced >= SYNC_EVERY:
+                        if self.syncer is None:
+                            self.syncer = threading.Thread(target=self._sync, daemon=True,
+                                                           name="convert-sync")
+                            self.syncer.start()
                         self.kick.set()
                         unsynced = 0
                 except BaseException as exc:  # reported by the main thread
@@ -539,7 +542,8 @@ class _Writer:
         self.thread.join()
         self.done = True
         self.kick.set()
-        self.syncer.join()
+        if self.syncer is not None:
+            self.syncer.join()
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
