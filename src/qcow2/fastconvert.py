@@ -48,19 +48,20 @@ from .format import (
     INCOMPAT_COMPRESSION,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
+    MAX_L1_SIZE_BYTES,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     ImageLayout,
 )
 from .geometry import Geometry, div_round_up
+from .header import MAX_HOST_OFFSET
 
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 WINDOW = 1 << 30  # zero ranges are looked up this much at a time
-BUFFERS = 4  # chunk buffers: one being read, the others queued for the writer
-SYNC_EVERY = 8 << 20  # the writer syncs after this many bytes (flush behind)
-MAX_HOST_OFFSET = 1 << 56
+BUFFERS = 4  # chunks in flight: one being read, the others queued for the writer
+SYNC_EVERY = 8 << 20  # without sync_file_range: a sync after this many bytes written
 
 # guest extent kinds (as cluster.py's)
 _DATA, _ZERO, _COMPRESSED = 1, 2, 3
@@ -755,7 +756,7 @@ def _qcow2_output(options: list[str], size: int) -> tuple[int, int, Geometry, bo
     except (Qcow2Error, TypeError, ValueError):
         return None
     geo = Geometry(cluster_size.bit_length() - 1, refcount_bits.bit_length() - 1, False)
-    if geo.l1_size_for(size) * 8 > 32 * 1024 * 1024:
+    if geo.l1_size_for(size) * 8 > MAX_L1_SIZE_BYTES:
         return None
     return version, size, geo, lazy, ctype
 
