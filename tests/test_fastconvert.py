@@ -245,14 +245,19 @@ def _poke(path: Path, offset: int, value: int) -> None:
         f.write(struct.pack(">Q", value))
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("l2_past_eof", "L2 table offset 0x40000000 is past the end of the image file"),
-    ("l2_unaligned", "is not cluster aligned"),
-    ("compressed_past_eof", "runs past the end of the file"),
-    ("data_past_eof", "is past the end of the image file"),
+@pytest.mark.parametrize("damage, message, fast", [
+    # found while opening: the full path reports it (with its message)
+    ("l2_past_eof", "L2 table offset 0x40000000 is past the end of the image file", False),
+    ("l2_unaligned", "is not cluster aligned", False),
+    ("l2_on_l1", "points at the active L1 table", False),
+    # found while copying: the fast path reports it (with the full path's message)
+    ("compressed_past_eof", "runs past the end of the file", True),
+    ("data_past_eof", "is past the end of the image file", True),
+    ("compressed_garbage", "Compressed cluster cannot be decompressed", True),
 ])
 def test_hostile_source_gets_one_line(tmp: Path, capfd: pytest.CaptureFixture[str],
-                                      damage: str, message: str) -> None:
+                                      fast_calls: list[int], damage: str, message: str,
+                                      fast: bool) -> None:
     src = tmp / "bad.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
     qemu_io(src, "write -c -P 0x22 0 64k", "write -P 0x33 64k 64k")
@@ -262,6 +267,8 @@ def test_hostile_source_gets_one_line(tmp: Path, capfd: pytest.CaptureFixture[st
         _poke(src, at, (1 << 30) | (1 << 63))
     elif damage == "l2_unaligned":
         _poke(src, at, (l2 + 4096) | (1 << 63))
+    elif damage == "l2_on_l1":
+        _poke(src, at, (at - at % 65536) | (1 << 63))
     else:
         with open(src, "rb") as f:
             f.seek(l2)
@@ -269,6 +276,10 @@ def test_hostile_source_gets_one_line(tmp: Path, capfd: pytest.CaptureFixture[st
         if damage == "compressed_past_eof":
             # the same sector count, the data 1 GiB on (cluster_bits 16: offset bits 0-53)
             _poke(src, l2, e0 + (1 << 30))
+        elif damage == "compressed_garbage":
+            with open(src, "r+b") as f:
+                f.seek(e0 & ((1 << 54) - 1))
+                f.write(b"\xff" * 64)
         else:
             _poke(src, l2 + 8, (1 << 63) | (1 << 40))
     capfd.readouterr()
@@ -278,6 +289,7 @@ def test_hostile_source_gets_one_line(tmp: Path, capfd: pytest.CaptureFixture[st
     assert rc == 1
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+    assert fast_calls == ([1] if fast else [])
     assert not out.exists()
     assert [n for n in os.listdir(tmp) if n.startswith(".out")] == []
 

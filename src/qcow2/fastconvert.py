@@ -215,7 +215,7 @@ class _Qcow2Source:
             if off >= file_size:
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} is past the end of the image file")
-            for what, (a, b) in (("the L1 table", self.l1_range),
+            for what, (a, b) in (("the active L1 table", self.l1_range),
                                  ("the refcount table", self.rt_range)):
                 if off < b and a < off + cs:
                     raise CorruptImageError(f"L2 table offset {off:#x} points at {what}")
