@@ -353,3 +353,22 @@ def test_fast_path_without_sync_file_range(tmp: Path, monkeypatch: pytest.Monkey
     assert "convert-sync" in syncs
     assert_clean(fast)
     assert qemu_img("compare", str(full), str(fast)).returncode == 0
+
+
+@pytest.mark.parametrize("advice", [None, 9999])
+def test_fast_path_without_mappings(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                    fast_calls: list[int], advice: int | None) -> None:
+    """Without MADV_POPULATE_READ (another system; 9999: a kernel that refuses it, found
+    on the first chunk) every chunk is read into a buffer: the same output."""
+    monkeypatch.setattr(fastconvert, "_POPULATE_READ", advice)
+    raw = tmp / "in.raw"
+    with open(raw, "wb") as f:
+        f.write(random.Random(7).randbytes(3 * MiB))
+        f.write(bytes(2 * MiB))
+        f.write(b"\x01" * 4096)
+    fast, full = _both(tmp, monkeypatch, fast_calls, ["-f", "raw", "-O", "qcow2", str(raw)],
+                       "qcow2")
+    assert fastconvert._POPULATE_READ is None
+    assert_clean(fast)
+    assert qemu_img("compare", "-f", "raw", str(raw), str(fast)).returncode == 0
+    assert _allocation(fast, "qcow2") == _allocation(full, "qcow2")

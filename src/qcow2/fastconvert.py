@@ -67,7 +67,10 @@ SYNC_EVERY = 8 << 20  # without sync_file_range: a sync after this many bytes wr
 _DATA, _ZERO, _COMPRESSED = 1, 2, 3
 _SWAP = sys.byteorder == "little"  # tables are big-endian on disk
 _NONZERO = re.compile(rb"[^\x00]")
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# madvise(MADV_POPULATE_READ) (Linux 5.14): reads the pages in and says so when it cannot
+# (an I/O error), where a plain mapping would kill the process with SIGBUS on access
+_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) \
+    if sys.platform.startswith("linux") else None
 
 
 def _be64(data: bytes) -> array[int]:
@@ -136,15 +139,26 @@ class _NotPlain(Exception):
 
 
 def _mapped(fd: int, host: int, n: int) -> memoryview | None:
-    """The file's bytes [host, host + n) mapped (read-only, populated in one call), or
-    None where mmap cannot do it. Reading through the mapping saves copying the data
-    into a buffer: the zero test looks at the page cache itself, and the writer copies
-    from it. The mapping goes away with the last view of it (after the writer is done)."""
+    """The file's bytes [host, host + n) mapped (read-only, read in by one call), or
+    None where that cannot be done (then read() copies them, and reports an I/O error
+    as an error). Reading through the mapping saves copying the data into a buffer: the
+    zero test looks at the page cache itself, and the writer copies from it. The
+    mapping goes away with the last view of it (after the writer is done)."""
+    global _POPULATE_READ
+    if _POPULATE_READ is None:
+        return None
     start = host - host % mmap.ALLOCATIONGRANULARITY
     try:
-        mm = mmap.mmap(fd, host + n - start, flags=mmap.MAP_SHARED | _POPULATE,
-                       prot=mmap.PROT_READ, offset=start)
+        mm = mmap.mmap(fd, host + n - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                       offset=start)
     except (OSError, ValueError, OverflowError):
+        return None
+    try:
+        mm.madvise(_POPULATE_READ)
+    except OSError as exc:
+        mm.close()
+        if exc.errno == errno.EINVAL:  # an older kernel: no mappings from now on
+            _POPULATE_READ = None
         return None
     return memoryview(mm)[host - start : host - start + n]
 
