@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any
 from . import fastconvert
 from .backing import RawFile, probe_format
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
-from .fastconvert import CHUNK, GRAIN, WINDOW, aligned, raw_data
-from .fastconvert import add_range as _add
+from .fastconvert import CHUNK, GRAIN, WINDOW, add_range, aligned, raw_data
 from .geometry import div_round_up
 
 if TYPE_CHECKING:
@@ -118,14 +117,14 @@ def _layer_data(layer: Any, backing: Any, offset: int, n: int, out: list[tuple[i
         if kind == ZERO:
             continue
         if kind != UNALLOCATED:
-            _add(out, guest, guest + length)
+            add_range(out, guest, guest + length)
             continue
         if backing is None or guest >= backing.size:
             continue  # nothing below, or past the end of the backing file: zeros
         k = min(length, backing.size - guest)
         if isinstance(backing, RawFile):
             for s, e in raw_data(backing.fd, guest, k):
-                _add(out, s, e)
+                add_range(out, s, e)
         else:
             _layer_data(backing, backing.backing, guest, k, out)
 
