@@ -372,3 +372,31 @@ def test_fast_path_without_mappings(tmp: Path, monkeypatch: pytest.MonkeyPatch,
     assert_clean(fast)
     assert qemu_img("compare", "-f", "raw", str(raw), str(fast)).returncode == 0
     assert _allocation(fast, "qcow2") == _allocation(full, "qcow2")
+
+
+def test_write_error_is_one_line_and_leaves_nothing(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture[str],
+                                                    fast_calls: list[int]) -> None:
+    """A write that fails in the writer thread (a full disk) ends the convert with one
+    line and no output, no temporary file."""
+    import errno
+
+    src = _mixed(tmp)
+    real = os.pwrite
+    calls: list[int] = []
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    capfd.readouterr()
+    out = tmp / "out.qcow2"
+    assert main(["convert", "-O", "qcow2", str(src), str(out)]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith("qcow2: Write failed: No space left on device") and err.count("\n") == 1
+    assert fast_calls == [1]
+    assert not out.exists()
+    assert [n for n in os.listdir(tmp) if n.startswith(".out")] == []
