@@ -166,10 +166,14 @@ def test_fast_path_imports_no_numpy_and_falls_back(tmp: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
     top = tmp / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
-    ext = tmp / "ext.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(ext), "1M")
-    over_ext = tmp / "over-ext.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", str(ext), "-F", "qcow2", str(over_ext))
+    dirty = tmp / "dirty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(dirty), "1M")
+    with open(dirty, "r+b") as f:  # the dirty bit (incompatible feature bit 0)
+        f.seek(79)
+        f.write(b"\x01")
+    over_dirty = tmp / "over-dirty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(dirty), "-F", "qcow2", "-u",
+             str(over_dirty), "1M")
     out = str(tmp / "out")
     fast = [
         ["-O", "qcow2", str(src)],
@@ -181,8 +185,8 @@ def test_fast_path_imports_no_numpy_and_falls_back(tmp: Path) -> None:
     full = [
         ["-c", "-O", "qcow2", str(src)],  # compression
         ["-s", "nosuch", "-O", "raw", str(src)],  # a snapshot (fails in the full path)
-        ["-O", "qcow2", str(ext)],  # extended L2 entries
-        ["-O", "raw", str(over_ext)],  # ... in a backing file
+        ["-O", "qcow2", str(dirty)],  # a dirty image (refcounts to repair)
+        ["-O", "raw", str(over_dirty)],  # ... as a backing file
         ["-O", "qcow2", "-o", "preallocation=metadata", str(src)],
         ["-O", "qcow2", "-o", "cluster_size=3k", str(src)],  # an error: the full path's
     ]
@@ -221,6 +225,30 @@ def test_fast_backing_chain_matches_full_path_and_qemu(
         fast_calls.clear()
         fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(top)], fmt)
         assert qemu_img("compare", "-F", fmt, str(top), str(fast)).returncode == 0
+        assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
+        assert _allocation(fast, fmt) == _allocation(full, fmt)
+        if fmt == "qcow2":
+            assert_clean(fast)
+        fast.unlink()
+        full.unlink()
+
+
+def test_fast_extended_l2_matches_full_path_and_qemu(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch, fast_calls: list[int]) -> None:
+    """Extended L2 entries: allocated, zero and unallocated subclusters (the last ones
+    read from the backing file), a compressed cluster."""
+    raw = tmp / "base.raw"
+    raw.write_bytes(random.Random(9).randbytes(2 * MiB))
+    src = tmp / "ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k",
+             "-b", str(raw), "-F", "raw", str(src), str(3 * MiB))
+    qemu_io(src, "write -P 0x51 6k 2k", "write -P 0x52 10k 8k", "write -z 32k 4k",
+            f"write -c -P 0x53 {MiB} 64k", f"write -P 0x54 {2 * MiB + 62 * KiB} 4k",
+            f"write -z {1536 * KiB} 64k", f"discard {256 * KiB} 64k")
+    for fmt in ("qcow2", "raw"):
+        fast_calls.clear()
+        fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(src)], fmt)
+        assert qemu_img("compare", "-F", fmt, str(src), str(fast)).returncode == 0
         assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
         assert _allocation(fast, fmt) == _allocation(full, fmt)
         if fmt == "qcow2":
@@ -301,16 +329,17 @@ def test_hostile_source_gets_one_line(tmp: Path, capfd: pytest.CaptureFixture[st
                               st.integers(0, 255)), max_size=12),
        cluster=st.sampled_from([512, 4096, 65536]),
        out_cluster=st.sampled_from([512, 65536, 1 << 21]),
-       grain=st.sampled_from([None, "0", "512", "8k"]))
+       grain=st.sampled_from([None, "0", "512", "8k"]),
+       extended=st.booleans())
 def test_fast_convert_reads_back_as_the_model(tmp_path_factory: pytest.TempPathFactory,
                                               ops: list[tuple[str, int, int, int]],
                                               cluster: int, out_cluster: int,
-                                              grain: str | None) -> None:
+                                              grain: str | None, extended: bool) -> None:
     tmp = tmp_path_factory.mktemp("model")
     size = (1 << 20) + 300 * KiB
     model = bytearray(size)
     src = tmp / "src.qcow2"
-    qcow2.create(str(src), size, cluster_size=cluster)
+    qcow2.create(str(src), size, cluster_size=cluster, extended_l2=extended and cluster >= 16384)
     with qcow2.open(str(src), "r+") as img:
         for kind, off, n, byte in ops:
             n = min(n, size - off)
@@ -400,3 +429,23 @@ def test_write_error_is_one_line_and_leaves_nothing(tmp: Path, monkeypatch: pyte
     assert fast_calls == [1]
     assert not out.exists()
     assert [n for n in os.listdir(tmp) if n.startswith(".out")] == []
+
+
+def test_hostile_subcluster_both_allocated_and_zero(tmp: Path, fast_calls: list[int],
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    src = tmp / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(src), "1M")
+    qemu_io(src, "write -P 0x61 0 4k")
+    _at, l1e = _l1_entry(src, 0)
+    l2 = l1e & 0x00FFFFFFFFFFFE00
+    with open(src, "rb") as f:
+        f.seek(l2 + 8)
+        bitmap = struct.unpack(">Q", f.read(8))[0]
+    _poke(src, l2 + 8, bitmap | (bitmap << 32))  # the allocated ones read as zeros too
+    capfd.readouterr()
+    out = tmp / "out.qcow2"
+    assert main(["convert", "-O", "qcow2", str(src), str(out)]) == 1
+    err = capfd.readouterr().err
+    assert err == "qcow2: Subcluster of guest offset 0x0 is both allocated and zero\n"
+    assert fast_calls == [1]
+    assert not out.exists()

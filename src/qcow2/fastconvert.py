@@ -1,7 +1,7 @@
 """The fast path of `qcow2 convert`: plain copies into a new image, without numpy.
 
-A plain convert (raw files and qcow2 images, backing chains of both included, into a
-new raw or qcow2 image; no -c, -n, -l/-s, --snapshots, --bitmaps, standard output or
+A plain convert (raw files and qcow2 images, with compressed clusters, extended L2
+entries and backing chains, into a new raw or qcow2 image; no -c, -n, -l/-s, --snapshots, --bitmaps, standard output or
 -o option beyond cluster_size, compat, refcount_bits, lazy_refcounts and
 compression_type; see `plan`) spends most of its time starting Python and moving bytes.
 This module does that with the standard library only: numpy's import alone costs about
@@ -46,6 +46,7 @@ from .backing import RawFile, probe_format
 from .errors import CorruptImageError, Qcow2Error, Qcow2IOError
 from .format import (
     INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     MAX_L1_SIZE_BYTES,
@@ -67,6 +68,7 @@ SYNC_EVERY = 8 << 20  # without sync_file_range: a sync after this many bytes wr
 _DATA, _ZERO, _COMPRESSED = 1, 2, 3
 _SWAP = sys.byteorder == "little"  # tables are big-endian on disk
 _NONZERO = re.compile(rb"[^\x00]")
+_ALL_SUBCLUSTERS = (1 << 32) - 1
 # madvise(MADV_POPULATE_READ) (Linux 5.14): reads the pages in and says so when it cannot
 # (an I/O error), where a plain mapping would kill the process with SIGBUS on access
 _POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) \
@@ -197,8 +199,8 @@ class _RawSource:
 
 
 class _Qcow2Source:
-    """A qcow2 image without extended L2 entries, refcount mode, dirty bit or external
-    data file, read through its active L1 table, over its backing file (a plain qcow2
+    """A qcow2 image (extended L2 entries too) without refcount mode, dirty bit or
+    external data file, read through its active L1 table, over its backing file (a plain qcow2
     image or a raw file, or None). The L2 tables are read (and checked) a window at a
     time into extents (guest start, guest end, kind, host); unallocated clusters (no
     extent) read from the backing file, as zeros past its end."""
@@ -211,7 +213,8 @@ class _Qcow2Source:
         self.size = h.size
         self.file_size = file_size
         self.ctype = h.compression_type
-        self.geo = Geometry(h.cluster_bits, h.refcount_order, False)
+        self.geo = Geometry(h.cluster_bits, h.refcount_order,
+                            bool(h.incompatible_features & INCOMPAT_EXTL2))
         cs = self.geo.cluster_size
         # read_layout checked the L1 table's size, alignment and place in the file
         self.l1 = _be64(_pread(fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array("Q")
@@ -301,15 +304,17 @@ class _Qcow2Source:
             raw += bytes(cs - len(raw))
         table = _be64(raw)
         search = _NONZERO.search
+        ext = geo.extended_l2
+        w = 2 if ext else 1  # words per entry (extended: the entry, its subcluster bitmap)
         i = i0
         while i < i1:
             # skip unallocated entries (all-zero words) in C: find the next nonzero byte
-            if table[i] == 0:
-                m = search(raw, i * 8, i1 * 8)
+            if table[w * i] == 0 and (not ext or table[w * i + 1] == 0):
+                m = search(raw, i * 8 * w, i1 * 8 * w)
                 if m is None:
                     break
-                i = m.start() // 8
-            e = table[i]
+                i = m.start() // (8 * w)
+            e = table[w * i]
             g = (first + i) << cbits
             if e & QCOW_OFLAG_COMPRESSED:
                 host, length = geo.compressed_range(e)
@@ -317,18 +322,49 @@ class _Qcow2Source:
                     raise CorruptImageError(
                         f"Compressed cluster at {host:#x} runs past the end of the file")
                 out.append((g, g + cs, _COMPRESSED, e))
+            elif ext:
+                self._subclusters(g, e, table[w * i + 1], out)
             elif e & QCOW_OFLAG_ZERO:
                 _merge(out, g, cs, _ZERO, 0)
-            else:
-                host = e & L2E_OFFSET_MASK
-                if host:
-                    if host & (cs - 1):
-                        raise CorruptImageError(f"Cluster offset {host:#x} is not cluster aligned")
-                    if host >= self.file_size:
-                        raise CorruptImageError(
-                            f"Data cluster offset {host:#x} is past the end of the image file")
-                    _merge(out, g, cs, _DATA, host)
+            elif e & L2E_OFFSET_MASK:
+                _merge(out, g, cs, _DATA, self._host(e))
             i += 1
+
+    def _host(self, entry: int) -> int:
+        """The checked host offset of a data cluster (the full path's messages)."""
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.geo.cluster_size - 1):
+            raise CorruptImageError(f"Cluster offset {host:#x} is not cluster aligned")
+        if host >= self.file_size:
+            raise CorruptImageError(
+                f"Data cluster offset {host:#x} is past the end of the image file")
+        return host
+
+    def _subclusters(self, g: int, entry: int, bitmap: int,
+                     out: list[tuple[int, int, int, int]]) -> None:
+        """The extents of an extended L2 entry: runs of allocated (data) and zero
+        subclusters; the others are unallocated (the backing file's)."""
+        alloc, zero = bitmap & _ALL_SUBCLUSTERS, bitmap >> 32
+        if alloc & zero:
+            raise CorruptImageError(f"Subcluster of guest offset {g:#x} is both allocated and zero")
+        host = 0
+        if alloc:
+            if not entry & L2E_OFFSET_MASK:
+                raise CorruptImageError(f"Allocated subcluster without host offset at {g:#x}")
+            host = self._host(entry)
+        scs = self.geo.subcluster_size
+        sc = 0
+        while sc < 32:
+            stop = sc + 1
+            if alloc >> sc & 1:
+                while stop < 32 and alloc >> stop & 1:
+                    stop += 1
+                _merge(out, g + sc * scs, (stop - sc) * scs, _DATA, host + sc * scs)
+            elif zero >> sc & 1:
+                while stop < 32 and zero >> stop & 1:
+                    stop += 1
+                _merge(out, g + sc * scs, (stop - sc) * scs, _ZERO, 0)
+            sc = stop
 
     def view(self, offset: int, n: int) -> memoryview | None:
         """The guest bytes [offset, offset + n) mapped from the file, where they are one
@@ -459,7 +495,8 @@ def _open_qcow2(path: str, seen: tuple[str, ...]) -> _Qcow2Source:
         storage = Storage(be, False)
         layout = read_layout(storage)
         h = layout.header
-        if layout.data_file or h.crypt_method or h.incompatible_features & ~INCOMPAT_COMPRESSION:
+        if layout.data_file or h.crypt_method \
+                or h.incompatible_features & ~(INCOMPAT_COMPRESSION | INCOMPAT_EXTL2):
             raise _NotPlain
         src = _Qcow2Source(path, be.fd, layout, storage.size())
         if layout.backing_file:
