@@ -201,6 +201,22 @@ def test_fast_path_imports_no_numpy_and_falls_back(tmp: Path) -> None:
             os.unlink(out)
 
 
+def _to_both_formats(tmp: Path, monkeypatch: pytest.MonkeyPatch, fast_calls: list[int],
+                     src: Path) -> None:
+    """src to qcow2 and to raw by both paths: what qemu-img reads in src, the same
+    allocation as the full path's, a clean image."""
+    for fmt in ("qcow2", "raw"):
+        fast_calls.clear()
+        fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(src)], fmt)
+        assert qemu_img("compare", "-F", fmt, str(src), str(fast)).returncode == 0
+        assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
+        assert _allocation(fast, fmt) == _allocation(full, fmt)
+        if fmt == "qcow2":
+            assert_clean(fast)
+        fast.unlink()
+        full.unlink()
+
+
 def test_fast_backing_chain_matches_full_path_and_qemu(
         tmp: Path, monkeypatch: pytest.MonkeyPatch, fast_calls: list[int]) -> None:
     """raw (3 MiB, a hole) <- qcow2 (4 MiB, compressed) <- qcow2 overlay (6 MiB, 4 KiB
@@ -221,16 +237,7 @@ def test_fast_backing_chain_matches_full_path_and_qemu(
              "-F", "qcow2", str(top), str(6 * MiB))
     qemu_io(top, f"write -z {512 * KiB} 16k", f"write -P 0x41 {2 * MiB - 2048} 8k",
             f"write -P 0x42 {5 * MiB} 4k", "write -z 0 4k")
-    for fmt in ("qcow2", "raw"):
-        fast_calls.clear()
-        fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(top)], fmt)
-        assert qemu_img("compare", "-F", fmt, str(top), str(fast)).returncode == 0
-        assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
-        assert _allocation(fast, fmt) == _allocation(full, fmt)
-        if fmt == "qcow2":
-            assert_clean(fast)
-        fast.unlink()
-        full.unlink()
+    _to_both_formats(tmp, monkeypatch, fast_calls, top)
 
 
 def test_fast_extended_l2_matches_full_path_and_qemu(
@@ -245,16 +252,7 @@ def test_fast_extended_l2_matches_full_path_and_qemu(
     qemu_io(src, "write -P 0x51 6k 2k", "write -P 0x52 10k 8k", "write -z 32k 4k",
             f"write -c -P 0x53 {MiB} 64k", f"write -P 0x54 {2 * MiB + 62 * KiB} 4k",
             f"write -z {1536 * KiB} 64k", f"discard {256 * KiB} 64k")
-    for fmt in ("qcow2", "raw"):
-        fast_calls.clear()
-        fast, full = _both(tmp, monkeypatch, fast_calls, ["-O", fmt, str(src)], fmt)
-        assert qemu_img("compare", "-F", fmt, str(src), str(fast)).returncode == 0
-        assert qemu_img("compare", "-f", fmt, "-F", fmt, str(full), str(fast)).returncode == 0
-        assert _allocation(fast, fmt) == _allocation(full, fmt)
-        if fmt == "qcow2":
-            assert_clean(fast)
-        fast.unlink()
-        full.unlink()
+    _to_both_formats(tmp, monkeypatch, fast_calls, src)
 
 
 def _l1_entry(path: Path, index: int) -> tuple[int, int]:
