@@ -12,13 +12,40 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import Qcow2Error
 
 
+def _help_width() -> int:
+    """The width argparse's help formatter takes (shutil.get_terminal_size's columns,
+    less 2), without importing shutil: every add_argument makes a formatter, and the
+    import is start-up time that a command which prints no help does not need."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _help_width() if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit code 1, as qemu-img does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (try '{self.prog} --help')", file=sys.stderr)
@@ -93,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reconfigure(errors="surrogateescape")
             except (ValueError, OSError):
                 pass
+    process = argv is None  # the process's entry point (the `qcow2` script, python -m)
     if argv is None:
         argv = sys.argv[1:]
     try:
@@ -103,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser(full=True).parse_args(argv)
     except SystemExit as exc:  # argparse already printed one line of usage error
         return int(exc.code or 0)
+    if process:
+        # what the imports made lives until the process ends: out of the collector's
+        # sight, neither the command's collections nor the one at exit walk it again
+        # (several ms of a short command; the interpreter's teardown is the same)
+        import gc
+
+        gc.freeze()
     try:
         return int(args.func(args))
     except Qcow2Error as exc:

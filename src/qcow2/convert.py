@@ -19,6 +19,11 @@ the target is written in place with every ordering sync, as any image write.
 
 Beyond qemu-img: --snapshots copies every internal snapshot (copy_with_snapshots), and
 OUTPUT '-' streams the image to stdout (stream.py).
+
+A plain convert (fastconvert.plan says which) takes fastconvert.py's path, which writes
+the same output without numpy (whose import alone costs about what qemu-img takes for
+a whole convert of 128 MiB); this module therefore imports numpy only in the functions
+of the full path. QCOW2_CONVERT_FULL_PATH=1 forces the full path (for tests).
 """
 
 from __future__ import annotations
@@ -29,20 +34,20 @@ import errno
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from . import fastconvert
 from .backing import RawFile, probe_format
-from .cluster import UNALLOCATED, ZERO, entry_runs
-from .compress import CompressPipeline
 from .errors import InvalidArgumentError, Qcow2Error, SnapshotNotFoundError
+from .fastconvert import CHUNK, GRAIN, WINDOW, add_range, aligned, raw_data
 from .geometry import div_round_up
 
-CHUNK = 2 << 20  # bytes copied per step
-GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .compress import CompressPipeline
+
 MAX_SPARSE = 16 << 20  # qemu-img's largest -S
-WINDOW = 1 << 30  # zero ranges are looked up this much at a time
 FORMATS = ("qcow2", "raw")
 
 
@@ -90,7 +95,7 @@ class Source:
         """The (start, end) ranges of [offset, offset + n) that may hold data: all of it
         but what known_zero would say reads as zeros, found in one pass."""
         if self.raw is not None:
-            return _raw_data(self.raw.fd, offset, n)
+            return raw_data(self.raw.fd, offset, n)
         if self.view is None:
             return [(offset, offset + n)] if n else []
         out: list[tuple[int, int]] = []
@@ -104,59 +109,32 @@ class Source:
             self.img.close()
 
 
-def _add(out: list[tuple[int, int]], s: int, e: int) -> None:
-    if out and out[-1][1] == s:
-        out[-1] = (out[-1][0], e)
-    elif s < e:
-        out.append((s, e))
-
-
 def _layer_data(layer: Any, backing: Any, offset: int, n: int, out: list[tuple[int, int]]) -> None:
     """Append to out the ranges of a qcow2 layer (and below unallocated parts, its
     backing chain) that its block status does not say read as zeros."""
+    from .cluster import UNALLOCATED, ZERO
+
     for guest, length, kind in _status(layer, offset, n):
         if kind == ZERO:
             continue
         if kind != UNALLOCATED:
-            _add(out, guest, guest + length)
+            add_range(out, guest, guest + length)
             continue
         if backing is None or guest >= backing.size:
             continue  # nothing below, or past the end of the backing file: zeros
         k = min(length, backing.size - guest)
         if isinstance(backing, RawFile):
-            for s, e in _raw_data(backing.fd, guest, k):
-                _add(out, s, e)
+            for s, e in raw_data(backing.fd, guest, k):
+                add_range(out, s, e)
         else:
             _layer_data(backing, backing.backing, guest, k, out)
-
-
-def _raw_data(fd: int, offset: int, n: int) -> list[tuple[int, int]]:
-    """The data ranges of [offset, offset + n) of a raw file, from SEEK_DATA/SEEK_HOLE
-    (where the system has none, all of it)."""
-    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
-    end = offset + n
-    if seek_data is None or seek_hole is None:
-        return [(offset, end)] if n else []
-    out: list[tuple[int, int]] = []
-    pos = offset
-    while pos < end:
-        try:
-            s = os.lseek(fd, pos, seek_data)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data at or after pos
-                break
-            return [(offset, end)]
-        if s >= end:
-            break
-        e = min(os.lseek(fd, s, seek_hole), end)
-        out.append((s, e))
-        pos = e
-    return out
 
 
 def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
     """Whether a qcow2 layer's block status (and below unallocated parts, its backing
     chain's) says [offset, offset + n) reads as zeros."""
+    from .cluster import UNALLOCATED, ZERO
+
     for guest, length, kind in _status(layer, offset, n):
         if kind == ZERO:
             continue
@@ -176,6 +154,8 @@ def _layer_zero(layer: Any, backing: Any, offset: int, n: int) -> bool:
 def _status(layer: Any, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
     """(guest offset, length, kind) of a layer: from the L2 tables with numpy where the
     entries are standard ones, else from its block status."""
+    from .cluster import entry_runs
+
     cmap = getattr(layer, "clusters", None)
     if cmap is None or cmap.geo.extended_l2:
         for guest, length, kind, _host in layer.block_status(offset, n):
@@ -270,6 +250,8 @@ class _Target:
             raise InvalidArgumentError(
                 f"Target '{path}' is too small: {have} bytes for {size} bytes of input")
         if compress:
+            from .compress import CompressPipeline
+
             img = self.img
             self._packer = CompressPipeline(
                 img.header.compression_type, img.cluster_size, threads,
@@ -358,6 +340,8 @@ def _create_qcow2(path: str, size: int, options: list[str], compress: bool = Fal
 
 def _runs(mask: np.ndarray) -> Iterator[tuple[int, int, bool]]:
     """(first, end, value) of each run of equal values in a boolean array."""
+    import numpy as np
+
     edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
     starts = np.r_[0, edges]
     ends = np.r_[edges, len(mask)]
@@ -370,6 +354,8 @@ def copy(sources: list[Source], target: _Target, zero_target: bool, progress: An
     """Copy the concatenated sources into target. With zero_target (a new image), zero
     areas are left alone; otherwise they are written as zeros. grain: the zero
     detection unit (-S); 0 writes everything as data."""
+    import numpy as np
+
     buf = np.zeros(max(CHUNK, grain) // 8, dtype=np.uint64)
     base = 0
     for src in sources:
@@ -388,7 +374,7 @@ def copy_range(src: Source, target: _Target, start: int, end: int, base: int, ze
     while pos < end:
         w_end = min(end, pos + WINDOW)
         # with -S 0 nothing is sparse: every byte is written, zeros too
-        data = _aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
+        data = aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
             else [(pos, w_end)]
         for s, e in data:
             if s > pos:
@@ -404,19 +390,6 @@ def copy_range(src: Source, target: _Target, start: int, end: int, base: int, ze
             if progress is not None:
                 progress.update(w_end - pos)
             pos = w_end
-
-
-def _aligned(ranges: list[tuple[int, int]], grain: int, lo: int, hi: int) -> list[tuple[int, int]]:
-    """Ranges widened to whole grains (within [lo, hi)) and merged, so that zero
-    detection looks at the same grains whatever the input's cluster size."""
-    out: list[tuple[int, int]] = []
-    for s, e in ranges:
-        s, e = max(lo, s - s % grain), min(hi, -(-e // grain) * grain)
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(e, out[-1][1]))
-        else:
-            out.append((s, e))
-    return out
 
 
 def _copy_data(src: Source, target: _Target, start: int, end: int, base: int, zero_target: bool,
@@ -466,6 +439,8 @@ def _changed_clusters(prev: Any, cur: Any, size: int) -> tuple[np.ndarray, np.nd
     columns, the entry and its subcluster bitmap, 0 without extended L2): the clusters
     that do not share their host cluster (or zero/unallocated state). Whole L2 tables
     that both states share are skipped without reading them."""
+    import numpy as np
+
     from .format import QCOW_OFLAG_COPIED
 
     geo = cur.clusters.geo
@@ -500,6 +475,8 @@ def _changed_clusters(prev: Any, cur: Any, size: int) -> tuple[np.ndarray, np.nd
 
 def _l2_offsets(cmap: Any, n: int) -> np.ndarray:
     """The L2 table offsets of a map's first n L1 entries (0 past its L1 table)."""
+    import numpy as np
+
     from .format import L1E_OFFSET_MASK
 
     out = np.zeros(n, dtype=np.uint64)
@@ -515,6 +492,7 @@ def _best_base(copied: list[tuple[Any, Any]], view: Any, size: int
                ) -> tuple[Any, np.ndarray, np.ndarray]:
     """The state already copied that differs from view in the fewest clusters (the
     latest one on a tie: it needs no apply), those clusters and view's entries there."""
+
     best: tuple[Any, np.ndarray, np.ndarray] | None = None
     for entry, other in reversed(copied[-BASE_CANDIDATES:]):
         changed, ents = _changed_clusters(other, view, size)
@@ -534,6 +512,8 @@ class _Held:
     holds a cluster keeps it."""
 
     def __init__(self, extended: bool) -> None:
+        import numpy as np
+
         self.extended = extended
         self.key = np.zeros(0, dtype=np.uint64)
         self.bitmap = np.zeros(0, dtype=np.uint64)
@@ -543,6 +523,8 @@ class _Held:
     def _data(self, entries: np.ndarray) -> np.ndarray:
         """Which L2 entries point at data: a data cluster (not a preallocated zero one)
         or a compressed cluster."""
+        import numpy as np
+
         from .format import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
 
         comp = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
@@ -553,12 +535,16 @@ class _Held:
 
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position, found) of each key."""
+        import numpy as np
+
         pos = np.minimum(np.searchsorted(self.key, keys), max(len(self.key) - 1, 0))
         found = self.key[pos] == keys if len(self.key) else np.zeros(len(keys), dtype=bool)
         return pos, found
 
     def add(self, state: int, clusters: np.ndarray, entries: np.ndarray) -> None:
         """The state (now an output snapshot) holds these input clusters' copies."""
+        import numpy as np
+
         data = self._data(entries[:, 0])
         keys, first = np.unique(entries[data, 0], return_index=True)
         new = ~self._find(keys)[1]
@@ -571,6 +557,8 @@ class _Held:
 
     def holder(self, clusters: np.ndarray, entries: np.ndarray) -> np.ndarray:
         """The state holding each cluster's data at that very guest cluster, else -1."""
+        import numpy as np
+
         out = np.full(len(clusters), -1, dtype=np.int64)
         if not len(clusters) or not len(self.key):
             return out
@@ -590,6 +578,8 @@ def _shareable_units(view: Any, changed: np.ndarray, ents: np.ndarray, held: _He
     the same guest cluster (its entry there is that very host cluster, so its content
     is the same): with a larger output cluster, a unit whose input clusters were copied
     for different states, or are zero or unallocated, is copied."""
+    import numpy as np
+
     from .format import QCOW_OFLAG_COPIED
 
     holder = held.holder(changed, ents)
@@ -658,6 +648,8 @@ def copy_with_snapshots(src: Source, target: _Target, progress: Any = None,
     The unit is the larger cluster size (see _shareable_units). Where the output's
     refcount mode cannot express that sharing (owner mode: a node shares only with its
     ancestors), the cluster is copied."""
+    import numpy as np
+
     img = src.img
     out = target.img
     size = img.size
@@ -907,6 +899,39 @@ def _progress(total: int, show: bool) -> Iterator[Any]:
         yield bar
 
 
+def _remove(path: str) -> None:
+    """A half-written new image is of no use to anyone."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _convert_fast(fast: fastconvert.Plan, output: str, grain: int, show: bool) -> int:
+    """A plain convert (fastconvert.plan): the same output as the full path, with the
+    same publishing (a temporary name, renamed once complete and synced)."""
+    claim: int | None = None  # the temporary output's fd, held for its lock
+    try:
+        path = _temporary_name(output)
+        remove_stale_temporaries(output)
+        claim = _claim_temporary(path, output, fast.out_fmt)
+        with _progress(fast.total, show) as bar:
+            try:
+                fastconvert.run(fast, path, grain, bar)
+            except Qcow2Error as exc:
+                raise _renamed(exc, path, output) from None
+        _publish(path, output)
+    except BaseException:
+        if claim is not None:
+            _remove(path)
+        raise
+    finally:
+        if claim is not None:
+            os.close(claim)
+        fast.close()
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     # qemu-img's checks, in its order
     if args.skip_broken_bitmaps and not args.bitmaps:
@@ -956,6 +981,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--snapshots and --bitmaps cannot write to standard output")
     if output in inputs:
         raise InvalidArgumentError(f"Output '{output}' is also an input")
+    if not (stream or args.no_create or args.compress or args.snapshots or args.bitmaps
+            or snapshot is not None):
+        fast = fastconvert.plan(inputs, args.fmt, out_fmt, args.options)
+        if fast is not None:
+            return _convert_fast(fast, output, grain, args.progress and not args.quiet)
     sources: list[Source] = []
     created = False
     claim: int | None = None  # the temporary output's fd, held for its lock
@@ -1010,10 +1040,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _publish(path, output)
     except BaseException:
         if created:
-            try:  # a half-written new image is of no use to anyone
-                os.unlink(path)
-            except OSError:
-                pass
+            _remove(path)
         raise
     finally:
         if claim is not None:

@@ -65,6 +65,44 @@ def _validate(size: int, cluster_size: int, refcount_bits: int, version: int,
             "Backing file and preallocation can only be used at the same time if extended_l2 is on")
 
 
+def new_header(version: int, geo: Geometry, size: int, l1_size: int, l1_off: int,
+               rtable_off: int, rtable: int, lazy_refcounts: bool, compression_type: str
+               ) -> Header:
+    """The header of a new image (no backing file, no snapshots) with its tables where
+    the caller put them."""
+    incompat = 0
+    ctype = COMPRESSION_ZLIB
+    if compression_type == "zstd":
+        ctype = COMPRESSION_ZSTD
+        incompat |= INCOMPAT_COMPRESSION
+    if geo.extended_l2:
+        incompat |= INCOMPAT_EXTL2
+    return Header(
+        version=version, backing_file_offset=0, backing_file_size=0,
+        cluster_bits=geo.cluster_bits, size=size, crypt_method=0, l1_size=l1_size,
+        l1_table_offset=l1_off, refcount_table_offset=rtable_off,
+        refcount_table_clusters=rtable, nb_snapshots=0, snapshots_offset=0,
+        incompatible_features=incompat,
+        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        autoclear_features=0, refcount_order=geo.refcount_order,
+        header_length=HEADER_LENGTH_WITH_COMPRESSION if version == 3 else V2_HEADER_LENGTH,
+        compression_type=ctype,
+    )
+
+
+def standard_params(size: int, cluster_size: int, refcount_bits: int, compat: str,
+                    lazy_refcounts: bool, compression_type: str) -> tuple[int, int]:
+    """(version, size rounded up to whole sectors) of a plain new image (no backing
+    file, no preallocation, standard refcounts), with create()'s refusals."""
+    if compat not in COMPAT_ALIASES:
+        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
+    version = COMPAT_ALIASES[compat]
+    size = -(-int(size) // 512) * 512
+    _validate(size, cluster_size, refcount_bits, version, False, lazy_refcounts,
+              compression_type, None, None, "off")
+    return version, size
+
+
 def create(
     path: str | os.PathLike[str],
     size: int | None = None,
@@ -139,23 +177,8 @@ def create(
     if (data_off + data_clusters * cluster_size) >= 1 << 56:
         raise InvalidArgumentError("Image size too large to preallocate")
 
-    incompat = 0
-    ctype = COMPRESSION_ZLIB
-    if compression_type == "zstd":
-        ctype = COMPRESSION_ZSTD
-        incompat |= INCOMPAT_COMPRESSION
-    if extended_l2:
-        incompat |= INCOMPAT_EXTL2
-    header = Header(
-        version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
-        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_off if l1_size else 0,
-        refcount_table_offset=rtable_off, refcount_table_clusters=rtable, nb_snapshots=0,
-        snapshots_offset=0, incompatible_features=incompat,
-        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
-        autoclear_features=0, refcount_order=refcount_order,
-        header_length=HEADER_LENGTH_WITH_COMPRESSION if version == 3 else V2_HEADER_LENGTH,
-        compression_type=ctype,
-    )
+    header = new_header(version, geo, size, l1_size, l1_off if l1_size else 0, rtable_off, rtable,
+                        lazy_refcounts, compression_type)
     layout = ImageLayout(header=header, backing_file=backing_file, backing_format=backing_format)
     cluster0 = pack_cluster0(layout, cluster_size)
 

@@ -47,6 +47,19 @@ _sync_file_range: Any = False  # not looked up yet
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing a range of a file to the disk now, without
+    waiting (sync_file_range WRITE): a hint, not a barrier; it makes nothing durable.
+    False where the system has no such call."""
+    global _sync_file_range
+    if _sync_file_range is False:
+        _sync_file_range = _find_sync_file_range()
+    if _sync_file_range is None:
+        return False
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    return True
+
+
 def open_file(path: str, flags: int, mode: int = 0o644) -> int:
     """os.open for image and backing files: only regular files and block devices. The
     open is non-blocking (a FIFO would otherwise wait for a writer forever) and the
@@ -118,13 +131,7 @@ class FileBackend:
         os.fdatasync(self.fd)
 
     def start_writeback(self, offset: int, length: int) -> None:
-        """Ask the kernel to start writing a range to the disk now, without waiting
-        (sync_file_range WRITE): a hint, not a barrier; it makes nothing durable."""
-        global _sync_file_range
-        if _sync_file_range is False:
-            _sync_file_range = _find_sync_file_range()
-        if _sync_file_range is not None:
-            _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        start_writeback(self.fd, offset, length)
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
