@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2
-from qcow2 import fastconvert
+from qcow2 import fastconvert, storage
 from qcow2.cli import main
 
 KiB = 1024
@@ -367,7 +367,6 @@ def test_fast_path_without_sync_file_range(tmp: Path, monkeypatch: pytest.Monkey
     """Where the system cannot start writeback, a thread syncs behind the writer."""
     import threading
 
-    from qcow2 import storage
 
     syncs: list[str] = []
     real = os.fdatasync
@@ -387,7 +386,7 @@ def test_fast_path_without_mappings(tmp: Path, monkeypatch: pytest.MonkeyPatch,
                                     fast_calls: list[int], advice: int | None) -> None:
     """Without MADV_POPULATE_READ (another system; 9999: a kernel that refuses it, found
     on the first chunk) every chunk is read into a buffer: the same output."""
-    monkeypatch.setattr(fastconvert, "_POPULATE_READ", advice)
+    monkeypatch.setattr(storage, "_POPULATE_READ", advice)
     raw = tmp / "in.raw"
     with open(raw, "wb") as f:
         f.write(random.Random(7).randbytes(3 * MiB))
@@ -395,7 +394,7 @@ def test_fast_path_without_mappings(tmp: Path, monkeypatch: pytest.MonkeyPatch,
         f.write(b"\x01" * 4096)
     fast, full = _both(tmp, monkeypatch, fast_calls, ["-f", "raw", "-O", "qcow2", str(raw)],
                        "qcow2")
-    assert fastconvert._POPULATE_READ is None
+    assert storage._POPULATE_READ is None
     assert_clean(fast)
     assert qemu_img("compare", "-f", "raw", str(raw), str(fast)).returncode == 0
     assert _allocation(fast, "qcow2") == _allocation(full, "qcow2")

@@ -193,8 +193,9 @@ _IO_CALLS = {("os", n) for n in ("pwrite", "pwritev", "write", "writev", "fsync"
 
 
 def test_no_image_io_outside_the_storage_layer() -> None:
-    """Only storage.py calls the os functions that write or sync a file; nothing in the
-    package maps files or opens them for writing with buffered file objects."""
+    """Only storage.py calls the os functions that write or sync a file or maps a file
+    (read-only: storage.map_for_reading); nothing opens files for writing with buffered
+    file objects."""
     offenders = []
     for path in sorted(SRC.glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -204,7 +205,8 @@ def test_no_image_io_outside_the_storage_layer() -> None:
                     offenders.append(f"{path.name}:{node.lineno} os.{node.attr}")
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names]
-                if "mmap" in names or getattr(node, "module", None) == "mmap":
+                if ("mmap" in names or getattr(node, "module", None) == "mmap") \
+                        and path.name != "storage.py":
                     offenders.append(f"{path.name}:{node.lineno} mmap")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
                 mode = node.args[1] if len(node.args) > 1 else next(

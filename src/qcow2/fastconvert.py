@@ -32,7 +32,6 @@ the full path's message.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import queue
 import re
@@ -57,6 +56,7 @@ from .format import (
 )
 from .geometry import Geometry, div_round_up
 from .header import MAX_HOST_OFFSET
+from .storage import FileBackend, map_for_reading
 
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
@@ -69,10 +69,6 @@ _DATA, _ZERO, _COMPRESSED = 1, 2, 3
 _SWAP = sys.byteorder == "little"  # tables are big-endian on disk
 _NONZERO = re.compile(rb"[^\x00]")
 _ALL_SUBCLUSTERS = (1 << 32) - 1
-# madvise(MADV_POPULATE_READ) (Linux 5.14): reads the pages in and says so when it cannot
-# (an I/O error), where a plain mapping would kill the process with SIGBUS on access
-_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) \
-    if sys.platform.startswith("linux") else None
 
 
 def _be64(data: bytes) -> array[int]:
@@ -140,31 +136,6 @@ class _NotPlain(Exception):
     """The full path's: a layer is not one the fast path reads."""
 
 
-def _mapped(fd: int, host: int, n: int) -> memoryview | None:
-    """The file's bytes [host, host + n) mapped (read-only, read in by one call), or
-    None where that cannot be done (then read() copies them, and reports an I/O error
-    as an error). Reading through the mapping saves copying the data into a buffer: the
-    zero test looks at the page cache itself, and the writer copies from it. The
-    mapping goes away with the last view of it (after the writer is done)."""
-    global _POPULATE_READ
-    if _POPULATE_READ is None:
-        return None
-    start = host - host % mmap.ALLOCATIONGRANULARITY
-    try:
-        mm = mmap.mmap(fd, host + n - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                       offset=start)
-    except (OSError, ValueError, OverflowError):
-        return None
-    try:
-        mm.madvise(_POPULATE_READ)
-    except OSError as exc:
-        mm.close()
-        if exc.errno == errno.EINVAL:  # an older kernel: no mappings from now on
-            _POPULATE_READ = None
-        return None
-    return memoryview(mm)[host - start : host - start + n]
-
-
 class _RawSource:
     """A raw file: a source, or the backing file of a qcow2 one."""
 
@@ -179,7 +150,7 @@ class _RawSource:
     def view(self, offset: int, n: int) -> memoryview | None:
         if offset + n > self.mappable:
             return None
-        return _mapped(self.file.fd, offset, n)
+        return map_for_reading(self.file.fd, offset, n)
 
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
         return raw_data(self.file.fd, offset, n)
@@ -382,7 +353,7 @@ class _Qcow2Source:
         host += offset - s
         if host + n > self.file_size:
             return None
-        return _mapped(self.fd, host, n)
+        return map_for_reading(self.fd, host, n)
 
     def read(self, mv: memoryview, offset: int) -> None:
         """Fill mv with the guest bytes at offset (within the window data_ranges loaded)."""
@@ -487,7 +458,7 @@ def _open_qcow2(path: str, seen: tuple[str, ...]) -> _Qcow2Source:
     a bounded depth); _NotPlain where any layer is not."""
     from .backing import open_backing
     from .header import read_layout
-    from .storage import FileBackend, Storage
+    from .storage import Storage
 
     be = FileBackend(path, False)
     src: _Qcow2Source | None = None
@@ -520,8 +491,8 @@ class _Writer:
     bytes. Either way the disk works while the copy goes on and the last sync has
     little left to wait for."""
 
-    def __init__(self, fd: int, nbufs: int) -> None:
-        self.fd = fd
+    def __init__(self, out: FileBackend, nbufs: int) -> None:
+        self.out = out
         # nbufs slots, each a buffer once a chunk needed one (a mapped chunk does not):
         # taking a slot per chunk bounds the chunks queued
         self.free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
@@ -543,13 +514,13 @@ class _Writer:
             if self.done:
                 return
             try:
-                os.fdatasync(self.fd)
+                self.out.sync()
             except BaseException as exc:  # (an error is reported once: keep it)
                 self.error = exc
                 return
 
     def _run(self) -> None:
-        from .storage import start_writeback
+        from .storage import start_writeback  # (looked up here: tests replace it)
 
         unsynced = 0
         hint = True  # sync_file_range: the disk starts on each chunk as soon as it is written
@@ -562,11 +533,11 @@ class _Writer:
                 try:
                     lo, hi = 1 << 63, 0
                     for offset, data in writes:
-                        _pwrite_all(self.fd, data, offset)
+                        _pwrite_all(self.out, data, offset)
                         unsynced += len(data)
                         lo, hi = min(lo, offset), max(hi, offset + len(data))
                     if hint and hi:
-                        hint = start_writeback(self.fd, lo, hi - lo)
+                        hint = start_writeback(self.out.fd, lo, hi - lo)
                     if not hint and unsynced >= SYNC_EVERY:
                         if self.syncer is None:
                             self.syncer = threading.Thread(target=self._sync, daemon=True,
@@ -598,10 +569,10 @@ class _Writer:
             self.syncer.join()
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(out: FileBackend, data: bytes | memoryview, offset: int) -> None:
     mv = memoryview(data)
     while len(mv):
-        n = os.pwrite(fd, mv, offset)
+        n = out.pwrite(mv, offset)
         if n <= 0:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         mv = mv[n:]
@@ -617,9 +588,9 @@ def _write_error(exc: BaseException) -> BaseException:
 
 # --------------------------------------------------------------------- target --
 class _RawTarget:
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        os.ftruncate(fd, size)
+    def __init__(self, out: FileBackend, size: int) -> None:
+        self.out = out
+        out.truncate(size)
 
     def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
               data: memoryview) -> None:
@@ -635,9 +606,9 @@ class _Qcow2Target:
     moved past its range: one table in memory); then the L1 table, the refcount blocks
     and table; cluster 0 last."""
 
-    def __init__(self, fd: int, size: int, version: int, geo: Geometry, lazy: bool,
+    def __init__(self, out: FileBackend, size: int, version: int, geo: Geometry, lazy: bool,
                  compression_type: str) -> None:
-        self.fd = fd
+        self.out = out
         self.size = size
         self.version = version
         self.geo = geo
@@ -717,13 +688,13 @@ class _Qcow2Target:
         last: list[tuple[int, memoryview]] = []
         self._flush_table(last)
         for offset, data in last:
-            _pwrite_all(self.fd, data, offset)
+            _pwrite_all(self.out, data, offset)
         pos = self.next
         l1_size = len(self.l1)
         l1_clusters = div_round_up(l1_size * 8, cs)
         l1_off = pos if l1_size else 0
         if l1_size:
-            _pwrite_all(self.fd, _be64_bytes(self.l1).ljust(l1_clusters * cs, b"\0"), l1_off)
+            _pwrite_all(self.out, _be64_bytes(self.l1).ljust(l1_clusters * cs, b"\0"), l1_off)
             pos += l1_clusters * cs
         used = pos >> cbits
         rblocks, rtable = geo.refcount_clusters_needed(used)
@@ -740,14 +711,14 @@ class _Qcow2Target:
                 tail = _ones(total % per, geo.refcount_order, cs)
             else:
                 tail = b""
-            _pwrite_all(self.fd, full * k + tail, rb_off + b * cs)
+            _pwrite_all(self.out, full * k + tail, rb_off + b * cs)
             b += k + (1 if tail else 0)
         rt = array("Q", range(rb_off, rb_off + rblocks * cs, cs))
         rt_off = rb_off + rblocks * cs
-        _pwrite_all(self.fd, _be64_bytes(rt).ljust(rtable * cs, b"\0"), rt_off)
+        _pwrite_all(self.out, _be64_bytes(rt).ljust(rtable * cs, b"\0"), rt_off)
         header = new_header(self.version, geo, self.size, l1_size, l1_off, rt_off, rtable,
                             self.lazy, self.ctype)
-        _pwrite_all(self.fd, pack_cluster0(ImageLayout(header=header), cs), 0)
+        _pwrite_all(self.out, pack_cluster0(ImageLayout(header=header), cs), 0)
 
 
 def _ones(count: int, order: int, cs: int) -> bytes:
@@ -842,20 +813,18 @@ def plan(inputs: list[str], fmt: str | None, out_fmt: str, options: list[str]) -
 # ----------------------------------------------------------------------- copy --
 def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
     """Write the plan's output to path (a new file, synced when done)."""
-    from .storage import open_file
-
     try:
-        fd = open_file(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = FileBackend(path, writable=True, create=True)
     except OSError as exc:
         raise Qcow2Error(f"Could not create '{path}': {exc.strerror}") from None
     try:
         target: _RawTarget | _Qcow2Target
         if p.qcow2 is not None:
             version, size, geo, lazy, ctype = p.qcow2
-            target = _Qcow2Target(fd, size, version, geo, lazy, ctype)
+            target = _Qcow2Target(out, size, version, geo, lazy, ctype)
         else:
-            target = _RawTarget(fd, p.total)
-        writer = _Writer(fd, BUFFERS)
+            target = _RawTarget(out, p.total)
+        writer = _Writer(out, BUFFERS)
         try:
             base = 0
             for src in p.sources:
@@ -866,11 +835,11 @@ def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
         writer.check()
         try:
             target.finish()
-            os.fdatasync(fd)
+            out.sync()
         except OSError as exc:
             raise _write_error(exc) from None
     finally:
-        os.close(fd)
+        out.close()
 
 
 def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progress: Any) -> None:

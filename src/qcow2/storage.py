@@ -7,6 +7,7 @@ record the write/sync sequence (crash simulation) or inject faults (EIO, ENOSPC)
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import sys
@@ -58,6 +59,37 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
         return False
     _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
     return True
+
+
+# madvise(MADV_POPULATE_READ) (Linux 5.14): reads the pages in and says so when it cannot
+# (an I/O error), where a plain mapping would kill the process with SIGBUS on access
+_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) \
+    if sys.platform.startswith("linux") else None
+
+
+def map_for_reading(fd: int, host: int, n: int) -> memoryview | None:
+    """The file's bytes [host, host + n) mapped (read-only, read in by one call), or
+    None where that cannot be done (then read() copies them, and reports an I/O error
+    as an error). Reading through the mapping saves copying the data into a buffer: the
+    zero test looks at the page cache itself, and the writer copies from it. The
+    mapping goes away with the last view of it (after the writer is done)."""
+    global _POPULATE_READ
+    if _POPULATE_READ is None:
+        return None
+    start = host - host % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, host + n - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                       offset=start)
+    except (OSError, ValueError, OverflowError):
+        return None
+    try:
+        mm.madvise(_POPULATE_READ)
+    except OSError as exc:
+        mm.close()
+        if exc.errno == errno.EINVAL:  # an older kernel: no mappings from now on
+            _POPULATE_READ = None
+        return None
+    return memoryview(mm)[host - start : host - start + n]
 
 
 def open_file(path: str, flags: int, mode: int = 0o644) -> int:
