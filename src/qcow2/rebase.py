@@ -285,8 +285,11 @@ def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | No
         _commit_raw(img, tpath, size, progress, limit)
         return
     if guest_size(target) < size:
-        raise UnsupportedFeatureError("The backing file is smaller than the image: "
-                                      "resize it first")
+        # as qemu-img's commit job: the base grows to the overlay's size first (a resize
+        # of its own, crash-safe; what lies past the old end reads as zeros until written)
+        from .resize import resize
+
+        resize(tpath, size, fmt="qcow2")
     with qopen(tpath, "r+", backing=True) as out:
         for span, length in _provided(img, chain[:-1], size):
             for pos, n in limit.pieces(span, length):
@@ -307,9 +310,8 @@ def _commit_raw(img: Any, tpath: str, size: int, progress: Progress | None,
 
     st = Storage(FileBackend(tpath, writable=True), writable=True)
     try:
-        if st.size() < size:
-            raise UnsupportedFeatureError("The backing file is smaller than the image: "
-                                          "resize it first")
+        if st.size() < size:  # grown to the overlay's size first, as qemu-img does
+            st.truncate(size)
         for span, length in _provided(img, [], size):
             for pos, n in limit.pieces(span, length):
                 data = img.pread(n, pos)
