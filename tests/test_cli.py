@@ -340,6 +340,21 @@ def test_info_missing_backing_file(tmp: Path, capsys: pytest.CaptureFixture[str]
     assert (rc, out) == (1, "") and len(err.splitlines()) == 1
 
 
+def test_missing_backing_file_message_like_qemu(tmp: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command that opens the chain says what qemu-img says, the backing name
+    combined with the image name as given: "Could not open 'd/o.qcow2': Could not open
+    backing file: Could not open 'd/gone.qcow2': No such file or directory"."""
+    monkeypatch.chdir(tmp)
+    (tmp / "d").mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+             "d/o.qcow2", "1M")
+    for args in (["map", "d/o.qcow2"], ["commit", "d/o.qcow2"], ["snapshot", "-l", "d/o.qcow2"],
+                 ["measure", "-O", "qcow2", "d/o.qcow2"], ["resize", "d/o.qcow2", "2M"],
+                 ["dd", "if=d/o.qcow2", "of=x.raw"]):
+        same_error_as_qemu(capsys, *args)
+
+
 def _drop_backing_format(path: str) -> None:
     """Hide the backing format extension (written first) as an unknown one, which QEMU
     ignores: an image with a backing file and no backing format, as older tools made."""
