@@ -116,6 +116,24 @@ def test_rebase_cli(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
     assert_clean(t)
 
 
+def test_rebase_errors_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache modes checked before anything is opened, one file name, and a missing new
+    backing file named as qemu-img combines it with the image name as given."""
+    monkeypatch.chdir(tmp)
+    (tmp / "d").mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", "d/b.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "d/t.qcow2")
+    before = (tmp / "d/t.qcow2").read_bytes()
+    for args in (["-b", "gone.qcow2", "-F", "qcow2"], ["-t", "bad", "-b", "b.qcow2", "-F", "qcow2"],
+                 ["-T", "bad", "-u", "-b", ""], ["-b", "b.qcow2", "-F", "qcow2", "d/b.qcow2"]):
+        theirs = run("qemu-img", "rebase", *args, "d/t.qcow2", check=False)
+        assert main(["rebase", *args, "d/t.qcow2"]) == theirs.returncode == 1
+        first = theirs.stderr.splitlines()[0].replace("qemu-img:", "qcow2:")
+        assert capsys.readouterr().err == first + "\n", args
+    assert (tmp / "d/t.qcow2").read_bytes() == before
+
+
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k", "cluster_size=32k,extended_l2=on",
                                   "compat=0.10"])
 def test_commit_like_qemu(tmp: Path, opts: str) -> None:

@@ -161,12 +161,15 @@ def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
 
     full = resolve_backing_name(path, name)
     if not os.path.exists(full):
+        # the name as QEMU combines it with the image name as given
+        shown = name if os.path.isabs(name) or "/" not in path else \
+            path[: path.rindex("/") + 1] + name
         raise BackingFileError(f"Could not open new backing file '{name}': Could not open "
-                               f"'{full}': No such file or directory")
+                               f"'{shown}': No such file or directory")
     try:
         return open_backing(path, name, fmt, (os.path.realpath(path),), open_backing_image)
     except BackingFileError as exc:
-        msg = str(exc)
+        msg = str(exc).removeprefix("Could not open backing file: ")
         if "loop" in msg:
             msg = "the image would be its own backing file"
         raise BackingFileError(f"Could not open new backing file '{name}': {msg}") from None
@@ -401,10 +404,16 @@ def _open_check(path: str, fmt: str | None, what: str) -> None:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
+    # qemu-img's order: the file count, -b, then the cache modes, before opening anything
+    if len(args.filename) != 1:
+        raise InvalidArgumentError("Expecting one image file name")
     if args.backing is None and not args.unsafe:
         raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
-    if args.filename is None:
-        raise InvalidArgumentError("Expecting one image file name")
+    if args.cache is not None and args.cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {args.cache}")
+    if args.src_cache is not None and args.src_cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid source cache option: {args.src_cache}")
+    args.filename = args.filename[0]
     backing = args.backing or ""
     if args.backing_fmt is not None and args.backing_fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(f"Invalid format name: '{args.backing_fmt}'")
@@ -464,7 +473,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
     p.add_argument("-T", dest="src_cache", help=argparse.SUPPRESS)
-    p.add_argument("filename", metavar="FILE", nargs="?")
+    p.add_argument("filename", metavar="FILE", nargs="*")
     p.set_defaults(func=cmd_rebase)
 
     p = sub.add_parser(
