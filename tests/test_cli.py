@@ -548,6 +548,22 @@ def test_errors_are_one_line(tmp: Path, capsys: pytest.CaptureFixture[str], args
     assert not (tmp / "new.qcow2").exists()
 
 
+def test_usage_errors_in_qemus_words(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name too many or missing, an unknown option, an option without its value:
+    qemu-img's first line (its "Try 'qemu-img --help'" line is our one-line suffix)."""
+    img = str(tmp / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    for args in (["info", img, img], ["info"], ["info", "-Z", img], ["info", "--output"],
+                 ["check", img, img], ["map", "--nope", img], ["resize", img, "1G", "2G"],
+                 ["commit", "-Z", img], ["measure", img, img], ["bench", "-c"],
+                 ["amend", "-o", "compat=1.1", img, img], ["compare", img]):
+        rc, out, err = cli(capsys, *args)
+        qrc, qout, qerr = ref(*args)
+        assert rc == qrc == 1 and out == qout == "", (args, qerr)
+        first = qerr.splitlines()[0].replace("qemu-img:", "qcow2:")
+        assert err in (first + "\n", first + " (try 'qcow2 --help')\n"), (args, qerr, err)
+
+
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     for args in (["--help"], ["create", "--help"], ["info", "-h"], ["map", "--help"]):
         rc, out, _ = cli(capsys, *args)
