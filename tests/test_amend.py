@@ -102,6 +102,17 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == qemu_img("amend", "-f", "qcow2", "-o", "help").stdout
 
 
+def test_bare_no_prefix_means_off_like_qemu(capsys: pytest.CaptureFixture[str],
+                                            tmp: Path) -> None:
+    """QEMU reads a bare "noNAME" as NAME=off: nolazy_refcounts clears the flag, nofoo
+    names the unknown option 'foo'."""
+    p = _img(tmp, "a.qcow2", "lazy_refcounts=on")
+    assert _both(capsys, p, "-o", "nofoo", str(p))[0] == 1
+    rc, ref = _both(capsys, p, "-o", "nolazy_refcounts", str(p))
+    assert rc == 0 and qemu_info(p)["format-specific"]["data"]["lazy-refcounts"] is False
+    _same_image(tmp, p, ref)
+
+
 def test_backing_restated_and_noops_like_qemu(capsys: pytest.CaptureFixture[str],
                                               tmp: Path) -> None:
     """qemu-img compares backing_file and backing_fmt both, one not given counting as

@@ -88,7 +88,10 @@ def test_options_per_target_format(capsys: pytest.CaptureFixture[str]) -> None:
                             ("qcow2", "data_file=x,data_file_raw=on,cluster_size=4k", 0),
                             ("qcow2", "nocow=on,extent_size_hint=1M,preallocation=full", 0),
                             ("qcow2", "data_file_raw=maybe", 1),
-                            ("qcow2", "extent_size_hint=x", 1)):
+                            ("qcow2", "extent_size_hint=x", 1),
+                            # a bare noNAME is NAME=off (QEMU's reading: nocow is cow=off)
+                            ("qcow2", "noextended_l2,nolazy_refcounts", 0), ("qcow2", "nocow", 1),
+                            ("raw", "nocow", 1)):
         assert _both(capsys, "-O", fmt, "-o", opts, "--size", "1G")[0] == want, (fmt, opts)
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .commands import (
+    option_item,
     parse_bool,
     parse_number,
     parse_size,
@@ -70,9 +71,7 @@ def parse_amend_options(text: str) -> dict[str, Any]:
     """-o list -> {option: parsed value}, with qemu-img amend's refusals."""
     out: dict[str, Any] = {}
     for item in split_option_list(text):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raw = "on"
+        key, raw = option_item(item)
         if key in _CREATE_ONLY:
             raise InvalidArgumentError(
                 f"Invalid parameter '{key}' (this option is only supported for image creation)")

@@ -20,6 +20,7 @@ from typing import Any
 
 from .commands import (
     is_help_list,
+    option_item,
     options_help,
     parse_bool,
     parse_create_options,
@@ -258,14 +259,14 @@ def _parse_options(chunks: list[str], out_fmt: str = "qcow2") -> dict[str, tuple
         return {}
     kept = []
     for item in split_option_list(text):
-        key, sep, raw = item.partition("=")
+        key, raw = option_item(item)
         typ = (_RAW_OPTS if out_fmt == "raw" else _NO_EFFECT).get(key)
         if typ is None and out_fmt == "raw":
             raise InvalidArgumentError(f"Invalid parameter '{key}'")
         if typ is None:
             kept.append(item.replace(",", ",,"))
         else:
-            _check_type(key, raw if sep else "on", typ)
+            _check_type(key, raw, typ)
     if out_fmt == "raw":
         return {}  # nothing in them changes a raw file's size
     return parse_create_options(",".join(kept)) if kept else {}
