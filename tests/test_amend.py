@@ -189,6 +189,29 @@ def test_zstd(tmp: Path) -> None:
     assert c.read_bytes() == before
 
 
+def test_downgrade_keeps_compressed_clusters(tmp: Path) -> None:
+    """Bit 0 of a compressed L2 entry is part of its host offset/size field, not the
+    zero flag: a downgrade leaves such entries as they are (it once took them for zero
+    clusters and wrote zeros over the file)."""
+    import struct
+
+    raw = tmp / "in.raw"
+    raw.write_bytes(b"".join(bytes([i]) * 1000 + bytes(range(256)) * 200 for i in range(40)))
+    p = tmp / "c.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(p))
+    data = p.read_bytes()
+    l1 = struct.unpack_from(">Q", data, struct.unpack_from(">Q", data, 40)[0])[0] & ((1 << 56) - 512)
+    entries = struct.unpack_from(">128Q", data, l1)
+    assert any(e >> 62 & 1 and e & 1 for e in entries)  # the case this test is about
+    ref = tmp / "c-ref.qcow2"
+    shutil.copyfile(p, ref)
+    qemu_img("amend", "-o", "compat=0.10", str(ref))
+    amend(p, {"compat": "0.10"})
+    _same_image(tmp, p, ref)
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(p),
+                    check=False).returncode == 0
+
+
 def test_library_options(tmp: Path) -> None:
     assert parse_amend_options("compat=0.10,lazy_refcounts=off,size=1G") == {
         "compat": 2, "lazy_refcounts": False, "size": 1 << 30}

@@ -380,7 +380,9 @@ def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress 
         if refuse_compressed and ((table & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
             raise UnsupportedFeatureError(
                 "Cannot downgrade an image with zstd-compressed clusters (v2 knows zlib only)")
-        zidx = np.flatnonzero((table & zero) != 0)
+        # bit 0 of a compressed entry belongs to its host offset/size field: not a flag
+        compressed = (table & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+        zidx = np.flatnonzero(((table & zero) != 0) & ~compressed)
         if not len(zidx):
             continue
         new = table.copy()
