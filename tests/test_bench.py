@@ -30,6 +30,7 @@ CASES = [
     ["-w", "-c", "400", "-d", "8", "--flush-interval=16", "--pattern=0x42", "-o", "7M"],
     ["-w", "-c", "100", "-d", "2", "--flush-interval=2", "--no-drain", "-s", "1M"],
     ["-c", "10", "-s", "0"],
+    ["-w", "-c", "20", "-s", "512", "-S", "0", "--pattern=9"],  # step 0: one request size
 ]
 
 
@@ -54,7 +55,9 @@ def test_errors(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
                  ["-w", "--pattern=x"], ["-w", "--pattern=300"], ["--flush-interval=10"],
                  ["-w", "-d", "64", "--flush-interval=10"], ["-w", "-d", "4", "--flush-interval=x"],
                  ["-t", "foo"], ["-i", "foo"], ["-c", "1", "-o", "100M"],
-                 ["-w", "-c", "200", "-s", "64k", "-S", "48k"]):  # wraps past the end
+                 ["-w", "-c", "200", "-s", "64k", "-S", "48k"],  # wraps past the end
+                 ["-s", "3G"], ["-S", "3G"], ["-o", "9E"], ["-n", "-c", "1"],
+                 ["-i", "native", "-t", "writeback"], ["-f", "foo"]):
         theirs = run("qemu-img", "bench", *args, str(p), check=False)
         rc = main(["bench", *args, str(p)])
         cap = capsys.readouterr()
@@ -62,3 +65,20 @@ def test_errors(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
         first = [ln for ln in theirs.stderr.splitlines() if ln.startswith("qemu-img:")][0]
         first = first.replace("qemu-img:", "qcow2:")
         assert cap.err.count("\n") == 1 and cap.err.startswith(first), (args, cap.err, first)
+
+
+def test_raw_and_missing_file_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
+    """A raw file (given with -f raw, or probed) is benchmarked as qemu-img does it."""
+    for fmt in (["-f", "raw"], []):
+        ours, ref = tmp / "o.raw", tmp / "r.raw"
+        for f in (ours, ref):
+            f.write_bytes(bytes(1 << 20))
+        args = [*fmt, "-w", "-c", "30", "-s", "4k", "-S", "12k", "--pattern=5"]
+        theirs = run("qemu-img", "bench", *args, str(ref), check=False)
+        assert main(["bench", *args, str(ours)]) == theirs.returncode == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[:-1] == theirs.stdout.splitlines()[:-1]
+        assert ours.read_bytes() == ref.read_bytes()
+    theirs = run("qemu-img", "bench", str(tmp / "missing.qcow2"), check=False)
+    assert main(["bench", str(tmp / "missing.qcow2")]) == theirs.returncode == 1
+    assert capsys.readouterr().err == theirs.stderr.replace("qemu-img:", "qcow2:")

@@ -340,6 +340,21 @@ def test_info_missing_backing_file(tmp: Path, capsys: pytest.CaptureFixture[str]
     assert (rc, out) == (1, "") and len(err.splitlines()) == 1
 
 
+def test_missing_backing_file_message_like_qemu(tmp: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command that opens the chain says what qemu-img says, the backing name
+    combined with the image name as given: "Could not open 'd/o.qcow2': Could not open
+    backing file: Could not open 'd/gone.qcow2': No such file or directory"."""
+    monkeypatch.chdir(tmp)
+    (tmp / "d").mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+             "d/o.qcow2", "1M")
+    for args in (["map", "d/o.qcow2"], ["commit", "d/o.qcow2"], ["snapshot", "-l", "d/o.qcow2"],
+                 ["measure", "-O", "qcow2", "d/o.qcow2"], ["resize", "d/o.qcow2", "2M"],
+                 ["dd", "if=d/o.qcow2", "of=x.raw"]):
+        same_error_as_qemu(capsys, *args)
+
+
 def _drop_backing_format(path: str) -> None:
     """Hide the backing format extension (written first) as an unknown one, which QEMU
     ignores: an image with a backing file and no backing format, as older tools made."""
@@ -531,6 +546,22 @@ def test_errors_are_one_line(tmp: Path, capsys: pytest.CaptureFixture[str], args
     assert len(err.splitlines()) == 1, err
     assert err.startswith("qcow2") and "Traceback" not in err
     assert not (tmp / "new.qcow2").exists()
+
+
+def test_usage_errors_in_qemus_words(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name too many or missing, an unknown option, an option without its value:
+    qemu-img's first line (its "Try 'qemu-img --help'" line is our one-line suffix)."""
+    img = str(tmp / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    for args in (["info", img, img], ["info"], ["info", "-Z", img], ["info", "--output"],
+                 ["check", img, img], ["map", "--nope", img], ["resize", img, "1G", "2G"],
+                 ["commit", "-Z", img], ["measure", img, img], ["bench", "-c"],
+                 ["amend", "-o", "compat=1.1", img, img], ["compare", img]):
+        rc, out, err = cli(capsys, *args)
+        qrc, qout, qerr = ref(*args)
+        assert rc == qrc == 1 and out == qout == "", (args, qerr)
+        first = qerr.splitlines()[0].replace("qemu-img:", "qcow2:")
+        assert err in (first + "\n", first + " (try 'qcow2 --help')\n"), (args, qerr, err)
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

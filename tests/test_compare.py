@@ -79,4 +79,4 @@ def test_cannot_open(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "-f", "vmdk", a, a]) == 2
     assert "Unknown file format" in capsys.readouterr().err
     assert main(["compare", "-s", a, a]) == 1  # strict mode is not offered: a usage error
-    assert "unrecognized arguments: -s" in capsys.readouterr().err
+    assert "unrecognized option '-s'" in capsys.readouterr().err

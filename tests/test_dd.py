@@ -22,6 +22,7 @@ def src(tmp: Path) -> Path:
 CASES = [
     [], ["bs=64k", "count=3", "skip=1"], ["bs=1M", "count=1", "skip=1"], ["bs=1.5k"],
     ["bs=1000", "skip=7"], ["skip=100000"], ["count=2", "bs=4M"], ["bs=512", "count=0"],
+    ["bs=100", "count=3", "skip=1"], ["bs=64k", "skip=10", "count=5"],
 ]
 
 
@@ -35,7 +36,11 @@ def test_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path, src: Path, ops
     cap = capsys.readouterr()
     assert rc == q.returncode == 0, q.stderr
     assert cap.out == q.stdout == ""
+    # a skip past the end: qemu-img's warning, and an empty output
+    assert cap.err == q.stderr.replace("qemu-img:", "qcow2:").replace(str(theirs), str(ours))
     assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"]
+    if out_fmt == "raw":  # created in whole sectors
+        assert ours.stat().st_size == theirs.stat().st_size
     assert qemu_img("compare", "-f", out_fmt, "-F", out_fmt, str(ours), str(theirs),
                     check=False).returncode == 0
     if out_fmt == "qcow2":
@@ -53,7 +58,10 @@ def test_raw_input_and_overwrite(tmp: Path) -> None:
 
 def test_errors(capsys: pytest.CaptureFixture[str], tmp: Path, src: Path) -> None:
     for ops in ([f"if={src}"], [f"of={tmp / 'x'}"], ["bs=0"], ["count=x"], ["foo=1"],
-                ["bs=3G"], [f"if={tmp / 'missing'}"]):
+                ["bs=3G"], [f"if={tmp / 'missing'}"], ["conv=notrunc"], ["bs=x"], ["-O", "foo"],
+                ["-f", "qcow2", f"if={tmp / 'r.raw'}", f"of={tmp / 'o.img'}"],
+                [f"if={src}", f"of={tmp / 'nodir' / 'o.img'}"], [f"if={src}", f"of={tmp}"]):
+        (tmp / "r.raw").write_bytes(bytes(4096))
         args = ops if any(o.startswith(("if=", "of=")) for o in ops) else \
             [*ops, f"if={src}", f"of={tmp / 'o.img'}"]
         if args[0].startswith("if=") and len(args) == 1 and "missing" in args[0]:

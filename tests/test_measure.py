@@ -79,6 +79,22 @@ def test_raw_target_and_errors(capsys: pytest.CaptureFixture[str], tmp: Path) ->
     assert rc == 1
 
 
+def test_options_per_target_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """-O raw takes raw's creation options only; qcow2 options that change no figure
+    (a data file, the file system's settings) are accepted once their type checks."""
+    for fmt, opts, want in (("raw", "cluster_size=4k", 1), ("raw", "foo=1", 1),
+                            ("raw", "preallocation=full,extent_size_hint=1M,nocow=on", 0),
+                            ("raw", "nocow=maybe", 1), ("raw", "data_file=x", 1),
+                            ("qcow2", "data_file=x,data_file_raw=on,cluster_size=4k", 0),
+                            ("qcow2", "nocow=on,extent_size_hint=1M,preallocation=full", 0),
+                            ("qcow2", "data_file_raw=maybe", 1),
+                            ("qcow2", "extent_size_hint=x", 1),
+                            # a bare noNAME is NAME=off (QEMU's reading: nocow is cow=off)
+                            ("qcow2", "noextended_l2,nolazy_refcounts", 0), ("qcow2", "nocow", 1),
+                            ("raw", "nocow", 1)):
+        assert _both(capsys, "-O", fmt, "-o", opts, "--size", "1G")[0] == want, (fmt, opts)
+
+
 def _sources(tmp: Path) -> list[tuple[str, list[str]]]:
     """(path, extra measure args) of real images with data, zeros, holes and chains."""
     out: list[tuple[str, list[str]]] = []

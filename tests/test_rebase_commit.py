@@ -116,6 +116,24 @@ def test_rebase_cli(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
     assert_clean(t)
 
 
+def test_rebase_errors_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache modes checked before anything is opened, one file name, and a missing new
+    backing file named as qemu-img combines it with the image name as given."""
+    monkeypatch.chdir(tmp)
+    (tmp / "d").mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", "d/b.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "d/t.qcow2")
+    before = (tmp / "d/t.qcow2").read_bytes()
+    for args in (["-b", "gone.qcow2", "-F", "qcow2"], ["-t", "bad", "-b", "b.qcow2", "-F", "qcow2"],
+                 ["-T", "bad", "-u", "-b", ""], ["-b", "b.qcow2", "-F", "qcow2", "d/b.qcow2"]):
+        theirs = run("qemu-img", "rebase", *args, "d/t.qcow2", check=False)
+        assert main(["rebase", *args, "d/t.qcow2"]) == theirs.returncode == 1
+        first = theirs.stderr.splitlines()[0].replace("qemu-img:", "qcow2:")
+        assert capsys.readouterr().err == first + "\n", args
+    assert (tmp / "d/t.qcow2").read_bytes() == before
+
+
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k", "cluster_size=32k,extended_l2=on",
                                   "compat=0.10"])
 def test_commit_like_qemu(tmp: Path, opts: str) -> None:
@@ -234,3 +252,25 @@ def test_commit_file_arguments_like_qemu(capsys: pytest.CaptureFixture[str], tmp
         assert main(["commit", *args]) == want.returncode == 1
         first = [ln for ln in want.stderr.splitlines() if ln.startswith("qemu-img:")][0]
         assert capsys.readouterr().err == first.replace("qemu-img:", "qcow2:") + "\n", args
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_commit_grows_smaller_base_like_qemu(tmp: Path, fmt: str) -> None:
+    """An overlay larger than its base: qemu-img's commit job grows the base to the
+    overlay's size before it copies (data past the base's old end included)."""
+    pair = []
+    for prefix in ("o-", "q-"):
+        base, top = tmp / f"{prefix}base.{fmt}", tmp / f"{prefix}top.qcow2"
+        qemu_img("create", "-q", "-f", fmt, str(base), "1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", fmt, str(top), "4M")
+        qemu_io(top, "write -P 2 512k 1M", "write -P 3 3M 64k")
+        pair.append((base, top))
+    (ob, ot), (qb, qt) = pair
+    before = _raw(ot, tmp)
+    commit(ot)
+    qemu_img("commit", "-q", str(qt))
+    assert qemu_info(ob)["virtual-size"] == qemu_info(qb)["virtual-size"] == 4 * MiB
+    assert _raw(ob, tmp) == before
+    assert qemu_img("compare", "-f", fmt, "-F", fmt, str(ob), str(qb), check=False).returncode == 0
+    if fmt == "qcow2":
+        assert_clean(ob)

@@ -2,7 +2,7 @@
 
 What can change: compat (0.10 <-> 1.1), refcount_bits (the refcount structures are
 rewritten), lazy_refcounts, size (a resize, shrinking allowed as qemu-img amend allows
-it). backing_file/backing_fmt may only be restated (qemu-img points to rebase for a
+it). backing_file and backing_fmt may only be restated, both together (qemu-img points to rebase for a
 change); creation-only options get qemu-img's refusal.
 
 Crash safety: every change ends in one switch of cluster 0 that a power cut leaves
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .commands import (
+    option_item,
     parse_bool,
     parse_number,
     parse_size,
@@ -41,6 +42,16 @@ AMEND_OPTIONS: list[tuple[str, str, str]] = [
     ("backing_file", "str", "File name of a base image"),
     ("backing_fmt", "str", "Image format of the base image"),
     ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    # listed as qemu-img lists them (-o help); refused below: no image of ours has an
+    # external data file or encryption
+    ("data_file", "str", "File name of an external data file"),
+    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
+    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+    ("encrypt.keyslot", "num", "Select a single keyslot to modify explicitly"),
+    ("encrypt.new-secret", "str",
+     "New secret to set in the matching keyslots. Empty string to erase"),
+    ("encrypt.old-secret", "str", "Select all keyslots that match this password"),
+    ("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
     ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
     ("refcount_bits", "num", "Width of a reference count entry in bits"),
     ("size", "size", "Virtual disk size"),
@@ -50,6 +61,8 @@ _CREATE_ONLY = ("cluster_size", "extended_l2", "preallocation", "compression_typ
                 "encryption", "nocow", "extent_size_hint", "encrypt.format",
                 "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
                 "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.key-secret")
+# qemu's cache modes (bdrv_parse_cache_mode): accepted, our writes are ordered anyway
+_CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 Progress = Callable[[float], None]
 _CHUNK_BYTES = 8 << 20  # L2 tables read, rewritten and synced at a time by a downgrade
@@ -59,9 +72,7 @@ def parse_amend_options(text: str) -> dict[str, Any]:
     """-o list -> {option: parsed value}, with qemu-img amend's refusals."""
     out: dict[str, Any] = {}
     for item in split_option_list(text):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raw = "on"
+        key, raw = option_item(item)
         if key in _CREATE_ONLY:
             raise InvalidArgumentError(
                 f"Invalid parameter '{key}' (this option is only supported for image creation)")
@@ -70,15 +81,25 @@ def parse_amend_options(text: str) -> dict[str, Any]:
 
             out[key] = check_mode_name(raw)
             continue
-        if key in ("data_file", "data_file_raw"):
-            raise UnsupportedFeatureError(
-                "data-file can only be set for images that use an external data file")
-        if key.startswith("encrypt."):
-            raise UnsupportedFeatureError(
-                "Changing the encryption parameters is not supported (encrypted images are "
-                "not supported)")
         if key not in {name for name, _, _ in AMEND_OPTIONS}:
             raise InvalidArgumentError(f"Invalid parameter '{key}'")
+        # qemu-img's messages for an image without a data file or encryption (the only
+        # images opened here)
+        if key == "data_file":
+            raise UnsupportedFeatureError(
+                "data-file can only be set for images that use an external data file")
+        if key == "data_file_raw":
+            try:
+                raw_on = parse_bool(raw)
+            except ValueError:
+                raise InvalidArgumentError(
+                    "Parameter 'data_file_raw' expects 'on' or 'off'") from None
+            if raw_on:
+                raise UnsupportedFeatureError("data-file-raw cannot be set on existing images")
+            continue  # off: what the image already is
+        if key.startswith("encrypt."):
+            raise UnsupportedFeatureError(
+                "Can't amend encryption options - encryption not present")
         if key == "compat":
             if raw not in _VERSIONS:
                 raise InvalidArgumentError(f"Unknown compatibility level {raw}")
@@ -134,8 +155,10 @@ def amend_image(img: Any, opts: dict[str, Any], progress: Progress | None = None
     bits = opts.get("refcount_bits")
     layout = img.layout
     if "backing_file" in opts or "backing_fmt" in opts:
-        same_file = opts.get("backing_file", layout.backing_file) == layout.backing_file
-        same_fmt = opts.get("backing_fmt", layout.backing_format) == layout.backing_format
+        # as qemu-img: both are compared, one not given counts as none (so restating the
+        # backing file alone is refused when the image names a backing format)
+        same_file = opts.get("backing_file") == layout.backing_file
+        same_fmt = opts.get("backing_fmt") == layout.backing_format
         if not (same_file and same_fmt):
             raise InvalidArgumentError(
                 "Cannot amend the backing file (you can use 'qcow2 rebase' instead)")
@@ -358,7 +381,8 @@ def _expand_zero_clusters(img: Any, refuse_compressed: bool, progress: Progress 
         if refuse_compressed and ((tables & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
             raise UnsupportedFeatureError(
                 "Cannot downgrade an image with zstd-compressed clusters (v2 knows zlib only)")
-        zmask = (tables & zero) != 0
+        # bit 0 of a compressed entry belongs to its host offset/size field: not a flag
+        zmask = ((tables & zero) != 0) & ((tables & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0)
         rows = np.flatnonzero(zmask.any(axis=1))
         if len(rows):
             hosts = tables & mask
@@ -467,6 +491,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return 0
     if args.filename is None:
         raise InvalidArgumentError("Expecting one image file name")
+    if args.cache is not None and args.cache not in _CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {args.cache}")
     if args.fmt is not None and args.fmt != "qcow2":
         raise InvalidArgumentError(f"Format driver '{args.fmt}' does not support option amendment")
     path = args.filename
@@ -487,12 +513,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "amend", help="change the options of an existing image",
         description="Change image options (qemu-img amend): compat, refcount_bits, "
         "lazy_refcounts, size.",
-        usage="qcow2 amend [-p] [-q] [-f qcow2] -o OPTIONS FILE")
+        usage="qcow2 amend [-p] [-q] [-f qcow2] [-t CACHE] -o OPTIONS FILE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="options to change ('-o help' lists them)")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (qcow2)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-t", dest="cache", metavar="CACHE",
+                   help="cache mode (accepted: none, writeback, writethrough, directsync, unsafe)")
     p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("filename", metavar="FILE", nargs="?")

@@ -93,7 +93,11 @@ def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, .
     holds the real paths of the chain so far."""
     path = resolve_backing_name(image_path, name)
     if not os.path.exists(path):
-        raise BackingFileError(f"Could not open backing file '{path}': No such file or directory")
+        # qemu's words, with the name as QEMU combines it with the image's name as given
+        shown = name if os.path.isabs(name) or "/" not in image_path else \
+            image_path[: image_path.rindex("/") + 1] + name
+        raise BackingFileError(
+            f"Could not open backing file: Could not open '{shown}': No such file or directory")
     real = os.path.realpath(path)
     if real in seen:
         raise BackingFileError(f"Backing file loop detected: '{path}' is its own backing file")
@@ -106,7 +110,5 @@ def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, .
         raise BackingFileError(f"Backing file format '{fmt}' is not supported")
     try:
         return open_qcow2(path, seen + (real,))
-    except BackingFileError:
-        raise
-    except Qcow2Error as exc:
-        raise BackingFileError(f"Could not open backing file '{path}': {exc}") from exc
+    except Qcow2Error as exc:  # one "Could not open backing file: " per level, as qemu
+        raise BackingFileError(f"Could not open backing file: {exc}") from exc

@@ -11,12 +11,14 @@ and --no-drain are accepted; the I/O always goes through the library's own cache
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .commands import parse_size
-from .errors import InvalidArgumentError
+from .commands import INT64_MAX, parse_size
+from .errors import InvalidArgumentError, Qcow2Error
+from .format import MAGIC
 
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 AIO_MODES = ("threads", "native", "io_uring")
@@ -75,8 +77,11 @@ def _num(text: str, what: str, size: bool = False, minimum: int = 0) -> int:
     except ValueError:
         raise InvalidArgumentError(f"Invalid {what} specified{_SUFFIXES if size else ''}") \
             from None
-    if n < minimum or n > (1 << 31) - 1 and what != "offset":
-        raise InvalidArgumentError(f"Invalid {what} specified")
+    limit = INT64_MAX if what == "offset" else (1 << 31) - 1
+    if n < minimum or n > limit:
+        # sizes (qemu-img's cvtnum) say the range, counts do not
+        raise InvalidArgumentError(f"Invalid {what} specified"
+                                   + (f". Must be between 0 and {limit}." if size else ""))
     return n
 
 
@@ -114,15 +119,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--flush-interval is only available in write tests")
     if o.flush_interval and o.flush_interval < o.depth:
         raise InvalidArgumentError("Flush interval can't be smaller than depth")
-    if args.fmt is not None and args.fmt != "qcow2":
-        raise InvalidArgumentError(f"Unknown file format '{args.fmt}' (only qcow2 is supported)")
-    step = o.size if o.step is None else o.step
-    with qopen(args.filename, "r+" if o.write else "r") as img:
+    path = args.filename
+    if args.fmt is not None and args.fmt not in ("qcow2", "raw"):
+        raise InvalidArgumentError(f"Could not open '{path}': Unknown driver '{args.fmt}'")
+    if args.aio == "native" or args.native:
+        if args.cache not in ("none", "directsync"):  # qemu's file driver refuses it
+            raise InvalidArgumentError(
+                f"Could not open '{path}': aio=native was specified, but it requires "
+                "cache.direct=on, which was not specified.")
+    if not os.path.exists(path):
+        raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
+                         "No such file or directory")
+    fmt = args.fmt
+    if fmt is None:
+        with open(path, "rb") as f:
+            fmt = "qcow2" if f.read(4) == MAGIC else "raw"
+    if not o.step:  # qemu-img: no step (0) means one request size
+        o.step = o.size
+    if fmt == "raw":
+        from .nbd import RawImage
+
+        img: Any = RawImage(path, o.write)
+    else:
+        img = qopen(path, "r+" if o.write else "r")
+    step = o.step
+    try:
         print(f"Sending {o.count} {'write' if o.write else 'read'} requests, {o.size} bytes "
               f"each, {o.depth} in parallel (starting at offset {o.offset}, step size {step})")
         if o.flush_interval:
             print(f"Sending flush every {o.flush_interval} requests")
         elapsed = bench(img, o)
+    finally:
+        img.close()
     print(f"Run completed in {elapsed:.3f} seconds.")
     return 0
 

@@ -11,7 +11,8 @@ import os
 import sys
 
 from .check import REPAIR_MODES, CheckResult, check_image
-from .errors import InvalidArgumentError
+from .errors import BackingFileError, InvalidArgumentError, Qcow2Error
+from .format import MAGIC
 
 
 def check_file(path: str | os.PathLike[str], repair: str | None = None) -> CheckResult:
@@ -28,13 +29,26 @@ def check_file(path: str | os.PathLike[str], repair: str | None = None) -> Check
         img.close()
 
 
+def _open_chain(path: str) -> None:
+    """qemu-img check opens the backing chain: a missing backing file fails the check
+    as it does there (other errors are the checker's to report)."""
+    from .meta import open_metadata
+
+    try:
+        open_metadata(path, backing=True).close()
+    except BackingFileError:
+        raise
+    except (Qcow2Error, OSError):
+        pass
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("check", help="check an image for consistency (and repair it)",
                        description="Check a qcow2 image like `qemu-img check`. Exit codes: "
                        "0 clean, 1 check not completed, 2 corruptions, 3 leaks only.")
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"),
+    p.add_argument("-r", dest="repair", metavar="{leaks,all}",
                    help="repair leaks, or everything that can be repaired")
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--output", metavar="{human,json}", default="human")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (only qcow2)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet mode")
     p.add_argument("filename", metavar="FILE")
@@ -42,10 +56,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    if args.fmt not in (None, "qcow2"):
-        print(f"qcow2: Unsupported image format '{args.fmt}' (only qcow2)", file=sys.stderr)
-        return 1
-    res = check_file(args.filename, args.repair)
+    # qemu-img's checks and messages, in its order
+    if args.repair not in (None, "leaks", "all"):
+        raise InvalidArgumentError("Unknown option value for -r (expecting 'leaks' or 'all'): "
+                                   f"{args.repair}")
+    if args.output not in ("human", "json"):
+        raise InvalidArgumentError("--output must be used with human or json as argument.")
+    path = args.filename
+    if args.fmt not in (None, "qcow2", "raw"):
+        raise Qcow2Error(f"Could not open '{path}': Unknown driver '{args.fmt}'")
+    if not os.path.exists(path):
+        raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
+                         "No such file or directory")
+    with open(path, "rb") as f:
+        is_qcow2 = f.read(4) == MAGIC
+    if args.fmt == "raw" or (args.fmt is None and not is_qcow2):
+        print("qcow2: This image format does not support checks", file=sys.stderr)
+        return 63  # qemu-img's exit code for it
+    if not is_qcow2:
+        raise Qcow2Error(f"Could not open '{path}': Image is not in qcow2 format")
+    _open_chain(path)
+    res = check_file(path, args.repair)
     res.filename = args.filename
     for line in res.all_messages():
         print(line, file=sys.stderr)

@@ -16,6 +16,30 @@ from typing import Any, NoReturn
 
 from .errors import Qcow2Error
 
+# qemu-img's message for a file name too many or missing, per command
+_FILE_COUNT = {"info": "Expecting one image file name", "map": "Expecting one image file name",
+               "check": "Expecting one image file name", "bench": "Expecting one image file name",
+               "amend": "Expecting one image file name", "commit": "Expecting one image file name",
+               "rebase": "Expecting one image file name",
+               "snapshot": "Expecting one image file name",
+               "compare": "Expecting two image file names",
+               "resize": "Expecting image file name and size",
+               "measure": "At most one filename argument is allowed."}
+
+
+def _qemu_usage(message: str, command: str | None) -> str | None:
+    """argparse's usage error in qemu-img's words (its getopt handlers), or None."""
+    if message.startswith("unrecognized arguments: "):
+        first = message.split(": ", 1)[1].split(" ")[0]
+        if first.startswith("-") and first != "-":
+            return f"unrecognized option '{first}'"
+        return _FILE_COUNT.get(command or "")
+    if message.startswith("the following arguments are required: "):
+        return _FILE_COUNT.get(command or "")
+    if message.startswith("argument ") and message.endswith(": expected one argument"):
+        return f"missing argument for option '{message[9:].split(':')[0].split('/')[0]}'"
+    return None
+
 
 def _help_width() -> int:
     """The width argparse's help formatter takes (shutil.get_terminal_size's columns,
@@ -41,14 +65,21 @@ class _Formatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 1, as qemu-img does."""
+    """Usage errors as one line on stderr and exit code 1, as qemu-img does (in its words
+    where it has them)."""
+
+    command: str | None = None  # the sub-command named on the command line
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: {message} (try '{self.prog} --help')", file=sys.stderr)
+        qemu = _qemu_usage(message, _Parser.command)
+        if qemu is not None:
+            print(f"qcow2: {qemu} (try 'qcow2 --help')", file=sys.stderr)
+        else:
+            print(f"{self.prog}: {message} (try '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(1)
 
 
@@ -125,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
     try:
         command = _command_of(argv)
+        _Parser.command = command
         known = any(command == name for _, names in COMMANDS for name, _ in names)
         args = build_parser(command, only=known and argv[0] == command).parse_args(argv)
         if not hasattr(args, "func"):  # a stub ran after all: parse again with every command

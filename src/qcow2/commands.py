@@ -183,13 +183,22 @@ def is_help_list(text: str) -> bool:
     return any(item in ("help", "?") for item in split_option_list(text))
 
 
+def option_item(item: str) -> tuple[str, str]:
+    """(name, value) of one -o item as QEMU reads it: a bare name means name=on, a bare
+    noNAME means NAME=off (so "nolazy_refcounts" is lazy_refcounts=off)."""
+    key, sep, raw = item.partition("=")
+    if sep:
+        return key, raw
+    if key.startswith("no"):
+        return key[2:], "off"
+    return key, "on"
+
+
 def parse_create_options(text: str) -> dict[str, tuple[str, Any]]:
     """-o list -> {name: (text as given, parsed value)}; the last of a repeated name wins."""
     out: dict[str, tuple[str, Any]] = {}
     for item in split_option_list(text):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raw = "on"  # a bare name means name=on, as in QEMU
+        key, raw = option_item(item)
         typ = _OPT_TYPES.get(key)
         if typ is None:
             if key in _UNSUPPORTED_OPTS:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from .commands import INT64_MAX, SizeRangeError, parse_size
@@ -20,24 +22,42 @@ _SUFFIX_HELP = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabyte
 
 
 def dd(infile: str, outfile: str, *, bs: int = 512, count: int | None = None, skip: int = 0,
-       in_fmt: str | None = None, out_fmt: str = "raw") -> int:
-    """Copy like qemu-img dd; returns the number of bytes copied."""
+       in_fmt: str | None = None, out_fmt: str = "raw",
+       warn: Callable[[str], None] | None = None) -> int:
+    """Copy like qemu-img dd; returns the number of bytes copied. warn receives qemu-img's
+    warning for a skip past the end of the input (the output is then empty)."""
     from .convert import Source, _Target
 
     if bs < 1 or bs > 2**31 - 1:
         raise InvalidArgumentError("Invalid bs specified. Must be between 1 and 2147483647.")
     if out_fmt not in ("raw", "qcow2"):
-        raise InvalidArgumentError(f"Unknown file format '{out_fmt}'")
+        raise InvalidArgumentError("Unknown file format")
+    if not infile:
+        raise Qcow2Error("Could not open '': The 'file' block driver requires a file name")
     if not os.path.exists(infile):
         raise Qcow2Error(f"Could not open '{infile}': Could not open '{infile}': "
                          "No such file or directory")
-    src = Source(infile, in_fmt, None)
+    try:
+        src = Source(infile, in_fmt, None)
+    except Qcow2Error as exc:
+        msg = str(exc)
+        if msg.startswith("Could not open ") or msg.startswith("Unknown "):
+            raise
+        raise Qcow2Error(f"Could not open '{infile}': {msg}") from exc
     try:
         size = src.size
         if count is not None and count <= INT64_MAX // bs and count * bs < size:
             size = count * bs
         start = skip * bs
-        out_size = max(0, size - start)
+        if start > size:  # qemu-img goes on with an empty output
+            if warn is not None:
+                warn(f"{infile}: cannot skip to specified offset")
+            start = size
+        # a raw output is created in whole sectors, as qemu-img creates it
+        out_size = size - start
+        if out_fmt == "raw":
+            out_size = -(-out_size // 512) * 512
+        _check_creatable(outfile)
         target = _Target(outfile, out_fmt, out_size, True, [])
         try:
             copied = _copy(src, target, start, size, bs)
@@ -47,6 +67,18 @@ def dd(infile: str, outfile: str, *, bs: int = 512, count: int | None = None, sk
     finally:
         src.close()
     return copied
+
+
+def _check_creatable(path: str) -> None:
+    """qemu-img's message for an output that cannot be created (the common causes)."""
+    if not path or not os.path.isdir(os.path.dirname(path) or "."):
+        why = "No such file or directory"
+    elif os.path.isdir(path):
+        why = "Is a directory"
+    else:
+        return
+    raise Qcow2Error(f"{path}: error while creating output image: Could not create "
+                     f"'{path}': {why}")
 
 
 def _copy(src: Any, target: Any, start: int, end: int, bs: int) -> int:
@@ -71,9 +103,6 @@ def _operand(value: str, what: str, size: bool) -> int:
     except SizeRangeError:
         n = INT64_MAX + 1
     except ValueError:
-        if what == "bs":
-            raise InvalidArgumentError(
-                "Invalid bs specified. Must be between 1 and 2147483647.") from None
         raise InvalidArgumentError(f"Invalid {what} specified. {_SUFFIX_HELP}") from None
     return n
 
@@ -83,7 +112,8 @@ def cmd_dd(args: argparse.Namespace) -> int:
     for item in args.operands:
         key, sep, value = item.partition("=")
         if not sep or key not in ("if", "of", "bs", "count", "skip"):
-            raise InvalidArgumentError(f"unrecognized operand {item}")
+            # qemu-img names the operand without its value
+            raise InvalidArgumentError(f"unrecognized operand {key}")
         ops[key] = value
     if "if" not in ops or "of" not in ops:
         raise InvalidArgumentError("Must specify both input and output files")
@@ -97,7 +127,7 @@ def cmd_dd(args: argparse.Namespace) -> int:
     if skip > INT64_MAX:
         raise InvalidArgumentError(f"Invalid skip specified. {_SUFFIX_HELP}")
     dd(ops["if"], ops["of"], bs=bs, count=count, skip=skip, in_fmt=args.fmt,
-       out_fmt=args.out_fmt or "raw")
+       out_fmt=args.out_fmt or "raw", warn=lambda msg: print(f"qcow2: {msg}", file=sys.stderr))
     return 0
 
 

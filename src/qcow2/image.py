@@ -23,6 +23,7 @@ from .cluster import (
 from .compress import compress_cluster, decompress_cluster
 from .dirtybitmaps import BitmapKeeper, open_for_writing
 from .errors import (
+    BackingFileError,
     CorruptImageError,
     InvalidArgumentError,
     Qcow2Error,
@@ -122,10 +123,15 @@ class Image:
                 self._open_for_writing(_repair_dirty)
             if backing and self.layout.backing_file:
                 real = os.path.realpath(self.path)
-                self.backing = _backing.open_backing(
-                    self.path, self.layout.backing_file, self.layout.backing_format,
-                    _seen or (real,), open_backing_image,
-                )
+                try:
+                    self.backing = _backing.open_backing(
+                        self.path, self.layout.backing_file, self.layout.backing_format,
+                        _seen or (real,), open_backing_image,
+                    )
+                except BackingFileError as exc:
+                    if _seen:  # a backing file's own: the level above says which image
+                        raise
+                    raise BackingFileError(f"Could not open '{self.path}': {exc}") from exc
         except BaseException:
             self._abandon()
             raise

@@ -20,9 +20,13 @@ from typing import Any
 
 from .commands import (
     is_help_list,
+    option_item,
     options_help,
+    parse_bool,
     parse_create_options,
     parse_image_size,
+    parse_size,
+    split_option_list,
     valid_option_list,
 )
 from .errors import InvalidArgumentError, Qcow2Error
@@ -226,12 +230,46 @@ def measure(source: Any = None, *, size: int | None = None, fmt: str = "qcow2",
 
 
 # ------------------------------------------------------------------ CLI --
-def _parse_options(chunks: list[str]) -> dict[str, tuple[str, Any]]:
+# Options that do not change the figures: qemu-img measure checks their type only
+# (a data file or the file system's settings hold no qcow2 metadata)
+_NO_EFFECT = {"data_file": "str", "data_file_raw": "bool", "nocow": "bool",
+              "extent_size_hint": "size"}
+# raw's creation options (qemu-img create -f raw -o help); preallocation is not checked
+_RAW_OPTS = {"extent_size_hint": "size", "nocow": "bool", "preallocation": "str",
+             "size": "size"}
+
+
+def _check_type(key: str, raw: str, typ: str) -> None:
+    try:
+        if typ == "bool":
+            parse_bool(raw)
+        elif typ == "size":
+            parse_size(raw)
+    except ValueError:
+        what = {"size": "a non-negative number below 2^64", "bool": "'on' or 'off'"}[typ]
+        raise InvalidArgumentError(f"Parameter '{key}' expects {what}") from None
+
+
+def _parse_options(chunks: list[str], out_fmt: str = "qcow2") -> dict[str, tuple[str, Any]]:
     for chunk in chunks:
         if not valid_option_list(chunk):
             raise InvalidArgumentError(f"Invalid option list: {chunk}")
     text = ",".join(chunks)
-    return parse_create_options(text) if text else {}
+    if not text:
+        return {}
+    kept = []
+    for item in split_option_list(text):
+        key, raw = option_item(item)
+        typ = (_RAW_OPTS if out_fmt == "raw" else _NO_EFFECT).get(key)
+        if typ is None and out_fmt == "raw":
+            raise InvalidArgumentError(f"Invalid parameter '{key}'")
+        if typ is None:
+            kept.append(item.replace(",", ",,"))
+        else:
+            _check_type(key, raw, typ)
+    if out_fmt == "raw":
+        return {}  # nothing in them changes a raw file's size
+    return parse_create_options(",".join(kept)) if kept else {}
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
@@ -252,7 +290,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--image-opts, -f, and -l require a filename argument.")
     if args.filename is None and args.size is None:
         raise InvalidArgumentError("Either --size N or one filename must be specified.")
-    options = _parse_options(args.options) if args.out_fmt == "qcow2" else {}
+    options = _parse_options(args.options, args.out_fmt)
     if args.size is not None:
         size = parse_image_size(args.size)
         result = measure(size=size, fmt=args.out_fmt, options=options)

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from .backing import Readable, open_backing
-from .errors import Qcow2Error
+from .errors import BackingFileError, Qcow2Error
 from .format import Header, ImageLayout, SnapshotEntry, mode_of
 from .header import read_layout
 from .snaptable import CachedTable, cached_snapshot_table
@@ -46,9 +46,14 @@ class ImageMetadata:
             self.layout: ImageLayout = read_layout(self.storage)
             self.header: Header = self.layout.header
             if backing and self.layout.backing_file:
-                self.backing = open_backing(
-                    self.path, self.layout.backing_file, self.layout.backing_format,
-                    _seen or (os.path.realpath(self.path),), _open_backing_layer)
+                try:
+                    self.backing = open_backing(
+                        self.path, self.layout.backing_file, self.layout.backing_format,
+                        _seen or (os.path.realpath(self.path),), _open_backing_layer)
+                except BackingFileError as exc:
+                    if _seen:  # a backing file's own: the level above says which image
+                        raise
+                    raise BackingFileError(f"Could not open '{self.path}': {exc}") from exc
         except BaseException:
             self.close()
             raise

@@ -161,12 +161,15 @@ def _open_new_backing(path: str, name: str, fmt: str | None) -> Any:
 
     full = resolve_backing_name(path, name)
     if not os.path.exists(full):
+        # the name as QEMU combines it with the image name as given
+        shown = name if os.path.isabs(name) or "/" not in path else \
+            path[: path.rindex("/") + 1] + name
         raise BackingFileError(f"Could not open new backing file '{name}': Could not open "
-                               f"'{full}': No such file or directory")
+                               f"'{shown}': No such file or directory")
     try:
         return open_backing(path, name, fmt, (os.path.realpath(path),), open_backing_image)
     except BackingFileError as exc:
-        msg = str(exc)
+        msg = str(exc).removeprefix("Could not open backing file: ")
         if "loop" in msg:
             msg = "the image would be its own backing file"
         raise BackingFileError(f"Could not open new backing file '{name}': {msg}") from None
@@ -285,8 +288,11 @@ def _commit_into(img: Any, chain: list[Any], tpath: str, progress: Progress | No
         _commit_raw(img, tpath, size, progress, limit)
         return
     if guest_size(target) < size:
-        raise UnsupportedFeatureError("The backing file is smaller than the image: "
-                                      "resize it first")
+        # as qemu-img's commit job: the base grows to the overlay's size first (a resize
+        # of its own, crash-safe; what lies past the old end reads as zeros until written)
+        from .resize import resize
+
+        resize(tpath, size, fmt="qcow2")
     with qopen(tpath, "r+", backing=True) as out:
         for span, length in _provided(img, chain[:-1], size):
             for pos, n in limit.pieces(span, length):
@@ -307,9 +313,8 @@ def _commit_raw(img: Any, tpath: str, size: int, progress: Progress | None,
 
     st = Storage(FileBackend(tpath, writable=True), writable=True)
     try:
-        if st.size() < size:
-            raise UnsupportedFeatureError("The backing file is smaller than the image: "
-                                          "resize it first")
+        if st.size() < size:  # grown to the overlay's size first, as qemu-img does
+            st.truncate(size)
         for span, length in _provided(img, [], size):
             for pos, n in limit.pieces(span, length):
                 data = img.pread(n, pos)
@@ -399,10 +404,16 @@ def _open_check(path: str, fmt: str | None, what: str) -> None:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
+    # qemu-img's order: the file count, -b, then the cache modes, before opening anything
+    if len(args.filename) != 1:
+        raise InvalidArgumentError("Expecting one image file name")
     if args.backing is None and not args.unsafe:
         raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
-    if args.filename is None:
-        raise InvalidArgumentError("Expecting one image file name")
+    if args.cache is not None and args.cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {args.cache}")
+    if args.src_cache is not None and args.src_cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid source cache option: {args.src_cache}")
+    args.filename = args.filename[0]
     backing = args.backing or ""
     if args.backing_fmt is not None and args.backing_fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(f"Invalid format name: '{args.backing_fmt}'")
@@ -462,7 +473,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
     p.add_argument("-T", dest="src_cache", help=argparse.SUPPRESS)
-    p.add_argument("filename", metavar="FILE", nargs="?")
+    p.add_argument("filename", metavar="FILE", nargs="*")
     p.set_defaults(func=cmd_rebase)
 
     p = sub.add_parser(

@@ -63,7 +63,10 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         print(f"qcow2: Could not open '{path}': {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Qcow2Error as exc:
-        print(f"qcow2: Could not open '{path}': {exc}", file=sys.stderr)
+        msg = str(exc)  # a missing backing file's message already names the image
+        if not msg.startswith(f"Could not open '{path}': "):
+            msg = f"Could not open '{path}': {msg}"
+        print(f"qcow2: {msg}", file=sys.stderr)
         return 1
     try:
         with img:
