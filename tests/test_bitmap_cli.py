@@ -89,6 +89,33 @@ def test_operations_like_qemu_img(tmp: Path, capsys: pytest.CaptureFixture[str])
         assert list(x.dirty_ranges("new")) == [(7 << 20, 65536)]
 
 
+def test_missing_or_broken_backing_file_like_qemu_img(tmp: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-img bitmap does not open the backing chain: a missing backing file or one
+    that is not an image stops neither the image nor the merge source (-b)."""
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "16M")
+    junk = tmp / "junk.qcow2"
+    junk.write_bytes(b"not an image" * 1000)
+    a = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(a))
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", junk.name, "-F", "qcow2", str(src), "16M")
+    qemu_img("bitmap", "--add", str(src), "s")
+    base.unlink()
+    b = tmp / "b.qcow2"
+    shutil.copyfile(a, b)
+    for args in (("--add", "IMG", "x"), ("--merge", "s", "-b", str(src), "IMG", "x"),
+                 ("--disable", "IMG", "x"), ("--clear", "IMG", "x"), ("--remove", "IMG", "x"),
+                 ("--add", "--remove", "IMG", "x")):
+        _same(capsys, a, b, *args)
+        # qemu-img info opens the chain unless told there is none
+        ia, ib = (qemu_info(f"driver=qcow2,file.filename={x},backing=", "--image-opts")
+                  for x in (a, b))
+        assert ia["format-specific"] == ib["format-specific"], args
+        qemu_img("check", "--image-opts", f"driver=qcow2,file.filename={a},backing=")
+
+
 def test_convert_bitmaps_like_qemu_img(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, _b = _pair(tmp)
     ours, theirs = tmp / "o.qcow2", tmp / "q.qcow2"

@@ -36,7 +36,9 @@ def _open(path: str, fmt: str | None, writable: bool) -> Any:
                                    if fmt != "raw" else
                                    f"Could not open '{path}': raw images have no bitmaps")
     try:
-        return qopen(path, "r+" if writable else "r")
+        # bitmaps live in the image itself: like qemu-img bitmap, do not open the backing
+        # chain, so that a missing or broken backing file does not stop bitmap management
+        return qopen(path, "r+" if writable else "r", backing=False)
     except FormatError as exc:
         raise FormatError(f"Could not open '{path}': {exc}") from None
 
