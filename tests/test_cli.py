@@ -355,6 +355,31 @@ def test_missing_backing_file_message_like_qemu(tmp: Path, capsys: pytest.Captur
         same_error_as_qemu(capsys, *args)
 
 
+def test_missing_backing_file_deep_in_the_chain_like_qemu(
+        tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two or more levels down, the missing file is named as QEMU combines the names from
+    the image name as given (relative stays relative), or as stored when absolute."""
+    (tmp / "d" / "sub").mkdir(parents=True)
+    (tmp / "run").mkdir()
+    monkeypatch.chdir(tmp / "d")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+             "sub/mid.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "mid.qcow2", "-F", "qcow2",
+             "sub/top.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "sub/top.qcow2", "-F", "qcow2",
+             "rel.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(tmp / "d/sub/top.qcow2"), "-F",
+             "qcow2", "abs.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "new.qcow2", "1M")
+    monkeypatch.chdir(tmp / "run")
+    for img in ("../d/sub/top.qcow2", "../d/rel.qcow2", "../d/abs.qcow2"):
+        for args in (["check", img], ["map", img], ["compare", img, "../d/new.qcow2"],
+                     ["convert", "-O", "raw", img, "x.raw"], ["measure", "-O", "qcow2", img],
+                     ["info", "--backing-chain", img]):
+            same_error_as_qemu(capsys, *args)
+    same_error_as_qemu(capsys, "rebase", "-b", "sub/top.qcow2", "-F", "qcow2", "../d/new.qcow2")
+
+
 def _drop_backing_format(path: str) -> None:
     """Hide the backing format extension (written first) as an unknown one, which QEMU
     ignores: an image with a backing file and no backing format, as older tools made."""

@@ -91,13 +91,16 @@ def open_backing(image_path: str, name: str, fmt: str | None, seen: tuple[str, .
     supported format). open_qcow2(path, seen) opens a qcow2 backing file: an Image
     (image.open_backing_image), or its metadata only (meta.py), with its own chain; seen
     holds the real paths of the chain so far."""
-    path = resolve_backing_name(image_path, name)
+    resolve_backing_name(image_path, name)  # a plain file name, or an error
+    # the file under the name QEMU gives it: combined with the folder part of the image's
+    # name as given, relative if that is (the same file, as the chain is opened now); the
+    # layers below combine their names with this one, so that their messages name files
+    # as qemu-img's do however deep they are
+    path = name if os.path.isabs(name) or "/" not in image_path else \
+        image_path[: image_path.rindex("/") + 1] + name
     if not os.path.exists(path):
-        # qemu's words, with the name as QEMU combines it with the image's name as given
-        shown = name if os.path.isabs(name) or "/" not in image_path else \
-            image_path[: image_path.rindex("/") + 1] + name
         raise BackingFileError(
-            f"Could not open backing file: Could not open '{shown}': No such file or directory")
+            f"Could not open backing file: Could not open '{path}': No such file or directory")
     real = os.path.realpath(path)
     if real in seen:
         raise BackingFileError(f"Backing file loop detected: '{path}' is its own backing file")
