@@ -66,6 +66,19 @@ def test_refusals(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
     assert _both(capsys, v2, "--shrink", str(v2), "5M") == 1
 
 
+def test_preallocation_usage_errors_like_qemu(capsys: pytest.CaptureFixture[str],
+                                             tmp: Path) -> None:
+    """qemu-img takes the last argument as the size before parsing the options: a
+    --preallocation without its value takes the file name as the mode."""
+    p = _img(tmp, "a.qcow2", "10M")
+    before = p.read_bytes()
+    for args in (["--preallocation", str(p), "20M"], ["--preallocation=bogus", str(p), "20M"],
+                 ["--preallocation=", str(p), "20M"], ["--preallocation", str(p)],
+                 ["--preallocation"], ["--preallocation=bogus"], ["-q", "20M"]):
+        assert _both(capsys, p, *args) == 1, args
+        assert p.read_bytes() == before
+
+
 OPTS = ["", "cluster_size=512", "cluster_size=4k,refcount_bits=1", "compat=0.10",
         "cluster_size=32k,extended_l2=on", "cluster_size=2M"]
 

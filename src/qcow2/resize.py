@@ -322,11 +322,14 @@ def parse_resize_size(text: str, current: int) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     from .backing import probe_format
 
-    if args.filename is None or args.size is None:
+    if args.size is None:
         raise InvalidArgumentError("Not enough arguments")
-    prealloc = args.preallocation or "off"
+    # qemu-img checks the options (while parsing them) before the file name count
+    prealloc = "off" if args.preallocation is None else args.preallocation
     if prealloc not in PREALLOC_MODES:
         raise InvalidArgumentError(f"Invalid preallocation mode '{prealloc}'")
+    if args.filename is None:
+        raise InvalidArgumentError("Expecting image file name and size")
     path = args.filename
     if not os.path.exists(path):
         raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
@@ -370,16 +373,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("filename", metavar="FILE", nargs="?")
-    p.add_argument("size", metavar="SIZE", nargs="?")
-    p.set_defaults(func=cmd_resize)
+    p.set_defaults(func=cmd_resize, size=None)
     plain = p.parse_known_args
 
     def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
-        # qemu-img takes the last argument as the size before parsing options, so that
-        # "-1G" is a size, not an option
-        if args and len(args) >= 2 and args[-1][:1] == "-" and args[-1][1:2].isdigit() \
-                and "--" not in args:
-            args = [*args[:-1], "--", args[-1]]
-        return plain(args, namespace)
+        # as qemu-img: fewer than two arguments are not enough; else the last one is the
+        # size, taken before the options are parsed, so that "-1G" is a size, not an
+        # option, and "--preallocation FILE SIZE" takes FILE as the mode
+        args = list(args or ())
+        if "-h" in args or "--help" in args:
+            return plain(args, namespace)
+        if len(args) < 2:
+            return plain([], namespace)
+        ns, extra = plain(args[:-1], namespace)
+        ns.size = args[-1]
+        return ns, extra
 
     p.parse_known_args = parse_known_args  # type: ignore[method-assign]
