@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -140,6 +141,20 @@ def qemu_check(path: str | Path) -> dict:
         rep = {"stdout": p.stdout, "stderr": p.stderr}
     rep["returncode"] = p.returncode
     return rep
+
+
+_PROGRESS = re.compile(r"    \((\d+\.\d\d)/100%\)\r")
+
+
+def progress_values(out: str) -> list[float]:
+    """The percentages of qemu-img -p output, parsed as oVirt's vdsm parses them (the
+    regex (\\d+\\.\\d+)/100%): nothing but progress lines ended by \\r, from 0.00 up to
+    100.00, then a newline (and what the command prints after it, cut off here)."""
+    body, nl, _ = out.partition("\n")
+    assert nl and _PROGRESS.sub("", body) == "", repr(out[:200])
+    vals = [float(v) for v in _PROGRESS.findall(body)]
+    assert vals[0] == 0.0 and vals[-1] == 100.0 and vals == sorted(vals), vals
+    return vals
 
 
 def assert_clean(path: str | Path) -> None:

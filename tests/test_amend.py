@@ -6,10 +6,11 @@ fields, guest content of the active image and of every snapshot). compat both wa
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img, qemu_info, qemu_io, run
+from conftest import assert_clean, progress_values, qemu_img, qemu_info, qemu_io, run
 
 import qcow2
 from qcow2.amend import amend, parse_amend_options
@@ -172,6 +173,25 @@ def test_downgrade_many_tables_like_qemu(capsys: pytest.CaptureFixture[str], tmp
     rc, ref = _both(capsys, p, "-o", "compat=0.10", str(p))
     assert rc == 0
     _same_image(tmp, p, ref)
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "refcount_bits=4"])
+def test_progress_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path, opts: str) -> None:
+    """-p: qemu-img's progress lines on stdout, from 0.00 to 100.00, then one newline (a
+    downgrade with zero clusters to expand reported 100% twice, each with a newline)."""
+    a = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(a), "8M")
+    qemu_io(a, "write -P 1 0 3M", "write -z 4M 1M")
+    b = tmp / "b.qcow2"
+    shutil.copyfile(a, b)
+    assert main(["amend", "-p", "-o", opts, str(a)]) == 0
+    out = capsys.readouterr().out
+    q = subprocess.run(["qemu-img", "amend", "-p", "-o", opts, str(b)], capture_output=True,
+                       check=True)
+    for text in (out, q.stdout.decode()):
+        progress_values(text)
+        assert text.endswith("(100.00/100%)\r\n") and text.count("\n") == 1, repr(text)
+    assert qemu_info(a)["format-specific"] == qemu_info(b)["format-specific"]
 
 
 def test_downgrade_long_backing_name(tmp: Path) -> None:

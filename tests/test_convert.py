@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io, raw_bytes
+from conftest import (
+    assert_clean,
+    progress_values,
+    qemu_check,
+    qemu_img,
+    qemu_info,
+    qemu_io,
+    raw_bytes,
+)
 
 from qcow2.cli import main
 
@@ -41,10 +49,34 @@ def test_qemu_image_to_raw_matches_qemu(tmp: Path, capsys: pytest.CaptureFixture
     src = _qemu_mixed(tmp)
     out = tmp / "ours.raw"
     assert main(["convert", "-p", "-O", "raw", str(src), str(out)]) == 0
-    assert "100%" in capsys.readouterr().err  # the progress bar got to the end
+    progress_values(capsys.readouterr().out)  # qemu-img's progress lines, to 100%
     assert out.read_bytes() == raw_bytes(src, tmp)
     # zero areas are holes: the file holds less than the disk size
     assert os.stat(out).st_blocks * 512 < 6 * MiB
+
+
+@pytest.mark.parametrize("opts", [[], ["-o", "preallocation=metadata"], ["-c"]],
+                         ids=["fast", "full", "compressed"])
+def test_progress_like_qemu(tmp: Path, capsys: pytest.CaptureFixture[str],
+                            opts: list[str]) -> None:
+    """convert -p prints qemu-img's lines on stdout (programs parse them), with steps no
+    larger than qemu-img's (on an image all data, where both count the same bytes; but
+    qemu-img counts a compressed convert a cluster at a time, we a 2 MiB batch)."""
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "24M")
+    qemu_io(src, "write -P 7 0 24M")
+    capsys.readouterr()
+    assert main(["convert", "-p", *opts, "-O", "qcow2", str(src), str(tmp / "a")]) == 0
+    cap = capsys.readouterr()
+    # the bytes as they are: text mode would turn the \r into \n
+    theirs = subprocess.run(["qemu-img", "convert", "-p", *opts, "-O", "qcow2", str(src),
+                             str(tmp / "b")], capture_output=True, check=True)
+    assert cap.err == theirs.stderr.decode() == ""
+    ours, ref = progress_values(cap.out), progress_values(theirs.stdout.decode())
+    assert cap.out.endswith("(100.00/100%)\r\n") and theirs.stdout.endswith(b"(100.00/100%)\r\n")
+    steps = [max(b - a for a, b in zip(v, v[1:])) for v in (ours, ref)]
+    most = steps[1] if "-c" not in opts else 100 * 2 / 24  # (2 MiB of 24)
+    assert len(ours) > 3 and steps[0] <= most + 0.01, (ours, ref)  # (printed rounded)
 
 
 @pytest.mark.parametrize("param", ["snapshot.name=mid", "snapshot.id=1", "mid",

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img, qemu_info, qemu_io, run
+from conftest import assert_clean, progress_values, qemu_img, qemu_info, qemu_io, run
 
 from qcow2.cli import main
 from qcow2.rebase import RateLimit, commit, rebase
@@ -114,6 +115,29 @@ def test_rebase_cli(capsys: pytest.CaptureFixture[str], tmp: Path) -> None:
             assert cap.out == theirs.stdout
     assert qemu_info(t)["backing-filename"] == b.name
     assert_clean(t)
+
+
+@pytest.mark.parametrize("cmd", [["commit", "-p"], ["rebase", "-p", "-b", "cbase.qcow2",
+                                                         "-F", "qcow2"]], ids=["commit", "rebase"])
+def test_progress_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path, cmd: list[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """-p: qemu-img's progress lines on stdout, as programs parse them, from 0.00 to
+    100.00 then one newline (how many in between depends on each tool's chunking)."""
+    monkeypatch.chdir(tmp)
+    ours = _chain(tmp, "c")
+    theirs = _copy_chain(ours, "r")
+    if cmd[0] == "rebase":
+        theirs[2].unlink()
+        shutil.copyfile(ours[2], theirs[2])  # the same names: onto cbase, from rtop
+    rc = main([*cmd, str(ours[2])])
+    out = capsys.readouterr().out
+    q = subprocess.run(["qemu-img", *cmd, str(theirs[2])], capture_output=True, check=True)
+    assert rc == 0
+    for text in (out, q.stdout.decode()):
+        progress_values(text)
+        tail = "Image committed.\n" if cmd[0] == "commit" else ""
+        assert text.endswith("(100.00/100%)\r\n" + tail) and text.count("\n") == 1 + bool(tail)
+    assert out.partition("\n")[2] == q.stdout.decode().partition("\n")[2]
 
 
 def test_rebase_errors_like_qemu(capsys: pytest.CaptureFixture[str], tmp: Path,

@@ -18,8 +18,8 @@ the old header does not look, and are durable first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -469,16 +469,6 @@ def amend_help() -> str:
     return "\n".join(lines)
 
 
-def _progress_printer() -> Progress:
-    def show(pct: float) -> None:
-        sys.stdout.write(f"    ({pct:.2f}/100%)\r")
-        sys.stdout.flush()
-        if pct >= 100.0:
-            sys.stdout.write("\n")
-
-    return show
-
-
 def cmd_amend(args: argparse.Namespace) -> int:
     if not args.options:
         raise InvalidArgumentError("Must specify options (-o)")
@@ -503,8 +493,11 @@ def cmd_amend(args: argparse.Namespace) -> int:
         if f.read(4) != b"QFI\xfb":
             raise InvalidArgumentError("Format driver 'raw' does not support option amendment")
     opts = parse_amend_options(text)
-    progress = _progress_printer() if args.progress and not args.quiet else None
-    amend(path, opts, progress)
+    from .progress import QemuProgress
+
+    show = args.progress and not args.quiet
+    with QemuProgress(1.0) if show else contextlib.nullcontext() as progress:  # qemu's 1% step
+        amend(path, opts, progress)
     return 0
 
 

@@ -889,13 +889,14 @@ def _publish(path: str, output: str) -> None:
 
 @contextlib.contextmanager
 def _progress(total: int, show: bool) -> Iterator[Any]:
-    """A tqdm bar on stderr, or None (tqdm is not even imported: it costs start-up time)."""
+    """qemu-img convert -p's progress lines on stdout (progress.py: programs parse them),
+    updated as the bytes are copied, or None."""
     if not show:
         yield None
         return
-    from tqdm import tqdm
+    from .progress import QemuProgress
 
-    with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="convert") as bar:
+    with QemuProgress(1.0, total) as bar:  # qemu-img convert's 1% step
         yield bar
 
 

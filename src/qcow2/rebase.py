@@ -21,8 +21,8 @@ count (QEMU does not count efficient zero writes either).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -378,19 +378,11 @@ def _empty(img: Any) -> None:
 
 
 # ------------------------------------------------------------------ CLI --
-def _printer() -> Progress:
-    last = [-1.0]
+def _printer(show: bool, min_skip: float) -> Any:
+    """qemu-img's -p lines (progress.py), with its step for the command, or nothing."""
+    from .progress import QemuProgress
 
-    def show(pct: float) -> None:
-        if pct == last[0]:
-            return
-        last[0] = pct
-        sys.stdout.write(f"    ({pct:.2f}/100%)\r")
-        sys.stdout.flush()
-        if pct >= 100.0:
-            sys.stdout.write("\n")
-
-    return show
+    return QemuProgress(min_skip) if show else contextlib.nullcontext()
 
 
 def _open_check(path: str, fmt: str | None, what: str) -> None:
@@ -422,10 +414,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     if backing and args.backing_fmt is None:
         raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
                                    "backing format must be specified")
-    progress = _printer() if args.progress and not args.quiet else None
-    if progress:
-        progress(0.0)
-    rebase(args.filename, backing, args.backing_fmt, unsafe=args.unsafe, progress=progress)
+    with _printer(args.progress and not args.quiet, 2.0) as progress:  # qemu-img's 2% step
+        rebase(args.filename, backing, args.backing_fmt, unsafe=args.unsafe, progress=progress)
     return 0
 
 
@@ -448,10 +438,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
         raise FormatError(f"Could not open '{filename}': Image is not in qcow2 format")
     if args.fmt == "raw" or not is_qcow2:  # raw has no backing file to commit into
         raise UnsupportedFeatureError("Image does not have a backing file")
-    progress = _printer() if args.progress and not args.quiet else None
-    if progress:
-        progress(0.0)
-    commit(filename, args.base, drop=args.drop, progress=progress, rate=rate)
+    with _printer(args.progress and not args.quiet, 1.0) as progress:  # qemu-img's 1% step
+        commit(filename, args.base, drop=args.drop, progress=progress, rate=rate)
     if not args.quiet:
         print("Image committed.")
     return 0
