@@ -4,6 +4,8 @@ size mismatches, raw against qcow2, backing chains, and images that cannot be op
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,26 @@ def test_identical_and_different(tmp: Path, capsys: pytest.CaptureFixture[str]) 
     rc, out = _parity(capsys, a, c)
     assert rc == 1 and "2098176" in out  # 2049 KiB: the sector holding the changed byte
     assert _parity(capsys, "-q", a, c) == (1, "")
+
+
+def test_progress_like_qemu(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-p: qemu-img's progress lines on stdout, the verdict after the last one, then a
+    newline of its own (also when an image cannot be opened)."""
+    a = _img(tmp, "a.qcow2", 24 * MiB, "write -P 0x11 0 20M")
+    b = _img(tmp, "b.qcow2", 24 * MiB, "write -P 0x11 0 20M")
+    c = _img(tmp, "c.qcow2", 24 * MiB, "write -P 0x11 0 20M", "write -P 0x12 15M 1")
+    for args in ((a, b), (a, c), (a, str(tmp / "missing"))):
+        rc = main(["compare", "-p", *args])
+        out = capsys.readouterr().out
+        q = subprocess.run(["qemu-img", "compare", "-p", *args], capture_output=True)
+        assert rc == q.returncode, args
+        for text in (out, q.stdout.decode()):
+            body, _, verdict = text.rpartition("\r")
+            assert re.fullmatch(r"(    \(\d+\.\d\d/100%\)\r)*", body + "\r" if body else ""), text
+            assert verdict.endswith("\n\n") or verdict == "\n", repr(text)
+        assert out.rpartition("\r")[2] == q.stdout.decode().rpartition("\r")[2], args
+        if rc == 0:
+            assert out.startswith("    (0.00/100%)\r") and "(100.00/100%)\rImages" in out
 
 
 def test_raw_against_qcow2(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
