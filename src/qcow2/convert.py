@@ -58,7 +58,9 @@ class Source:
         from .image import open_image as qopen
 
         if not os.path.exists(path):
-            raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+            # qemu's words: the format layer's open, then the file's
+            raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
+                             "No such file or directory")
         fmt = fmt or probe_format(path, what="image")
         if fmt not in FORMATS:
             raise InvalidArgumentError(f"Unknown file format '{fmt}'")
@@ -218,7 +220,9 @@ class _Target:
         self._cluster: tuple[int, bytearray] | None = None
         self._packer: CompressPipeline | None = None
         if not create and not os.path.exists(path):
-            raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+            # qemu's words: the format layer's open, then the file's
+            raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
+                             "No such file or directory")
         if fmt == "qcow2":
             if create:
                 _create_qcow2(path, size, options, compress)
