@@ -446,3 +446,29 @@ def test_hostile_subcluster_both_allocated_and_zero(tmp: Path, fast_calls: list[
     assert err == "qcow2: Subcluster of guest offset 0x0 is both allocated and zero\n"
     assert fast_calls == [1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_l2_table_on_a_refcount_block(tmp: Path, capfd: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch, full: bool) -> None:
+    """An L1 entry pointing at a refcount block: with 64-bit refcounts of 1, read as an
+    L2 table it is all zero clusters (found by test_fuzz_fastconvert). The full path
+    refuses it; so does the fast path, with the same message."""
+    src = tmp / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=64", str(src), "4M")
+    qemu_io(src, "write -P 0x33 0 64k")
+    with open(src, "rb") as f:
+        rt = struct.unpack_from(">Q", f.read(56), 48)[0]
+        f.seek(rt)
+        block = struct.unpack(">Q", f.read(8))[0]
+    at, _ = _l1_entry(src, 0)
+    _poke(src, at, block | (1 << 63))
+    if full:
+        monkeypatch.setenv("QCOW2_CONVERT_FULL_PATH", "1")
+    capfd.readouterr()
+    for fmt in ("raw", "qcow2"):
+        out = tmp / f"out.{fmt}"
+        assert main(["convert", "-O", fmt, str(src), str(out)]) == 1
+        err = capfd.readouterr().err
+        assert err == f"qcow2: L2 table offset {block:#x} points at a refcount block\n"
+        assert not out.exists()

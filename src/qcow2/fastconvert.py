@@ -52,6 +52,7 @@ from .format import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    REFT_OFFSET_MASK,
     ImageLayout,
 )
 from .geometry import Geometry, div_round_up
@@ -193,6 +194,7 @@ class _Qcow2Source:
         self.rt_range = (h.refcount_table_offset,
                          h.refcount_table_offset + h.refcount_table_clusters * cs)
         seen: set[int] = set()
+        refblocks: set[int] | None = None
         for i, e in enumerate(self.l1):
             off = e & L1E_OFFSET_MASK
             if not off:
@@ -207,6 +209,13 @@ class _Qcow2Source:
                                  ("the refcount table", self.rt_range)):
                 if off < b and a < off + cs:
                     raise CorruptImageError(f"L2 table offset {off:#x} points at {what}")
+            if refblocks is None:
+                refblocks = self._refblocks(h.refcount_table_offset,
+                                            h.refcount_table_clusters * cs)
+            if off >> h.cluster_bits in refblocks:
+                # (read as an L2 table, a block of 64-bit refcounts of 1 is all zero
+                # clusters: the full path refuses it, so must this one)
+                raise CorruptImageError(f"L2 table offset {off:#x} points at a refcount block")
             if off in seen:
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} is used by more than one L1 entry")
@@ -214,6 +223,13 @@ class _Qcow2Source:
         self.extents: list[tuple[int, int, int, int]] = []
         self._cursor = 0
         self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
+
+    def _refblocks(self, offset: int, n: int) -> set[int]:
+        """The host clusters of the refcount blocks (read_layout bounded the table's size
+        and checked its place in the file)."""
+        rt = _be64(_pread(self.fd, n, offset).ljust(n, b"\0"))
+        cbits = self.geo.cluster_bits
+        return {(e & REFT_OFFSET_MASK) >> cbits for e in rt if e & REFT_OFFSET_MASK}
 
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
         """The ranges of [offset, offset + n) that may hold data (what the full path's
