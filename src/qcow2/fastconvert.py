@@ -31,6 +31,7 @@ the full path's message.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import queue
@@ -159,6 +160,16 @@ class _RawSource:
     def load(self, start: int, end: int) -> None:
         pass
 
+    def next_data(self, pos: int) -> int:
+        """The first offset at or after pos that may hold data (the size: none)."""
+        seek_data = getattr(os, "SEEK_DATA", None)
+        if pos >= self.size or seek_data is None:
+            return min(pos, self.size)
+        try:
+            return min(os.lseek(self.file.fd, pos, seek_data), self.size)
+        except OSError as exc:
+            return self.size if exc.errno == errno.ENXIO else pos
+
     def ranges(self, start: int, end: int, out: list[tuple[int, int]]) -> None:
         for s, e in raw_data(self.file.fd, start, end - start):
             add_range(out, s, e)
@@ -220,9 +231,11 @@ class _Qcow2Source:
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} is used by more than one L1 entry")
             seen.add(off)
+        self.tables = sorted(i for i, e in enumerate(self.l1) if e & L1E_OFFSET_MASK)
         self.extents: list[tuple[int, int, int, int]] = []
         self._cursor = 0
         self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
+        self._l2: tuple[int, bytes, array[int]] | None = None  # the last L2 table read
 
     def _refblocks(self, offset: int, n: int) -> set[int]:
         """The host clusters of the refcount blocks (read_layout bounded the table's size
@@ -239,6 +252,19 @@ class _Qcow2Source:
         out: list[tuple[int, int]] = []
         self.ranges(offset, offset + n, out)
         return out
+
+    def next_data(self, pos: int) -> int:
+        """The first guest offset at or after pos that may hold data: the start of the
+        next L2 table's range, or the backing file's next data (the size: none). A
+        hostile header can claim exabytes over a few tables: the copy skips the rest."""
+        if pos >= self.size:
+            return self.size
+        cover = self.geo.l1_coverage
+        k = bisect.bisect_left(self.tables, pos // cover)
+        nxt = max(pos, self.tables[k] * cover) if k < len(self.tables) else self.size
+        if self.backing is not None and pos < self.backing.size:
+            nxt = min(nxt, self.backing.next_data(pos))
+        return min(nxt, self.size)
 
     def load(self, start: int, end: int) -> None:
         self.extents = self._extents(start, end)
@@ -286,10 +312,15 @@ class _Qcow2Source:
                  out: list[tuple[int, int, int, int]]) -> None:
         geo = self.geo
         cbits, cs = geo.cluster_bits, geo.cluster_size
-        raw = _pread(self.fd, cs, l2_off)
-        if len(raw) < cs:
-            raw += bytes(cs - len(raw))
-        table = _be64(raw)
+        if self._l2 is not None and self._l2[0] == l2_off:
+            # (a table of 2 MiB clusters maps 512 windows: read it once)
+            _, raw, table = self._l2
+        else:
+            raw = _pread(self.fd, cs, l2_off)
+            if len(raw) < cs:
+                raw += bytes(cs - len(raw))
+            table = _be64(raw)
+            self._l2 = (l2_off, raw, table)
         search = _NONZERO.search
         ext = geo.extended_l2
         w = 2 if ext else 1  # words per entry (extended: the entry, its subcluster bitmap)
@@ -874,9 +905,12 @@ def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progres
             _copy_data(src, target, writer, s, e, base, grain, progress)
             pos = e
         if pos < w_end:
+            # on to where data may be: a window at a time, a huge virtual size over
+            # few tables would take hours (1 PiB: a million windows)
+            nxt = max(w_end, src.next_data(w_end))
             if progress is not None:
-                progress.update(w_end - pos)
-            pos = w_end
+                progress.update(nxt - pos)
+            pos = nxt
 
 
 _zeros: dict[int, bytes] = {}
