@@ -506,3 +506,22 @@ def test_huge_virtual_size_over_few_tables(tmp: Path, monkeypatch: pytest.Monkey
     assert qemu_img("compare", str(src), str(out)).returncode == 0
     assert_clean(out)
 
+
+def test_raw_output_too_large_is_the_full_paths_message(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        fast_calls: list[int]) -> None:
+    """A raw output the file system cannot hold (EFBIG: a hostile virtual size) is the
+    full path's one line, not the bare OS message."""
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "1M")
+
+    def truncate(self: Any, length: int) -> None:
+        raise OSError(27, os.strerror(27))
+
+    monkeypatch.setattr(storage.FileBackend, "truncate", truncate)
+    capfd.readouterr()
+    out = tmp / "out.raw"
+    assert main(["convert", "-O", "raw", str(src), str(out)]) == 1
+    assert capfd.readouterr().err == "qcow2: Truncate failed: File too large (EFBIG)\n"
+    assert fast_calls == [1]
+    assert not out.exists()

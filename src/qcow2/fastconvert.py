@@ -637,7 +637,11 @@ def _write_error(exc: BaseException) -> BaseException:
 class _RawTarget:
     def __init__(self, out: FileBackend, size: int) -> None:
         self.out = out
-        out.truncate(size)
+        try:
+            out.truncate(size)
+        except OSError as exc:  # (EFBIG: a hostile image's virtual size) the full path's words
+            err = exc.errno or errno.EIO
+            raise Qcow2IOError(err, f"Truncate failed: {os.strerror(err)}") from None
 
     def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
               data: memoryview) -> None:
