@@ -63,6 +63,9 @@ from .storage import FileBackend, map_for_reading
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 WINDOW = 1 << 30  # zero ranges are looked up this much at a time
+# ... and at most this many clusters of a qcow2 layer: each may be an extent of its own
+# (about 180 bytes), and 1 GiB of 512-byte clusters is 2 Mi of them
+WINDOW_CLUSTERS = 1 << 16
 BUFFERS = 4  # chunks in flight: one being read, the others queued for the writer
 SYNC_EVERY = 8 << 20  # without sync_file_range: a sync after this many bytes written
 
@@ -160,6 +163,9 @@ class _RawSource:
     def load(self, start: int, end: int) -> None:
         pass
 
+    def window(self) -> int:
+        return WINDOW
+
     def next_data(self, pos: int) -> int:
         """The first offset at or after pos that may hold data (the size: none)."""
         seek_data = getattr(os, "SEEK_DATA", None)
@@ -252,6 +258,11 @@ class _Qcow2Source:
         out: list[tuple[int, int]] = []
         self.ranges(offset, offset + n, out)
         return out
+
+    def window(self) -> int:
+        """The guest bytes whose extents are loaded at a time (down the chain)."""
+        w = min(WINDOW, self.geo.cluster_size * WINDOW_CLUSTERS)
+        return w if self.backing is None else min(w, self.backing.window())
 
     def next_data(self, pos: int) -> int:
         """The first guest offset at or after pos that may hold data: the start of the
@@ -896,9 +907,10 @@ def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
 def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progress: Any) -> None:
     """The full path's copy_range over the whole source into a new (zeroed) target."""
     end = src.size
+    window = src.window()
     pos = 0
     while pos < end:
-        w_end = min(end, pos + WINDOW)
+        w_end = min(end, pos + window)
         data = aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
             else [(pos, w_end)]
         if not grain and isinstance(src, _Qcow2Source):
