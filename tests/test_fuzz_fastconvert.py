@@ -2,8 +2,8 @@
 full path (QCOW2_CONVERT_FULL_PATH=1).
 
 Small images written by qemu-img and qemu-io (512 B, 4 KiB, 64 KiB and 2 MiB clusters,
-zlib and zstd compressed clusters, zero clusters, extended L2 entries, a backing file)
-get a few fields corrupted: header fields, L1 entries, L2 entries (and their subcluster
+16- and 64-bit refcounts, zlib and zstd compressed clusters, zero clusters, extended L2
+entries, a backing file) get a few fields corrupted: header fields, L1 entries, L2 entries (and their subcluster
 bitmaps), values past the end of the file, unaligned, pointing at the header, the L1,
 an L2 or a refcount structure, huge compressed sizes, reserved bits; sometimes the file
 is truncated too. Each case is converted to raw and to qcow2 by `qcow2.cli.main`, both
@@ -71,7 +71,7 @@ def make_bases(d: Path) -> list[Path]:
             "write -q -c -P 0x23 3M 64k")
     out.append(p)
     p = d / "c2m.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(p), "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,refcount_bits=64", str(p), "8M")
     qemu_io(p, "write -q -P 0x31 0 4k", "write -q -P 0x32 6M 4k")
     out.append(p)
     return out
@@ -107,7 +107,7 @@ def fields(r: RawImage) -> list[tuple[int, int, str]]:
 
 
 def values(ctx: dict[str, int], old: int, width: int, pick: int, rand: int) -> int:
-    cs, fs, l1, rt, l2 = ctx["cs"], ctx["fs"], ctx["l1"], ctx["rt"], ctx["l2"]
+    cs, fs, l1, rt, l2, rb = ctx["cs"], ctx["fs"], ctx["l1"], ctx["rt"], ctx["l2"], ctx["rb"]
     top = (1 << (8 * width)) - 1
     comp = 1 << 62
     cands = [0, 1, top, top >> 1, 1 << (8 * width - 1), old ^ (1 << rand % (8 * width)),
@@ -115,6 +115,7 @@ def values(ctx: dict[str, int], old: int, width: int, pick: int, rand: int) -> i
              fs, fs + cs, fs - cs, cs // 2, (1 << 56) - cs,
              # offsets of an L1/L2 entry: flags kept, the structures of the file
              (old & ~OFFSET_MASK) | cs * 0, (old & ~OFFSET_MASK) | l1, (old & ~OFFSET_MASK) | rt,
+             (old & ~OFFSET_MASK) | rb,
              (old & ~OFFSET_MASK) | l2, (old & ~OFFSET_MASK) | (rand % max(fs, 1) & ~511),
              (old & ~OFFSET_MASK) | (fs + 7 * cs), (old & ~OFFSET_MASK) | (old & OFFSET_MASK) + 512,
              old | 1, old | (0x3F << 56) & ~comp, old | (0xFF << 1) & ~OFFSET_MASK,
@@ -132,6 +133,7 @@ def mutate(src: Path, dst: Path, muts: list[tuple[int, int, int]], trunc: int | 
     ctx = {"cs": r.cluster_size, "fs": r.file_size, "l1": r.get("l1_table_offset"),
            "rt": r.get("refcount_table_offset")}
     ctx["l2"] = r.u64(ctx["l1"]) & OFFSET_MASK
+    ctx["rb"] = r.u64(ctx["rt"]) & OFFSET_MASK
     done = []
     for which, pick, rand in muts:
         off, width, what = targets[which % len(targets)]
