@@ -446,3 +446,116 @@ def test_hostile_subcluster_both_allocated_and_zero(tmp: Path, fast_calls: list[
     assert err == "qcow2: Subcluster of guest offset 0x0 is both allocated and zero\n"
     assert fast_calls == [1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_l2_table_on_a_refcount_block(tmp: Path, capfd: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch, full: bool) -> None:
+    """An L1 entry pointing at a refcount block: with 64-bit refcounts of 1, read as an
+    L2 table it is all zero clusters (found by test_fuzz_fastconvert). The full path
+    refuses it; so does the fast path, with the same message."""
+    src = tmp / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=64", str(src), "4M")
+    qemu_io(src, "write -P 0x33 0 64k")
+    with open(src, "rb") as f:
+        rt = struct.unpack_from(">Q", f.read(56), 48)[0]
+        f.seek(rt)
+        block = struct.unpack(">Q", f.read(8))[0]
+    at, _ = _l1_entry(src, 0)
+    _poke(src, at, block | (1 << 63))
+    if full:
+        monkeypatch.setenv("QCOW2_CONVERT_FULL_PATH", "1")
+    capfd.readouterr()
+    for fmt in ("raw", "qcow2"):
+        out = tmp / f"out.{fmt}"
+        assert main(["convert", "-O", fmt, str(src), str(out)]) == 1
+        err = capfd.readouterr().err
+        assert err == f"qcow2: L2 table offset {block:#x} points at a refcount block\n"
+        assert not out.exists()
+
+
+def test_huge_virtual_size_over_few_tables(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                           fast_calls: list[int]) -> None:
+    """A virtual size of 1 PiB over two L2 tables (a header can claim up to 2047 PiB
+    with a 32 MiB L1 table): the copy skips from one table's range to the next instead
+    of looking at every 1 GiB window (a million of them here; at 2047 PiB, hours), and
+    reads each table once (a 2 MiB cluster's table maps 512 windows)."""
+    src = tmp / "huge.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(src), "1P")
+    qemu_io(src, "write -P 0x11 0 64k", "write -P 0x22 999T 64k")
+    windows: list[int] = []
+    tables: list[int] = []
+    real_extents, real_pread = fastconvert._Qcow2Source._extents, fastconvert._pread
+
+    def extents(self: Any, start: int, end: int) -> Any:
+        windows.append(start)
+        return real_extents(self, start, end)
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if n == 2 * MiB:
+            tables.append(offset)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(fastconvert._Qcow2Source, "_extents", extents)
+    monkeypatch.setattr(fastconvert, "_pread", pread)
+    out = tmp / "out.qcow2"
+    assert main(["convert", "-q", "-O", "qcow2", "-o", "cluster_size=2M", str(src), str(out)]) == 0
+    assert fast_calls == [1]
+    assert len(windows) <= 2 * 512 + 2, len(windows)  # the two tables' windows, no more
+    assert len(tables) == len(set(tables)) <= 3, tables  # the refcount table, two L2 tables
+    assert qemu_img("compare", str(src), str(out)).returncode == 0
+    assert_clean(out)
+
+
+def test_raw_output_too_large_is_the_full_paths_message(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        fast_calls: list[int]) -> None:
+    """A raw output the file system cannot hold (EFBIG: a hostile virtual size) is the
+    full path's one line, not the bare OS message."""
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "1M")
+
+    def truncate(self: Any, length: int) -> None:
+        raise OSError(27, os.strerror(27))
+
+    monkeypatch.setattr(storage.FileBackend, "truncate", truncate)
+    capfd.readouterr()
+    out = tmp / "out.raw"
+    assert main(["convert", "-O", "raw", str(src), str(out)]) == 1
+    assert capfd.readouterr().err == "qcow2: Truncate failed: File too large (EFBIG)\n"
+    assert fast_calls == [1]
+    assert not out.exists()
+
+
+def test_fragmented_small_clusters_bound_the_extents_held(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch, fast_calls: list[int]) -> None:
+    """512-byte clusters whose L2 entries all map one host cluster (none merges with the
+    next): a 1 GiB window of them was 2 Mi extents, some 400 MB for a 16 MiB file. The
+    extents of at most WINDOW_CLUSTERS clusters are held at a time."""
+    src = tmp / "frag.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(src), "40M")
+    with open(src, "r+b") as f:
+        head = f.read(48)
+        l1_size, l1_off = struct.unpack_from(">I", head, 36)[0], struct.unpack_from(">Q", head, 40)[0]
+        data = -(-os.path.getsize(src) // 512) * 512
+        f.seek(data)
+        f.write(b"\x5a" * 512 + struct.pack(">Q", data | (1 << 63)) * 64 * l1_size)
+        f.seek(l1_off)
+        f.write(b"".join(struct.pack(">Q", (data + 512 * (1 + i)) | (1 << 63))
+                         for i in range(l1_size)))
+    held: list[int] = []
+    real = fastconvert._Qcow2Source._extents
+
+    def extents(self: Any, start: int, end: int) -> Any:
+        out = real(self, start, end)
+        held.append(len(out))
+        return out
+
+    monkeypatch.setattr(fastconvert._Qcow2Source, "_extents", extents)
+    out = tmp / "out.qcow2"
+    assert main(["convert", "-q", "-O", "qcow2", str(src), str(out)]) == 0
+    assert fast_calls == [1]
+    assert sum(held) == 40 * MiB // 512 and max(held) <= 1 << 16  # (WINDOW_CLUSTERS)
+    # every guest cluster reads as the one host cluster (QEMU reading the source is slow)
+    assert "Pattern verification failed" not in qemu_io(out, "read -P 0x5a 0 40M")
+    assert_clean(out)

@@ -31,6 +31,7 @@ the full path's message.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import queue
@@ -52,6 +53,7 @@ from .format import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    REFT_OFFSET_MASK,
     ImageLayout,
 )
 from .geometry import Geometry, div_round_up
@@ -61,6 +63,9 @@ from .storage import FileBackend, map_for_reading
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 WINDOW = 1 << 30  # zero ranges are looked up this much at a time
+# ... and at most this many clusters of a qcow2 layer: each may be an extent of its own
+# (about 180 bytes), and 1 GiB of 512-byte clusters is 2 Mi of them
+WINDOW_CLUSTERS = 1 << 16
 BUFFERS = 4  # chunks in flight: one being read, the others queued for the writer
 SYNC_EVERY = 8 << 20  # without sync_file_range: a sync after this many bytes written
 
@@ -158,6 +163,19 @@ class _RawSource:
     def load(self, start: int, end: int) -> None:
         pass
 
+    def window(self) -> int:
+        return WINDOW
+
+    def next_data(self, pos: int) -> int:
+        """The first offset at or after pos that may hold data (the size: none)."""
+        seek_data = getattr(os, "SEEK_DATA", None)
+        if pos >= self.size or seek_data is None:
+            return min(pos, self.size)
+        try:
+            return min(os.lseek(self.file.fd, pos, seek_data), self.size)
+        except OSError as exc:
+            return self.size if exc.errno == errno.ENXIO else pos
+
     def ranges(self, start: int, end: int, out: list[tuple[int, int]]) -> None:
         for s, e in raw_data(self.file.fd, start, end - start):
             add_range(out, s, e)
@@ -193,6 +211,7 @@ class _Qcow2Source:
         self.rt_range = (h.refcount_table_offset,
                          h.refcount_table_offset + h.refcount_table_clusters * cs)
         seen: set[int] = set()
+        refblocks: set[int] | None = None
         for i, e in enumerate(self.l1):
             off = e & L1E_OFFSET_MASK
             if not off:
@@ -207,13 +226,29 @@ class _Qcow2Source:
                                  ("the refcount table", self.rt_range)):
                 if off < b and a < off + cs:
                     raise CorruptImageError(f"L2 table offset {off:#x} points at {what}")
+            if refblocks is None:
+                refblocks = self._refblocks(h.refcount_table_offset,
+                                            h.refcount_table_clusters * cs)
+            if off >> h.cluster_bits in refblocks:
+                # (read as an L2 table, a block of 64-bit refcounts of 1 is all zero
+                # clusters: the full path refuses it, so must this one)
+                raise CorruptImageError(f"L2 table offset {off:#x} points at a refcount block")
             if off in seen:
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} is used by more than one L1 entry")
             seen.add(off)
+        self.tables = sorted(i for i, e in enumerate(self.l1) if e & L1E_OFFSET_MASK)
         self.extents: list[tuple[int, int, int, int]] = []
         self._cursor = 0
         self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
+        self._l2: tuple[int, bytes, array[int]] | None = None  # the last L2 table read
+
+    def _refblocks(self, offset: int, n: int) -> set[int]:
+        """The host clusters of the refcount blocks (read_layout bounded the table's size
+        and checked its place in the file)."""
+        rt = _be64(_pread(self.fd, n, offset).ljust(n, b"\0"))
+        cbits = self.geo.cluster_bits
+        return {(e & REFT_OFFSET_MASK) >> cbits for e in rt if e & REFT_OFFSET_MASK}
 
     def data_ranges(self, offset: int, n: int) -> list[tuple[int, int]]:
         """The ranges of [offset, offset + n) that may hold data (what the full path's
@@ -223,6 +258,24 @@ class _Qcow2Source:
         out: list[tuple[int, int]] = []
         self.ranges(offset, offset + n, out)
         return out
+
+    def window(self) -> int:
+        """The guest bytes whose extents are loaded at a time (down the chain)."""
+        w = min(WINDOW, self.geo.cluster_size * WINDOW_CLUSTERS)
+        return w if self.backing is None else min(w, self.backing.window())
+
+    def next_data(self, pos: int) -> int:
+        """The first guest offset at or after pos that may hold data: the start of the
+        next L2 table's range, or the backing file's next data (the size: none). A
+        hostile header can claim exabytes over a few tables: the copy skips the rest."""
+        if pos >= self.size:
+            return self.size
+        cover = self.geo.l1_coverage
+        k = bisect.bisect_left(self.tables, pos // cover)
+        nxt = max(pos, self.tables[k] * cover) if k < len(self.tables) else self.size
+        if self.backing is not None and pos < self.backing.size:
+            nxt = min(nxt, self.backing.next_data(pos))
+        return min(nxt, self.size)
 
     def load(self, start: int, end: int) -> None:
         self.extents = self._extents(start, end)
@@ -270,10 +323,15 @@ class _Qcow2Source:
                  out: list[tuple[int, int, int, int]]) -> None:
         geo = self.geo
         cbits, cs = geo.cluster_bits, geo.cluster_size
-        raw = _pread(self.fd, cs, l2_off)
-        if len(raw) < cs:
-            raw += bytes(cs - len(raw))
-        table = _be64(raw)
+        if self._l2 is not None and self._l2[0] == l2_off:
+            # (a table of 2 MiB clusters maps 512 windows: read it once)
+            _, raw, table = self._l2
+        else:
+            raw = _pread(self.fd, cs, l2_off)
+            if len(raw) < cs:
+                raw += bytes(cs - len(raw))
+            table = _be64(raw)
+            self._l2 = (l2_off, raw, table)
         search = _NONZERO.search
         ext = geo.extended_l2
         w = 2 if ext else 1  # words per entry (extended: the entry, its subcluster bitmap)
@@ -590,7 +648,11 @@ def _write_error(exc: BaseException) -> BaseException:
 class _RawTarget:
     def __init__(self, out: FileBackend, size: int) -> None:
         self.out = out
-        out.truncate(size)
+        try:
+            out.truncate(size)
+        except OSError as exc:  # (EFBIG: a hostile image's virtual size) the full path's words
+            err = exc.errno or errno.EIO
+            raise Qcow2IOError(err, f"Truncate failed: {os.strerror(err)}") from None
 
     def place(self, s: int, e: int, writes: list[tuple[int, memoryview]],
               data: memoryview) -> None:
@@ -845,9 +907,10 @@ def run(p: Plan, path: str, grain: int, progress: Any = None) -> None:
 def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progress: Any) -> None:
     """The full path's copy_range over the whole source into a new (zeroed) target."""
     end = src.size
+    window = src.window()
     pos = 0
     while pos < end:
-        w_end = min(end, pos + WINDOW)
+        w_end = min(end, pos + window)
         data = aligned(src.data_ranges(pos, w_end - pos), grain, pos, w_end) if grain \
             else [(pos, w_end)]
         if not grain and isinstance(src, _Qcow2Source):
@@ -858,9 +921,12 @@ def _copy(src: Any, target: Any, writer: _Writer, base: int, grain: int, progres
             _copy_data(src, target, writer, s, e, base, grain, progress)
             pos = e
         if pos < w_end:
+            # on to where data may be: a window at a time, a huge virtual size over
+            # few tables would take hours (1 PiB: a million windows)
+            nxt = max(w_end, src.next_data(w_end))
             if progress is not None:
-                progress.update(w_end - pos)
-            pos = w_end
+                progress.update(nxt - pos)
+            pos = nxt
 
 
 _zeros: dict[int, bytes] = {}
