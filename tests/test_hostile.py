@@ -404,7 +404,7 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
     """A sparse raw file's holes are known zeros (SEEK_DATA), as qcow2 block status is:
     an empty 4 GiB image against a 4 GiB hole reads nothing; data in the middle is
     still found where qemu-img compare finds it."""
-    from qcow2 import backing, convert
+    from qcow2 import backing, convertfull
     from qcow2.compare import compare
 
     q = tmp / "e.qcow2"
@@ -421,7 +421,7 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
 
     monkeypatch.setattr(backing.RawFile, "readinto", counting)
     lines: list[str] = []
-    a, b = convert.Source(str(q), None, None), convert.Source(str(raw), "raw", None)
+    a, b = convertfull.Source(str(q), None, None), convertfull.Source(str(raw), "raw", None)
     try:
         assert compare(a, b, lines.append) == 0
     finally:
@@ -438,7 +438,7 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
     monkeypatch.setattr(backing.RawFile, "pread", counting_pread)
     top = tmp / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(top))
-    a, b = convert.Source(str(top), None, None), convert.Source(str(q), None, None)
+    a, b = convertfull.Source(str(top), None, None), convertfull.Source(str(q), None, None)
     try:
         assert compare(a, b, lines.append) == 0
     finally:
@@ -448,7 +448,7 @@ def test_compare_and_convert_skip_raw_holes(tmp, monkeypatch):
     with open(raw, "r+b") as f:
         f.seek(3 * G + 12345)
         f.write(b"abc")
-    a, b = convert.Source(str(q), None, None), convert.Source(str(raw), "raw", None)
+    a, b = convertfull.Source(str(q), None, None), convertfull.Source(str(raw), "raw", None)
     try:
         assert compare(a, b, lines.append) == 1
     finally:

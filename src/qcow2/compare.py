@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .convert import CHUNK, Source
+from .convertfull import CHUNK, Source
 from .errors import Qcow2Error
 
 SECTOR = 512

@@ -26,7 +26,7 @@ def dd(infile: str, outfile: str, *, bs: int = 512, count: int | None = None, sk
        warn: Callable[[str], None] | None = None) -> int:
     """Copy like qemu-img dd; returns the number of bytes copied. warn receives qemu-img's
     warning for a skip past the end of the input (the output is then empty)."""
-    from .convert import Source, _Target
+    from .convertfull import Source, _Target
 
     if bs < 1 or bs > 2**31 - 1:
         raise InvalidArgumentError("Invalid bs specified. Must be between 1 and 2147483647.")

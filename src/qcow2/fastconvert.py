@@ -60,6 +60,7 @@ from .geometry import Geometry, div_round_up
 from .header import MAX_HOST_OFFSET
 from .storage import FileBackend, map_for_reading
 
+FORMATS = ("qcow2", "raw")  # what convert reads and writes
 CHUNK = 2 << 20  # bytes copied per step
 GRAIN = 4096  # zero detection granularity (qemu-img convert -S default)
 WINDOW = 1 << 30  # zero ranges are looked up this much at a time
@@ -212,10 +213,12 @@ class _Qcow2Source:
                          h.refcount_table_offset + h.refcount_table_clusters * cs)
         seen: set[int] = set()
         refblocks: set[int] | None = None
+        self.tables: list[int] = []  # the L1 indexes that have an L2 table, ascending
         for i, e in enumerate(self.l1):
             off = e & L1E_OFFSET_MASK
             if not off:
                 continue
+            self.tables.append(i)
             if off & (cs - 1):
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} in L1 entry {i} is not cluster aligned")
@@ -237,7 +240,6 @@ class _Qcow2Source:
                 raise CorruptImageError(
                     f"L2 table offset {off:#x} is used by more than one L1 entry")
             seen.add(off)
-        self.tables = sorted(i for i, e in enumerate(self.l1) if e & L1E_OFFSET_MASK)
         self.extents: list[tuple[int, int, int, int]] = []
         self._cursor = 0
         self._cached: tuple[int, bytes] | None = None  # the last compressed cluster read
@@ -847,7 +849,7 @@ def _qcow2_output(options: list[str], size: int) -> tuple[int, int, Geometry, bo
 
 def plan(inputs: list[str], fmt: str | None, out_fmt: str, options: list[str]) -> Plan | None:
     """Open the sources of a convert the fast path can do; None: the full path's."""
-    if out_fmt not in ("raw", "qcow2") or (out_fmt == "raw" and options):
+    if out_fmt not in FORMATS or (out_fmt == "raw" and options):
         return None
     if os.environ.get("QCOW2_CONVERT_FULL_PATH"):  # tests: force the full path
         return None

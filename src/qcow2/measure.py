@@ -308,7 +308,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 def _measure_file(path: str, src_fmt: str | None, snapshot: str | None, out_fmt: str,
                   options: dict[str, tuple[str, Any]]) -> Measurement:
-    from .convert import Source
+    from .convertfull import Source
 
     if not os.path.exists(path):
         # (qemu-img names the file twice: once for the image, once for its protocol layer)

@@ -391,7 +391,7 @@ def open_export(path: str, *, fmt: str | None = None, readonly: bool = False,
     """Open a file as an export the server closes when it stops. snapshot
     ("snapshot.name=X", "snapshot.id=N" or an id or name) makes it read-only;
     allocation_depth also offers the qemu:allocation-depth context (qemu-nbd -A)."""
-    from .convert import _snapshot_view
+    from .convertfull import _snapshot_view
     from .image import open_image as qopen
 
     if not os.path.exists(path):

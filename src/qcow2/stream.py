@@ -29,15 +29,10 @@ import numpy as np
 from .compress import CompressPipeline
 from .errors import InvalidArgumentError, Qcow2Error
 from .format import (
-    COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
     COMPRESSION_ZSTD,
-    HEADER_LENGTH_WITH_COMPRESSION,
-    INCOMPAT_COMPRESSION,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
-    V2_HEADER_LENGTH,
-    Header,
     ImageLayout,
     encode_refblock,
     encode_table,
@@ -153,19 +148,16 @@ def _stream_raw(src: _Concat, out: _Out) -> None:
 
 def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, compress: bool,
                   threads: int | None) -> None:
-    from .create import COMPAT_ALIASES, _validate
+    from .create import new_header, standard_params
     from .header import pack_cluster0
 
     cs = int(opts.get("cluster_size", 65536))
     refcount_bits = int(opts.get("refcount_bits", 16))
-    compat = str(opts.get("compat", "1.1"))
     ctype_name = str(opts.get("compression_type", "zlib"))
     lazy = bool(opts.get("lazy_refcounts", False))
-    if compat not in COMPAT_ALIASES:
-        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
-    version = COMPAT_ALIASES[compat]
-    size = -(-src.size // 512) * 512  # as qemu-img creates it: whole sectors
-    _validate(size, cs, refcount_bits, version, False, lazy, ctype_name, None, None, "off")
+    # (as qemu-img creates it: the size in whole sectors)
+    version, size = standard_params(src.size, cs, refcount_bits, str(opts.get("compat", "1.1")),
+                                    lazy, ctype_name)
     geo = Geometry(cs.bit_length() - 1, refcount_bits.bit_length() - 1, False)
     l1_size = geo.l1_size_for(size)
     if l1_size * 8 > 32 * 1024 * 1024:
@@ -192,16 +184,8 @@ def _stream_qcow2(src: _Concat, out: _Out, opts: dict[str, Any], grain: int, com
     data_off = l2_off + n_l2 * cs
     n_meta = 1 + rtable + rblocks + n_l1 + n_l2
 
-    header = Header(
-        version=version, backing_file_offset=0, backing_file_size=0,
-        cluster_bits=geo.cluster_bits, size=size, crypt_method=0, l1_size=l1_size,
-        l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rtable_off,
-        refcount_table_clusters=rtable, nb_snapshots=0, snapshots_offset=0,
-        incompatible_features=INCOMPAT_COMPRESSION if ctype == COMPRESSION_ZSTD else 0,
-        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy else 0, autoclear_features=0,
-        refcount_order=geo.refcount_order,
-        header_length=HEADER_LENGTH_WITH_COMPRESSION if version == 3 else V2_HEADER_LENGTH,
-        compression_type=ctype)
+    header = new_header(version, geo, size, l1_size, l1_off if l1_size else 0, rtable_off,
+                        rtable, lazy, ctype_name)
     out.write(pack_cluster0(ImageLayout(header=header), cs).ljust(cs, b"\0"))
 
     reftable = np.zeros(rtable * cs // 8, dtype=np.uint64)
